@@ -1,0 +1,3 @@
+from aotlm.cli import main
+
+main()

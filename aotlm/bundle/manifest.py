@@ -1,0 +1,126 @@
+"""The manifest: the bundle's table of contents, and the thing its digest is computed over.
+
+Packed with msgpack from plain dicts whose keys are sorted, so equal content gives equal bytes.
+`unpack_manifest` validates the structure before anything else reads a field.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+
+from aotlm.bundle.format import CHANGELOG, FORMAT_NAME, FORMAT_VERSION, MANIFEST_FILE
+from aotlm.errors import BundleError
+
+
+def _sorted(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _sorted(obj[k]) for k in sorted(obj)}
+    if isinstance(obj, list | tuple):
+        return [_sorted(v) for v in obj]
+    return obj
+
+
+def pack_manifest(manifest: dict) -> bytes:
+    return msgpack.packb(_sorted(manifest), use_bin_type=True)
+
+
+def _expect(cond: bool, where: str, what: str) -> None:
+    if not cond:
+        raise BundleError(f"{MANIFEST_FILE}: {where}: {what}; the bundle is corrupt: rebuild it")
+
+
+def _field(d: dict, key: str, kind: type | tuple[type, ...], where: str) -> Any:
+    _expect(key in d, f"{where}{key}", "missing")
+    value = d[key]
+    ok = isinstance(value, kind) and not (isinstance(value, bool) and kind is not bool)
+    _expect(ok, f"{where}{key}", f"expected {getattr(kind, '__name__', kind)}")
+    return d[key]
+
+
+def _check_version(m: dict) -> None:
+    version = m.get("format_version")
+    writer = m.get("aotlm_version", "an unknown aotlm")
+    _expect(
+        m.get("format") == FORMAT_NAME, "format", f"not an aotlm bundle (expected {FORMAT_NAME!r})"
+    )
+    _expect(isinstance(version, int) and not isinstance(version, bool), "format_version", "missing")
+    if version > FORMAT_VERSION:
+        raise BundleError(
+            f"{MANIFEST_FILE}: format_version {version} was written by aotlm {writer}, newer than this "
+            f"aotlm (reads up to {FORMAT_VERSION}): upgrade aotlm, or rebuild the bundle with this one"
+        )
+    if version not in CHANGELOG:
+        raise BundleError(
+            f"{MANIFEST_FILE}: unknown format_version {version} (written by aotlm {writer}; this aotlm "
+            f"reads {sorted(CHANGELOG)}): rebuild the bundle with `aotlm build`"
+        )
+
+
+def _check_functions(m: dict) -> None:
+    files = m["files"]
+    for i, fn in enumerate(_field(m, "functions", list, "")):
+        where = f"functions[{i}]."
+        _expect(isinstance(fn, dict), where[:-1], "expected a map")
+        _field(fn, "name", str, where)
+        _field(fn, "bucket", dict, where)
+        path = _field(fn, "file", str, where)
+        _expect(path in files, f"{where}file", f"{path} is not listed in files")
+        donate = _field(fn, "donate_argnums", list, where)
+        _expect(all(isinstance(a, int) for a in donate), f"{where}donate_argnums", "expected ints")
+
+
+def _check_files(m: dict) -> None:
+    for path, entry in _field(m, "files", dict, "").items():
+        where = f"files[{path!r}]"
+        _expect(isinstance(path, str) and path and not path.startswith("/"), where, "bad path")
+        _expect(".." not in path.split("/") and "\\" not in path, where, "path escapes the bundle")
+        _expect(isinstance(entry, dict), where, "expected a map")
+        _expect(
+            isinstance(entry.get("sha256"), str) and len(entry["sha256"]) == 64, where, "bad sha256"
+        )
+        _expect(isinstance(entry.get("size"), int) and entry["size"] >= 0, where, "bad size")
+
+
+def unpack_manifest(data: bytes) -> dict:
+    """Decode and validate a manifest; any problem is a BundleError naming the field."""
+    try:
+        m = msgpack.unpackb(data, raw=False, strict_map_key=True)
+    except Exception as e:  # msgpack raises several unrelated types on corrupt input
+        raise BundleError(
+            f"{MANIFEST_FILE}: not a valid msgpack manifest ({e}): rebuild the bundle"
+        ) from e
+    _expect(isinstance(m, dict), "top level", "expected a map")
+    _check_version(m)
+    for key, kind in (
+        ("aotlm_version", str),
+        ("jax_version", str),
+        ("name", str),
+        ("model", dict),
+        ("serving", dict),
+        ("buckets", dict),
+        ("compiled", dict),
+    ):
+        _field(m, key, kind, "")
+    _check_files(m)
+    _check_functions(m)
+    serving = m["serving"]
+    for key in ("max_seq_len", "page_size", "kv_pages", "pages_per_seq"):
+        _expect(
+            isinstance(serving.get(key), int) and serving[key] > 0,
+            f"serving.{key}",
+            "expected a positive int",
+        )
+    _field(serving, "dtype", str, "serving.")
+    for key in ("tokens", "requests"):
+        ladder = _field(m["buckets"], key, list, "buckets.")
+        _expect(
+            bool(ladder)
+            and all(isinstance(b, int) and b > 0 for b in ladder)
+            and ladder == sorted(set(ladder)),
+            f"buckets.{key}",
+            "expected increasing positive ints",
+        )
+    _field(m["model"], "config", dict, "model.")
+    return m

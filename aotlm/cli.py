@@ -1,0 +1,248 @@
+"""Command-line interface: parse arguments, call the library, turn AotlmError into a clean exit."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+import click
+
+from aotlm.errors import AotlmError
+
+
+def _errors_to_exit(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except AotlmError as e:
+            raise click.ClickException(str(e)) from e
+
+    return wrapper
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True))  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+@click.group()
+@click.version_option(package_name="aotlm")
+def main() -> None:
+    """aotlm: compile a language model ahead of time, serve it with zero compiles."""
+
+
+@main.command()
+@click.argument("model_yaml", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "-o",
+    "--output",
+    "out_dir",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Bundle directory to write.",
+)
+@click.option(
+    "--target",
+    "targets",
+    multiple=True,
+    help="Override model.yaml targets (cpu, cuda, tpu:v5e:2x2).",
+)
+@click.option("--jobs", default=1, show_default=True, help="Functions exported in parallel.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@_errors_to_exit
+def build(
+    model_yaml: Path, out_dir: Path, targets: tuple[str, ...], jobs: int, as_json: bool
+) -> None:
+    """Trace every bucket of MODEL_YAML, export it, and write a bundle."""
+    from aotlm.build import build_bundle
+    from aotlm.config import load_build_config, with_targets
+
+    cfg = load_build_config(model_yaml)
+    if targets:
+        cfg = with_targets(cfg, targets)
+    progress = None if as_json else _build_progress()
+    result = build_bundle(cfg, out_dir, jobs=jobs, progress=progress)
+    if as_json:
+        click.echo(
+            json.dumps(
+                {
+                    "bundle": str(result.out_dir),
+                    "digest": result.digest,
+                    "functions": len(result.functions),
+                    "bytes": result.total_bytes,
+                    "seconds": round(result.seconds, 3),
+                }
+            )
+        )
+        return
+    per_fn: dict[str, list] = {}
+    for f in result.functions:
+        acc = per_fn.setdefault(f["name"], [0, 0, 0.0])
+        acc[0] += 1
+        acc[1] += f["size"]
+        acc[2] += f["seconds"]
+    rows = [[n, str(c), _human(b), f"{s:.2f}"] for n, (c, b, s) in per_fn.items()]
+    rows.append(
+        [
+            "total",
+            str(len(result.functions)),
+            _human(result.total_bytes) + " (bundle)",
+            f"{result.seconds:.2f}",
+        ]
+    )
+    click.echo(_table(rows, ["function", "graphs", "size", "export s"]))
+    click.echo(f"bundle {result.out_dir}  sha256:{result.digest}")
+
+
+def _build_progress():
+    if sys.stdout.isatty():
+        state: dict = {}
+
+        def bar(done, total, spec, secs):
+            if "bar" not in state:
+                state["bar"] = click.progressbar(length=total, label="exporting", show_pos=True)
+                state["bar"].__enter__()
+            state["bar"].label = f"{spec.name} {spec.bucket}"
+            state["bar"].update(1)
+            if done == total:
+                state["bar"].__exit__(None, None, None)
+
+        return bar
+
+    def lines(done, total, spec, secs):
+        click.echo(f"[{done}/{total}] exported {spec.name} {spec.bucket} in {secs:.2f}s")
+
+    return lines
+
+
+@main.command()
+@click.argument("bundle_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest summary as JSON.")
+@_errors_to_exit
+def inspect(bundle_dir: Path, as_json: bool) -> None:
+    """Show a bundle's model, buckets, functions, files and digest."""
+    from aotlm.bundle import read_manifest
+
+    m, digest = read_manifest(bundle_dir)
+    counts = Counter(f["name"] for f in m["functions"])
+    summary = {
+        "bundle": str(bundle_dir),
+        "digest": digest,
+        "format_version": m["format_version"],
+        "aotlm_version": m["aotlm_version"],
+        "jax_version": m["jax_version"],
+        "name": m["name"],
+        "architecture": m["model"].get("architecture"),
+        "serving": m["serving"],
+        "buckets": m["buckets"],
+        "functions": dict(counts),
+        "total_functions": sum(counts.values()),
+        "files": {p: e["size"] for p, e in sorted(m["files"].items())},
+        "total_bytes": sum(e["size"] for e in m["files"].values()),
+    }
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    s = m["serving"]
+    click.echo(f"bundle    {bundle_dir}\ndigest    sha256:{digest}")
+    click.echo(
+        f"format    v{m['format_version']} (aotlm {m['aotlm_version']}, jax {m['jax_version']})"
+    )
+    click.echo(f"model     {m['name']} ({summary['architecture']}, {s['dtype']})")
+    click.echo(
+        f"serving   max_seq_len={s['max_seq_len']} page_size={s['page_size']} kv_pages={s['kv_pages']} "
+        f"platforms={','.join(s['platforms'])}"
+    )
+    click.echo(f"buckets   tokens={m['buckets']['tokens']} requests={m['buckets']['requests']}")
+    fn_rows = [[n, str(c)] for n, c in counts.items()] + [
+        ["total", str(summary["total_functions"])]
+    ]
+    click.echo("\n" + _table(fn_rows, ["function", "graphs"]))
+    file_rows = [[p, _human(n)] for p, n in summary["files"].items()]
+    file_rows.append(["total", _human(summary["total_bytes"])])
+    click.echo("\n" + _table(file_rows, ["file", "size"]))
+
+
+@main.command()
+@click.argument("bundle_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@_errors_to_exit
+def verify(bundle_dir: Path) -> None:
+    """Check a bundle's format version, manifest digest and every file's sha256."""
+    from aotlm.bundle import open_bundle
+
+    b = open_bundle(bundle_dir)
+    click.echo(f"ok  {len(b.manifest['files'])} files verified  sha256:{b.digest}")
+
+
+@main.command("tiny-checkpoint")
+@click.argument("out_dir", type=click.Path(path_type=Path))
+@click.option("--seed", default=0, show_default=True, help="Seed for the random weights.")
+@_errors_to_exit
+def tiny_checkpoint(out_dir: Path, seed: int) -> None:
+    """Create the small local Llama checkpoint the embedded default builds from (no network)."""
+    from aotlm.tiny import make_tiny_checkpoint
+
+    click.echo(f"wrote {make_tiny_checkpoint(out_dir, seed=seed)}")
+
+
+@main.command()
+@click.argument("bundle_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option(
+    "--prompt", "prompts", multiple=True, required=True, help="Prompt text (repeat for a batch)."
+)
+@click.option("--max-tokens", default=16, show_default=True, help="Tokens to generate per prompt.")
+@click.option("--temperature", default=0.0, show_default=True, help="0 is greedy.")
+@click.option("--top-p", default=1.0, show_default=True)
+@click.option("--top-k", default=0, show_default=True, help="0 is off.")
+@click.option("--seed", type=int, default=None, help="Seed for reproducible sampling.")
+@click.option(
+    "--strict", is_flag=True, help="Fail if anything compiles after the bundle is loaded."
+)
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help='Print {"text", "token_ids", "compiles_after_ready"} per prompt.',
+)
+@_errors_to_exit
+def generate(
+    bundle_dir, prompts, max_tokens, temperature, top_p, top_k, seed, strict, as_json
+) -> None:
+    """Generate text from BUNDLE_DIR with no compilation after load."""
+    from aotlm.runtime.engine import Engine
+    from aotlm.runtime.sampling_params import SamplingParams
+
+    params = SamplingParams(
+        temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, max_tokens=max_tokens
+    ).validate()
+    engine = Engine.from_bundle(bundle_dir, strict=strict)
+    results = engine.generate(list(prompts), params)
+    for prompt, (c,) in zip(prompts, results, strict=True):
+        if as_json:
+            out = {
+                "text": c.text,
+                "token_ids": list(c.token_ids),
+                "compiles_after_ready": engine.compiles_after_ready,
+            }
+            click.echo(json.dumps(out))
+        else:
+            click.echo(f"{prompt}{c.text}")
+    if not as_json:
+        click.echo(
+            f"[{sum(len(c.token_ids) for (c,) in results)} tokens, finish={results[-1][0].finish_reason}, "
+            f"compiles after ready: {engine.compiles_after_ready}]",
+            err=True,
+        )

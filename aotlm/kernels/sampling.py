@@ -1,0 +1,69 @@
+"""Token sampling as one pure function over a padded batch of rows.
+
+Every row depends only on its own logits, parameters, seed and step, so a request's tokens do not
+change with whatever else shares the batch (the key is derived from (seed, step), not from a batch
+key that would be split by row position).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+# Fixed width of the top-logprobs output: OpenAI allows at most 20.
+TOP_LOGPROBS = 20
+
+
+def _mask_row(logits: jax.Array, top_k: jax.Array, top_p: jax.Array, min_p: jax.Array) -> jax.Array:
+    """Set to -inf every logit that top-k, top-p or min-p removes (one row, already tempered)."""
+    neg_inf = jnp.array(-jnp.inf, logits.dtype)
+    vocab = logits.shape[-1]
+    sorted_desc = jnp.sort(logits)[::-1]
+    # top-k: keep values >= the k-th largest; k <= 0 or k >= vocab means off.
+    k = jnp.where((top_k <= 0) | (top_k >= vocab), vocab, top_k)
+    kth = sorted_desc[k - 1]
+    logits = jnp.where(logits < kth, neg_inf, logits)
+    sorted_desc = jnp.where(jnp.arange(vocab) < k, sorted_desc, neg_inf)
+    # top-p over what top-k left: keep the smallest prefix whose mass reaches p (always >= 1 token).
+    probs = jax.nn.softmax(sorted_desc)
+    mass_before = jnp.cumsum(probs) - probs
+    keep = mass_before < top_p
+    cutoff = jnp.min(jnp.where(keep, sorted_desc, jnp.inf))
+    logits = jnp.where(logits < cutoff, neg_inf, logits)
+    # min-p: drop tokens whose probability is below min_p times the top probability.
+    row_probs = jax.nn.softmax(logits)
+    logits = jnp.where(row_probs < min_p * jnp.max(row_probs), neg_inf, logits)
+    return logits
+
+
+def _sample_row(logits, temperature, top_k, top_p, min_p, seed, step):
+    greedy = jnp.argmax(logits).astype(jnp.int32)
+    safe_t = jnp.where(temperature > 0, temperature, 1.0)
+    masked = _mask_row(logits / safe_t, top_k, top_p, min_p)
+    key = jax.random.fold_in(jax.random.key(seed), step)
+    drawn = jax.random.categorical(key, masked).astype(jnp.int32)
+    return jnp.where(temperature > 0, drawn, greedy)
+
+
+def sample(
+    logits: jax.Array,
+    temperature: jax.Array,
+    top_k: jax.Array,
+    top_p: jax.Array,
+    min_p: jax.Array,
+    seed: jax.Array,
+    step: jax.Array,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Sample one token per row.
+
+    logits f32[R,V]; temperature f32[R] (0 = greedy); top_k i32[R] (<= 0 = off); top_p f32[R];
+    min_p f32[R]; seed u32[R]; step i32[R] (tokens generated so far by that row).
+    Returns (tokens i32[R], logprob f32[R] of the chosen token under the unmodified model
+    distribution, top ids i32[R,20], top logprobs f32[R,20]).
+    """
+    logits = logits.astype(jnp.float32)
+    tokens = jax.vmap(_sample_row)(logits, temperature, top_k, top_p, min_p, seed, step)
+    logprobs = jax.nn.log_softmax(logits, axis=-1)
+    chosen = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
+    top_lp, top_ids = jax.lax.top_k(logprobs, min(TOP_LOGPROBS, logits.shape[-1]))
+    return tokens, chosen, top_ids.astype(jnp.int32), top_lp

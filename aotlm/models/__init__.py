@@ -1,0 +1,21 @@
+"""Model families as pure functions over a params pytree, plus the HF checkpoint readers.
+
+Every supported architecture runs through ``aotlm.models.llama``; ``read_hf_config`` rejects the
+rest with a message listing ``SUPPORTED_ARCHITECTURES``.
+"""
+
+from aotlm.models.checkpoint import flatten_params, load_checkpoint, unflatten_params
+from aotlm.models.config import SUPPORTED_ARCHITECTURES, ModelConfig, read_hf_config
+from aotlm.models.llama import abstract_params, forward, lm_head
+
+__all__ = [
+    "SUPPORTED_ARCHITECTURES",
+    "ModelConfig",
+    "abstract_params",
+    "flatten_params",
+    "forward",
+    "lm_head",
+    "load_checkpoint",
+    "read_hf_config",
+    "unflatten_params",
+]

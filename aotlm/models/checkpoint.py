@@ -1,0 +1,184 @@
+"""HF safetensors checkpoint -> params pytree (numpy, serving dtype), and the flat names bundles use.
+
+The loader is strict on purpose: a missing tensor, a wrong shape or a tensor it does not know
+is an error naming the tensor and the file, because silently serving a half-loaded model is worse
+than failing the build. HF stores linear weights [out, in]; we store [in, out] and stack layers.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+from aotlm.errors import CheckpointError, ConfigError
+from aotlm.models.config import ModelConfig
+from aotlm.models.llama import Params, layer_shapes
+from aotlm.safetensors_io import SafetensorsFile
+
+SERVING_DTYPES: dict[str, np.dtype] = {
+    "float32": np.dtype(np.float32),
+    "bfloat16": np.dtype(ml_dtypes.bfloat16),
+}
+_FLOAT_SOURCES = {np.dtype(np.float32), np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16)}
+
+# our stacked layer name -> (HF name inside model.layers.{i}., stored transposed)
+LAYER_TENSORS: dict[str, tuple[str, bool]] = {
+    "attn_norm": ("input_layernorm.weight", False),
+    "wq": ("self_attn.q_proj.weight", True),
+    "wk": ("self_attn.k_proj.weight", True),
+    "wv": ("self_attn.v_proj.weight", True),
+    "bq": ("self_attn.q_proj.bias", False),
+    "bk": ("self_attn.k_proj.bias", False),
+    "bv": ("self_attn.v_proj.bias", False),
+    "q_norm": ("self_attn.q_norm.weight", False),
+    "k_norm": ("self_attn.k_norm.weight", False),
+    "wo": ("self_attn.o_proj.weight", True),
+    "mlp_norm": ("post_attention_layernorm.weight", False),
+    "w_gate": ("mlp.gate_proj.weight", True),
+    "w_up": ("mlp.up_proj.weight", True),
+    "w_down": ("mlp.down_proj.weight", True),
+}
+TOP_TENSORS = {"embed": "model.embed_tokens.weight", "final_norm": "model.norm.weight"}
+LM_HEAD = "lm_head.weight"
+_IGNORED_SUFFIX = "rotary_emb.inv_freq"  # a non-persistent buffer some old exports contain
+
+
+def serving_dtype(dtype: str) -> np.dtype:
+    """numpy dtype for a model.yaml ``dtype`` string."""
+    if dtype not in SERVING_DTYPES:
+        raise ConfigError(f"dtype: expected one of {', '.join(SERVING_DTYPES)}, got {dtype!r}")
+    return SERVING_DTYPES[dtype]
+
+
+def _open_files(checkpoint_dir: Path) -> dict[str, SafetensorsFile]:
+    """Tensor name -> the validated file holding it (single file or sharded index)."""
+    index_path = checkpoint_dir / "model.safetensors.index.json"
+    single = checkpoint_dir / "model.safetensors"
+    if index_path.exists():
+        try:
+            weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index_path}: cannot read weight_map ({e})") from None
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(v, str) and "/" not in v and "\\" not in v for v in weight_map.values()
+        ):
+            raise CheckpointError(f"{index_path}: weight_map must map names to shard file names")
+        shards = {f: SafetensorsFile(checkpoint_dir / f) for f in sorted(set(weight_map.values()))}
+        files = {}
+        for name, shard in weight_map.items():
+            if name not in shards[shard]:
+                raise CheckpointError(f"{checkpoint_dir / shard}: missing tensor {name!r}")
+            files[name] = shards[shard]
+        return files
+    if single.exists():
+        f = SafetensorsFile(single)
+        return {name: f for name in f}
+    raise CheckpointError(
+        f"{checkpoint_dir}: no model.safetensors or model.safetensors.index.json "
+        "(only safetensors checkpoints are supported)"
+    )
+
+
+def expected_hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """HF tensor name -> HF shape, for every tensor the checkpoint must hold."""
+    vh = (cfg.vocab_size, cfg.hidden_size)
+    out = {TOP_TENSORS["embed"]: vh, TOP_TENSORS["final_norm"]: (cfg.hidden_size,)}
+    if not cfg.tie_word_embeddings:
+        out[LM_HEAD] = vh
+    for key, shape in layer_shapes(cfg).items():
+        hf_name, transposed = LAYER_TENSORS[key]
+        per_layer = shape[1:][::-1] if transposed else shape[1:]
+        for i in range(cfg.num_layers):
+            out[f"model.layers.{i}.{hf_name}"] = per_layer
+    return out
+
+
+def _checked(files: dict[str, SafetensorsFile], name: str, shape: tuple[int, ...]) -> np.ndarray:
+    f = files[name]
+    if f.shape(name) != shape:
+        raise CheckpointError(f"{f.path}: tensor {name!r} has shape {f.shape(name)}, want {shape}")
+    if f.dtype(name) not in _FLOAT_SOURCES:
+        raise CheckpointError(f"{f.path}: tensor {name!r} has unsupported dtype {f.dtype(name)}")
+    return f.get(name)
+
+
+def _convert(x: np.ndarray, dt: np.dtype) -> np.ndarray:
+    """Cast to the serving dtype; float16 -> bfloat16 goes through float32 (exact, then RNE)."""
+    if x.dtype == dt:
+        return x
+    return x.astype(np.float32).astype(dt) if x.dtype != np.float32 else x.astype(dt)
+
+
+def load_checkpoint(checkpoint_dir: str | Path, cfg: ModelConfig, dtype: str) -> Params:
+    """Read an HF checkpoint into a params pytree of numpy arrays matching ``abstract_params``.
+
+    ``dtype`` is "float32" or "bfloat16" (``ml_dtypes.bfloat16`` arrays).
+    """
+    checkpoint_dir = Path(checkpoint_dir)
+    dt = serving_dtype(dtype)
+    files = _open_files(checkpoint_dir)
+    expected = expected_hf_shapes(cfg)
+    for name, f in sorted(files.items()):
+        tolerated = name.endswith(_IGNORED_SUFFIX) or (name == LM_HEAD and cfg.tie_word_embeddings)
+        if name not in expected and not tolerated:
+            raise CheckpointError(
+                f"{f.path}: unexpected tensor {name!r} for {cfg.architecture} with "
+                f"{cfg.num_layers} layers (wrong config.json or unsupported variant?)"
+            )
+    for name in expected:
+        if name not in files:
+            where = sorted({str(f.path.name) for f in files.values()})
+            raise CheckpointError(f"{checkpoint_dir}: missing tensor {name!r} (in {where})")
+
+    def top(name: str) -> np.ndarray:
+        out = np.empty(expected[name], dt)  # owned memory, not a view of the mapped file
+        out[...] = _convert(_checked(files, name, expected[name]), dt)
+        return out
+
+    params: Params = {key: top(hf) for key, hf in TOP_TENSORS.items()}
+    if not cfg.tie_word_embeddings:
+        params["lm_head"] = top(LM_HEAD)
+    layers: dict[str, np.ndarray] = {}
+    for key, shape in layer_shapes(cfg).items():
+        hf_name, transposed = LAYER_TENSORS[key]
+        out = np.empty(shape, dt)
+        for i in range(cfg.num_layers):
+            name = f"model.layers.{i}.{hf_name}"
+            x = _checked(files, name, expected[name])
+            out[i] = _convert(x.T if transposed else x, dt)
+        layers[key] = out
+    params["layers"] = layers
+    for f in set(files.values()):
+        f.close()
+    return params
+
+
+def flatten_params(params: dict[str, Any]) -> dict[str, Any]:
+    """Nested dict -> {"embed": .., "layers.wq": ..} (leaves unchanged; also works on avals)."""
+    flat: dict[str, Any] = {}
+    for key, value in params.items():
+        if isinstance(value, dict):
+            flat.update({f"{key}.{k}": v for k, v in flatten_params(value).items()})
+        else:
+            flat[key] = value
+    return flat
+
+
+def unflatten_params(flat: dict[str, Any]) -> dict[str, Any]:
+    """Inverse of ``flatten_params``."""
+    params: dict[str, Any] = {}
+    for name, value in flat.items():
+        *parents, leaf = name.split(".")
+        node = params
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise CheckpointError(f"param name {name!r} clashes with a tensor named {p!r}")
+        if leaf in node:
+            raise CheckpointError(f"param name {name!r} clashes with another entry")
+        node[leaf] = value
+    return params

@@ -1,0 +1,151 @@
+"""Llama-family decoder (Llama, Mistral, Qwen2, Qwen3) as pure functions over a params pytree.
+
+Params layout (docs/internals.md): layers stacked on a leading L axis, weights stored [in, out].
+The per-family differences are three switches on ``ModelConfig``: ``attention_bias`` (Qwen2 q/k/v
+biases), ``qk_norm`` (Qwen3 per-head RMSNorm on q and k before RoPE) and ``rope_scaling``
+(Llama 3 frequency scaling). The numerics follow transformers' eager implementation.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from aotlm.kernels.attention import paged_attention_ref, write_kv
+from aotlm.models.config import ModelConfig
+
+Params = dict[str, Any]
+
+
+def layer_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Shape of each stacked per-layer tensor, in params-layout order."""
+    n, h, mlp, d = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    q, kv = cfg.num_heads * d, cfg.num_kv_heads * d
+    shapes = {"attn_norm": (n, h), "wq": (n, h, q), "wk": (n, h, kv), "wv": (n, h, kv)}
+    if cfg.attention_bias:
+        shapes |= {"bq": (n, q), "bk": (n, kv), "bv": (n, kv)}
+    if cfg.qk_norm:
+        shapes |= {"q_norm": (n, d), "k_norm": (n, d)}
+    shapes |= {"wo": (n, q, h), "mlp_norm": (n, h), "w_gate": (n, h, mlp), "w_up": (n, h, mlp)}
+    shapes["w_down"] = (n, mlp, h)
+    return shapes
+
+
+def abstract_params(cfg: ModelConfig, dtype: str | np.dtype) -> Params:
+    """The params pytree as ShapeDtypeStructs: everything tracing needs, no weights."""
+    dt = jnp.dtype(dtype)
+    vh = (cfg.vocab_size, cfg.hidden_size)
+    params: Params = {
+        "embed": jax.ShapeDtypeStruct(vh, dt),
+        "final_norm": jax.ShapeDtypeStruct((cfg.hidden_size,), dt),
+        "layers": {k: jax.ShapeDtypeStruct(s, dt) for k, s in layer_shapes(cfg).items()},
+    }
+    if not cfg.tie_word_embeddings:
+        params["lm_head"] = jax.ShapeDtypeStruct(vh, dt)
+    return params
+
+
+def lm_head(cfg: ModelConfig, params: Params) -> jax.Array:
+    """The [V, H] output projection (the embedding when the model ties them)."""
+    return params["embed"] if cfg.tie_word_embeddings else params["lm_head"]
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """HF LlamaRMSNorm: normalise in float32, cast back to x's dtype, then scale by the weight."""
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return weight * x32.astype(x.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+    """float32 [D/2] inverse frequencies, computed on the host like HF's rope init functions."""
+    dim = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+    inv_freq = inv_freq.astype(np.float32)
+    scaling = cfg.rope_scaling_dict
+    if scaling is None:
+        return inv_freq
+    # Llama 3: keep high frequencies, divide low ones by `factor`, interpolate in between.
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_len = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = np.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x: [T, heads, D]; cos/sin: float32 [T, D]. Non-interleaved halves (HF rotate_half)."""
+    half = x.shape[-1] // 2
+    x32 = x.astype(jnp.float32)
+    rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+    return (x32 * cos[:, None, :] + rotated * sin[:, None, :]).astype(x.dtype)
+
+
+def _attention_block(cfg: ModelConfig, lp: Params, h: jax.Array, cos: jax.Array, sin: jax.Array):
+    """Project h [T,H] to RoPE'd q [T,NH,D] and k, v [T,KV,D]."""
+    t, d = h.shape[0], cfg.head_dim
+    q, k, v = h @ lp["wq"], h @ lp["wk"], h @ lp["wv"]
+    if cfg.attention_bias:
+        q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
+    q = q.reshape(t, cfg.num_heads, d)
+    k = k.reshape(t, cfg.num_kv_heads, d)
+    v = v.reshape(t, cfg.num_kv_heads, d)
+    if cfg.qk_norm:
+        q, k = (
+            rms_norm(q, lp["q_norm"], cfg.rms_norm_eps),
+            rms_norm(k, lp["k_norm"], cfg.rms_norm_eps),
+        )
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+
+def forward(
+    cfg: ModelConfig,
+    params: Params,
+    k_pages: jax.Array,
+    v_pages: jax.Array,
+    tokens: jax.Array,
+    positions: jax.Array,
+    slots: jax.Array,
+    token_req: jax.Array,
+    block_tables: jax.Array,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One step over a flat, padded batch of T tokens from up to R requests (internals.md).
+
+    tokens, positions, slots, token_req: i32[T]; block_tables: i32[R, P];
+    k_pages, v_pages: [L, num_pages, S, KV, D] (donate them). Each layer first writes the tokens'
+    k/v at ``slots`` and then attends over the token's request pages to positions <= its own.
+    Returns (hidden [T, H] after the final norm, k_pages, v_pages). ``cfg`` is static.
+    """
+    inv_freq = jnp.asarray(rope_inv_freq(cfg))
+    freqs = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)  # [T, D]
+    cos, sin = jnp.cos(emb), jnp.sin(emb)
+    scale = cfg.head_dim**-0.5
+    eps = cfg.rms_norm_eps
+
+    def layer(carry, xs):
+        x, k_pages, v_pages = carry
+        lp, index = xs
+        q, k, v = _attention_block(cfg, lp, rms_norm(x, lp["attn_norm"], eps), cos, sin)
+        k_pages, v_pages = write_kv(k_pages, v_pages, index, k, v, slots)
+        attn = paged_attention_ref(
+            q, k_pages[index], v_pages[index], positions, token_req, block_tables, scale
+        )
+        x = x + attn.reshape(attn.shape[0], -1) @ lp["wo"]
+        h = rms_norm(x, lp["mlp_norm"], eps)
+        x = x + (jax.nn.silu(h @ lp["w_gate"]) * (h @ lp["w_up"])) @ lp["w_down"]
+        return (x, k_pages, v_pages), None
+
+    x = params["embed"][tokens]
+    layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
+    (x, k_pages, v_pages), _ = jax.lax.scan(
+        layer, (x, k_pages, v_pages), (params["layers"], layer_ids)
+    )
+    return rms_norm(x, params["final_norm"], eps), k_pages, v_pages

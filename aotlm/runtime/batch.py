@@ -1,0 +1,99 @@
+"""Pack one engine step into the padded host arrays the step functions take. Pure numpy.
+
+Token layout: the chunks' tokens back to back, then padding. Padding tokens write their KV into
+page 0 (the trash page, never handed out) and read request row 0; their outputs are ignored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from aotlm.buckets import pick_bucket
+
+
+@dataclass(frozen=True)
+class ChunkInput:
+    """What the device needs to know about one scheduled chunk of one sequence."""
+
+    token_ids: Sequence[int]
+    start: int  # position of token_ids[0]
+    block_table: Sequence[int]
+    samples: bool  # the chunk ends at the sequence's last token: sample the next one
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    seed: int = 0
+    step: int = 0  # tokens generated so far (keys the per-request random stream)
+
+
+@dataclass(frozen=True)
+class StepArrays:
+    tokens: int
+    requests: int
+    forward: tuple[np.ndarray, ...]  # tokens, positions, slots, token_req, block_tables
+    rows: np.ndarray  # i32[R]: hidden row of each sampling chunk's last token
+    sampling: tuple[np.ndarray, ...]  # temperature, top_k, top_p, min_p, seed, step
+    sample_chunks: tuple[int, ...]  # chunk index of each real row
+    real_tokens: int
+
+
+def pack_step(
+    chunks: Sequence[ChunkInput],
+    token_ladder: Sequence[int],
+    request_ladder: Sequence[int],
+    pages_per_seq: int,
+    page_size: int,
+) -> StepArrays:
+    n = sum(len(c.token_ids) for c in chunks)
+    t_bucket = pick_bucket(token_ladder, n)
+    r_max = max(request_ladder)
+    if len(chunks) > r_max:
+        raise ValueError(f"{len(chunks)} chunks in one step; the largest request bucket is {r_max}")
+    tokens = np.zeros(t_bucket, np.int32)
+    positions = np.zeros(t_bucket, np.int32)
+    slots = np.zeros(t_bucket, np.int32)
+    token_req = np.zeros(t_bucket, np.int32)
+    tables = np.zeros((r_max, pages_per_seq), np.int32)
+    rows, sample_chunks = [], []
+    at = 0
+    for i, c in enumerate(chunks):
+        k = len(c.token_ids)
+        pos = np.arange(c.start, c.start + k, dtype=np.int32)
+        table = np.asarray(c.block_table, np.int32)
+        tokens[at : at + k] = c.token_ids
+        positions[at : at + k] = pos
+        slots[at : at + k] = table[pos // page_size] * page_size + pos % page_size
+        token_req[at : at + k] = i
+        tables[i, : len(table)] = table
+        at += k
+        if c.samples:
+            rows.append(at - 1)
+            sample_chunks.append(i)
+    r_bucket = pick_bucket(request_ladder, max(1, len(rows)), kind="request")
+    pad = r_bucket - len(rows)
+    picked = [chunks[i] for i in sample_chunks]
+
+    def col(attr: str, dtype) -> np.ndarray:
+        return np.asarray([getattr(c, attr) for c in picked] + [0] * pad, dtype)
+
+    sampling = (
+        col("temperature", np.float32),
+        col("top_k", np.int32),
+        np.asarray([c.top_p for c in picked] + [1.0] * pad, np.float32),
+        col("min_p", np.float32),
+        np.asarray([c.seed & 0xFFFFFFFF for c in picked] + [0] * pad, np.uint32),
+        col("step", np.int32),
+    )
+    return StepArrays(
+        tokens=t_bucket,
+        requests=r_bucket,
+        forward=(tokens, positions, slots, token_req, tables),
+        rows=np.asarray(rows + [0] * pad, np.int32),
+        sampling=sampling,
+        sample_chunks=tuple(sample_chunks),
+        real_tokens=n,
+    )

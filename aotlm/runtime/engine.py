@@ -1,0 +1,151 @@
+"""The engine: schedule -> execute -> postprocess, one step at a time.
+
+Everything device-side goes through the sealed executables of a loaded bundle, under
+`jax.no_tracing(True)`: a shape that was not built raises instead of compiling.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax
+
+from aotlm.errors import RequestError
+from aotlm.runtime.batch import ChunkInput
+from aotlm.runtime.block_manager import BlockManager
+from aotlm.runtime.loader import LoadedBundle, load_bundle
+from aotlm.runtime.runner import ModelRunner
+from aotlm.runtime.sampling_params import SamplingParams
+from aotlm.runtime.scheduler import ScheduledChunk, Scheduler
+from aotlm.runtime.sequence import Sequence, make_sequences
+from aotlm.runtime.tokenizer import BundleTokenizer
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One finished choice of a request."""
+
+    request_id: str
+    index: int
+    prompt_token_ids: tuple[int, ...]
+    token_ids: tuple[int, ...]
+    text: str
+    finish_reason: str | None
+    logprobs: tuple[float, ...]
+
+
+class Engine:
+    def __init__(
+        self, loaded: LoadedBundle, *, max_waiting: int | None = None, strict: bool = False
+    ):
+        self.loaded = loaded
+        self.counter = loaded.counter
+        self.strict = strict
+        self.tokenizer = BundleTokenizer(loaded.bundle, tuple(loaded.model.eos_token_ids))
+        self.runner = ModelRunner(loaded)
+        s = loaded.serving
+        self.max_seq_len = s["max_seq_len"]
+        self.block_manager = BlockManager(s["kv_pages"], s["page_size"])
+        self.scheduler = Scheduler(
+            self.block_manager,
+            max_tokens_per_step=max(loaded.token_buckets),
+            max_seqs_per_step=max(loaded.request_buckets),
+            max_seq_len=self.max_seq_len,
+            max_waiting=max_waiting,
+            eos_token_ids=self.tokenizer.eos_token_ids,
+        )
+        self._ids = itertools.count()
+        self._texts: dict[int, str] = {}
+
+    @classmethod
+    def from_bundle(cls, path: Path | str, **kwargs) -> Engine:
+        """Load, compile once, seal: from here on any compile is counted (and fatal if strict)."""
+        loaded = load_bundle(path)
+        loaded.counter.seal()
+        return cls(loaded, **kwargs)
+
+    @property
+    def compiles_after_ready(self) -> int:
+        return self.counter.after_seal
+
+    def add_request(self, prompt: str | Seq[int], params: SamplingParams) -> list[Sequence]:
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if len(ids) >= self.max_seq_len:
+            raise RequestError(
+                f"prompt is {len(ids)} tokens; this bundle's max_seq_len is {self.max_seq_len} "
+                "(prompt plus at least one generated token)"
+            )
+        if any(not 0 <= t < self.loaded.model.vocab_size for t in ids):
+            raise RequestError(f"prompt token ids must be in [0, {self.loaded.model.vocab_size})")
+        request_id = f"req-{next(self._ids)}"
+        seqs = make_sequences(request_id, ids, params, first_seq_id=next(self._ids))
+        for _ in seqs[1:]:
+            next(self._ids)  # keep seq ids unique across requests
+        self.scheduler.add(*seqs)
+        return seqs
+
+    def _chunk_input(self, c: ScheduledChunk) -> ChunkInput:
+        p = c.seq.params
+        return ChunkInput(
+            token_ids=c.token_ids,
+            start=c.start,
+            block_table=c.seq.block_table,
+            samples=c.samples,
+            temperature=0.0 if p.is_greedy else p.temperature,
+            top_k=p.effective_top_k,
+            top_p=p.top_p,
+            min_p=p.min_p,
+            seed=c.seq.seed,
+            step=c.seq.num_output_tokens,
+        )
+
+    def step(self) -> list[Sequence]:
+        """One engine step; returns the sequences that got a token (finished ones included)."""
+        out = self.scheduler.schedule()
+        if out.is_empty:
+            return []
+        with jax.no_tracing(True):
+            sampled = self.runner.execute([self._chunk_input(c) for c in out.chunks])
+        if self.strict:
+            self.counter.check()
+        by_seq = {out.chunks[i].seq.seq_id: s for i, s in sampled.items()}
+        updated = self.scheduler.postprocess(out, by_seq)
+        for seq in updated:
+            self._apply_stop_strings(seq)
+        return updated
+
+    def _apply_stop_strings(self, seq: Sequence) -> None:
+        text = self.tokenizer.decode(seq.output_token_ids)
+        for stop in seq.params.stop:
+            at = text.find(stop)
+            if at >= 0:
+                text = text[:at]
+                if not seq.is_finished:
+                    self.scheduler.finish(seq, "stop", stop_reason=stop)
+        self._texts[seq.seq_id] = text
+
+    def text(self, seq: Sequence) -> str:
+        return self._texts.get(seq.seq_id, "")
+
+    def generate(
+        self, prompts: Seq[str | Seq[int]], params: SamplingParams
+    ) -> list[list[Completion]]:
+        """Offline generation of many prompts at once (continuous batching); one list per prompt."""
+        requests = [self.add_request(p, params) for p in prompts]
+        while self.scheduler.has_unfinished:
+            self.step()
+        return [[self._completion(s) for s in seqs] for seqs in requests]
+
+    def _completion(self, seq: Sequence) -> Completion:
+        return Completion(
+            request_id=seq.request_id,
+            index=seq.index,
+            prompt_token_ids=seq.prompt_token_ids,
+            token_ids=tuple(seq.output_token_ids),
+            text=self._texts.pop(seq.seq_id, ""),
+            finish_reason=seq.finish_reason,
+            logprobs=tuple(seq.output_logprobs),
+        )

@@ -1,0 +1,76 @@
+"""Run one engine step through the sealed executables. No jax.jit here: only Compiled calls.
+
+Host arrays go to the device with jax.device_put (a transfer, never a compile); results come back
+with np.asarray on the outputs (a transfer too).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import jax
+import numpy as np
+
+from aotlm.models import lm_head
+from aotlm.runtime.batch import ChunkInput, StepArrays, pack_step
+from aotlm.runtime.loader import LoadedBundle
+
+
+@dataclass(frozen=True)
+class Sampled:
+    """The token sampled for one chunk, with its logprob and the top-20 alternatives."""
+
+    token_id: int
+    logprob: float
+    top_ids: tuple[int, ...]
+    top_logprobs: tuple[float, ...]
+
+
+class ModelRunner:
+    def __init__(self, loaded: LoadedBundle) -> None:
+        self.loaded = loaded
+        self.exe = loaded.executables
+        self.params = loaded.params
+        self.head = lm_head(loaded.model, loaded.params)
+        self.k_pages = loaded.k_pages
+        self.v_pages = loaded.v_pages
+        s = loaded.serving
+        self.page_size = s["page_size"]
+        self.pages_per_seq = s["pages_per_seq"]
+        self.token_buckets = loaded.token_buckets
+        self.request_buckets = loaded.request_buckets
+        # Padding accounting: real vs padded tokens over the runner's life.
+        self.real_tokens = 0
+        self.padded_tokens = 0
+
+    def pack(self, chunks: Sequence[ChunkInput]) -> StepArrays:
+        return pack_step(
+            chunks, self.token_buckets, self.request_buckets, self.pages_per_seq, self.page_size
+        )
+
+    def execute(self, chunks: Sequence[ChunkInput]) -> dict[int, Sampled]:
+        """Run forward (+ logits + sample when any chunk samples); returns chunk index -> Sampled."""
+        step = self.pack(chunks)
+        self.real_tokens += step.real_tokens
+        self.padded_tokens += step.tokens
+        forward = self.exe[("forward", (step.tokens,))]
+        hidden, self.k_pages, self.v_pages = forward(
+            self.params, self.k_pages, self.v_pages, *jax.device_put(step.forward)
+        )
+        if not step.sample_chunks:
+            return {}
+        logits = self.exe[("logits", (step.tokens, step.requests))](
+            self.head, hidden, jax.device_put(step.rows)
+        )
+        out = self.exe[("sample", (step.requests,))](logits, *jax.device_put(step.sampling))
+        tokens, logprobs, top_ids, top_lps = (np.asarray(x) for x in out)
+        return {
+            chunk: Sampled(
+                int(tokens[row]),
+                float(logprobs[row]),
+                tuple(int(t) for t in top_ids[row]),
+                tuple(float(v) for v in top_lps[row]),
+            )
+            for row, chunk in enumerate(step.sample_chunks)
+        }

@@ -1,0 +1,69 @@
+"""Abstract inputs of every step function at every bucket: shapes and dtypes only, no weights."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from aotlm.config import BuildConfig
+from aotlm.models import ModelConfig, abstract_params
+
+I32 = jnp.int32
+F32 = jnp.float32
+
+
+@dataclass(frozen=True)
+class StepSpec:
+    """One (function, bucket) pair to export."""
+
+    name: str
+    bucket: dict[str, int]
+    args: tuple[Any, ...]
+
+    @property
+    def file(self) -> str:
+        suffix = "_".join(f"{k[0]}{v}" for k, v in sorted(self.bucket.items(), reverse=True))
+        return f"exported/{self.name}_{suffix}.jaxexp"
+
+
+def _s(shape: tuple[int, ...], dtype) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(shape, dtype)
+
+
+def kv_pages_aval(cfg: ModelConfig, build: BuildConfig) -> jax.ShapeDtypeStruct:
+    shape = (cfg.num_layers, build.kv_pages, build.page_size, cfg.num_kv_heads, cfg.head_dim)
+    return _s(shape, jnp.dtype(build.dtype))
+
+
+def head_aval(cfg: ModelConfig, build: BuildConfig) -> jax.ShapeDtypeStruct:
+    return _s((cfg.vocab_size, cfg.hidden_size), jnp.dtype(build.dtype))
+
+
+def step_specs(cfg: ModelConfig, build: BuildConfig) -> list[StepSpec]:
+    """forward per token bucket, logits per (token, request) pair, sample per request bucket."""
+    params = abstract_params(cfg, build.dtype)
+    kv = kv_pages_aval(cfg, build)
+    r_max = max(build.request_buckets)
+    dt = jnp.dtype(build.dtype)
+    specs = []
+    for t in build.token_buckets:
+        tok = _s((t,), I32)
+        tables = _s((r_max, build.pages_per_seq), I32)
+        specs.append(
+            StepSpec("forward", {"tokens": t}, (params, kv, kv, tok, tok, tok, tok, tables))
+        )
+    head = head_aval(cfg, build)
+    for t in build.token_buckets:
+        for r in build.request_buckets:
+            hidden = _s((t, cfg.hidden_size), dt)
+            specs.append(
+                StepSpec("logits", {"tokens": t, "requests": r}, (head, hidden, _s((r,), I32)))
+            )
+    for r in build.request_buckets:
+        f, i = _s((r,), F32), _s((r,), I32)
+        args = (_s((r, cfg.vocab_size), F32), f, i, f, f, _s((r,), jnp.uint32), i)
+        specs.append(StepSpec("sample", {"requests": r}, args))
+    return specs

@@ -1,0 +1,35 @@
+"""The step functions that get exported, one graph per bucket.
+
+Splitting the model into forward[T] / logits[T,R] / sample[R] keeps the count of full-model graphs
+at |T| instead of |T|·|R|: only the tiny logits gather and the sampler see the request bucket.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from aotlm.kernels.sampling import sample
+from aotlm.models import ModelConfig, forward
+
+
+def logits_step(head: jax.Array, hidden: jax.Array, rows: jax.Array) -> jax.Array:
+    """head [V,H], hidden [T,H], rows i32[R] -> f32 [R,V]: the LM head on the rows that sample."""
+    picked = jnp.take(hidden, rows, axis=0)
+    return jnp.einsum("rh,vh->rv", picked, head, preferred_element_type=jnp.float32)
+
+
+def step_functions(cfg: ModelConfig) -> dict[str, Callable]:
+    """The three step functions for one model config, keyed by the names the manifest uses."""
+    return {
+        "forward": functools.partial(forward, cfg),
+        "logits": logits_step,
+        "sample": sample,
+    }
+
+
+# Arguments updated in place: the KV page pools of forward (params, k_pages, v_pages, ...).
+DONATE_ARGNUMS: dict[str, tuple[int, ...]] = {"forward": (1, 2), "logits": (), "sample": ()}

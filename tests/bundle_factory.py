@@ -1,0 +1,32 @@
+"""Helpers to write model.yaml files and build bundles in tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+SMALL_BUCKETS = {"tokens": [16, 32, 64], "requests": [1, 2, 4], "page_size": 16}
+
+
+def write_model_yaml(directory: Path, checkpoint: Path, **overrides) -> Path:
+    """A model.yaml for `checkpoint` with small buckets; keyword overrides replace top-level keys."""
+    spec = {
+        "model": str(checkpoint),
+        "dtype": "float32",
+        "max_seq_len": 128,
+        "buckets": dict(SMALL_BUCKETS),
+        "targets": ["cpu"],
+        **overrides,
+    }
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "model.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def build_from_yaml(path: Path, out: Path, jobs: int = 1):
+    from aotlm.build import build_bundle
+    from aotlm.config import load_build_config
+
+    return build_bundle(load_build_config(path), out, jobs=jobs)

@@ -1,0 +1,53 @@
+"""pack_step: the padded layout every forward call relies on."""
+
+import numpy as np
+import pytest
+
+from aotlm.errors import NoBucketError
+from aotlm.runtime.batch import ChunkInput, pack_step
+
+PAGE = 4
+
+
+def test_two_chunks_layout_slots_and_rows():
+    a = ChunkInput(token_ids=[5, 6, 7, 8, 9], start=0, block_table=[3, 7], samples=True, seed=11)
+    b = ChunkInput(
+        token_ids=[42], start=6, block_table=[2, 5], samples=True, temperature=0.5, step=3
+    )
+    s = pack_step(
+        [a, b], token_ladder=(4, 8, 16), request_ladder=(1, 2, 4), pages_per_seq=3, page_size=PAGE
+    )
+    tokens, positions, slots, token_req, tables = s.forward
+    assert s.tokens == 8 and s.requests == 2 and s.real_tokens == 6
+    assert tokens.tolist() == [5, 6, 7, 8, 9, 42, 0, 0]
+    assert positions.tolist() == [0, 1, 2, 3, 4, 6, 0, 0]
+    # a: pos 0-3 in page 3, pos 4 in page 7; b: pos 6 -> page 5, offset 2; padding -> trash page 0
+    assert slots.tolist() == [12, 13, 14, 15, 28, 22, 0, 0]
+    assert token_req.tolist() == [0, 0, 0, 0, 0, 1, 0, 0]
+    assert (
+        tables.shape == (4, 3)
+        and tables[0].tolist() == [3, 7, 0]
+        and tables[1].tolist() == [2, 5, 0]
+    )
+    assert s.rows.tolist() == [4, 5]
+    temperature, _, top_p, _, seed, step = s.sampling
+    assert (
+        temperature.tolist() == [0.0, 0.5] and seed.dtype == np.uint32 and seed.tolist() == [11, 0]
+    )
+    assert step.tolist() == [0, 3] and top_p.tolist() == [1.0, 1.0]
+
+
+def test_prefill_chunk_that_does_not_sample_pads_request_rows():
+    a = ChunkInput(token_ids=[1, 2, 3], start=0, block_table=[1], samples=False)
+    b = ChunkInput(token_ids=[4], start=2, block_table=[2], samples=True, top_p=0.9)
+    c = ChunkInput(token_ids=[5], start=2, block_table=[3], samples=True)
+    s = pack_step([a, b, c], (8,), (1, 4), pages_per_seq=1, page_size=PAGE)
+    assert s.sample_chunks == (1, 2) and s.requests == 4
+    assert s.rows.tolist() == [3, 4, 0, 0]
+    assert s.sampling[2].tolist() == pytest.approx([0.9, 1.0, 1.0, 1.0])
+
+
+def test_too_many_tokens_is_a_typed_error():
+    a = ChunkInput(token_ids=list(range(9)), start=0, block_table=[1, 2, 3], samples=True)
+    with pytest.raises(NoBucketError):
+        pack_step([a], (4, 8), (1,), pages_per_seq=3, page_size=PAGE)

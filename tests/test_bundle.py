@@ -1,0 +1,117 @@
+"""The bundle contract: reproducible digest, and every kind of damage refused before use."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from bundle_factory import build_from_yaml
+from click.testing import CliRunner
+
+from aotlm.bundle import open_bundle, read_manifest
+from aotlm.bundle.digest import sha256_bytes
+from aotlm.bundle.format import DIGEST_FILE, MANIFEST_FILE
+from aotlm.bundle.manifest import pack_manifest, unpack_manifest
+from aotlm.cli import main
+from aotlm.errors import BundleError
+from aotlm.runtime.compile_guard import CompileCounter
+from aotlm.runtime.loader import load_bundle
+
+
+def _copy(bundle: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "b"
+    shutil.copytree(bundle, dst)
+    return dst
+
+
+def _rewrite_manifest(bundle: Path, **changes) -> None:
+    m, _ = read_manifest(bundle)
+    m.update(changes)
+    packed = pack_manifest(m)
+    (bundle / MANIFEST_FILE).write_bytes(packed)
+    (bundle / DIGEST_FILE).write_text(sha256_bytes(packed) + "\n")
+
+
+def test_manifest_lists_every_file_and_function(tiny_bundle):
+    path, result = tiny_bundle
+    b = open_bundle(path)
+    names = [f["name"] for f in b.manifest["functions"]]
+    # forward per token bucket, logits per (token, request), sample per request bucket
+    assert names.count("forward") == 3 and names.count("logits") == 9 and names.count("sample") == 3
+    on_disk = {str(p.relative_to(path)) for p in path.rglob("*") if p.is_file()}
+    assert on_disk == set(b.manifest["files"]) | {MANIFEST_FILE, DIGEST_FILE}
+    assert "weights/model.safetensors" in on_disk and "tokenizer/tokenizer.json" in on_disk
+    assert "tokenizer/chat_template.jinja" in on_disk
+    fwd = next(f for f in b.manifest["functions"] if f["name"] == "forward")
+    assert fwd["donate_argnums"] == [1, 2]
+    assert b.digest == result.digest
+
+
+def test_same_yaml_builds_the_same_digest(tiny_yaml, tiny_bundle, tmp_path):
+    again = build_from_yaml(tiny_yaml, tmp_path / "again", jobs=2)
+    assert again.digest == tiny_bundle[1].digest
+
+
+def test_every_flipped_byte_is_refused_by_verify_and_load(tiny_bundle, tmp_path):
+    path, _ = tiny_bundle
+    m, _ = read_manifest(path)
+    for rel in [*sorted(m["files"]), MANIFEST_FILE, DIGEST_FILE]:
+        b = _copy(path, tmp_path / rel.replace("/", "_"))
+        target = b / rel
+        data = bytearray(target.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        target.write_bytes(bytes(data))
+        result = CliRunner().invoke(main, ["verify", str(b)])
+        assert result.exit_code != 0, rel
+        shown = Path(rel).name if rel != DIGEST_FILE else MANIFEST_FILE
+        assert shown in result.output and "rebuild" in result.output, result.output
+        counter = CompileCounter()
+        with pytest.raises(BundleError, match="rebuild"):
+            load_bundle(b, counter=counter)
+        assert counter.before_seal == 0, "nothing may be compiled from a damaged bundle"
+        counter.close()
+
+
+def test_missing_file_is_named(tiny_bundle, tmp_path):
+    b = _copy(tiny_bundle[0], tmp_path)
+    (b / "weights/model.safetensors").unlink()
+    with pytest.raises(BundleError, match=r"model\.safetensors: missing"):
+        open_bundle(b)
+
+
+def test_newer_format_version_says_upgrade_or_rebuild(tiny_bundle, tmp_path):
+    b = _copy(tiny_bundle[0], tmp_path)
+    _rewrite_manifest(b, format_version=99, aotlm_version="9.0.0")
+    with pytest.raises(BundleError, match=r"written by aotlm 9\.0\.0.*upgrade aotlm, or rebuild"):
+        open_bundle(b)
+
+
+def test_unknown_old_format_version_is_refused(tiny_bundle, tmp_path):
+    b = _copy(tiny_bundle[0], tmp_path)
+    _rewrite_manifest(b, format_version=0)
+    with pytest.raises(BundleError, match="unknown format_version 0"):
+        open_bundle(b)
+
+
+def test_manifest_structure_errors_name_the_field():
+    with pytest.raises(BundleError, match="not a valid msgpack"):
+        unpack_manifest(b"\xc1garbage")
+    with pytest.raises(BundleError, match="not an aotlm bundle"):
+        unpack_manifest(pack_manifest({"format": "zip"}))
+    bad = {
+        "format": "aotlm-bundle",
+        "format_version": 1,
+        "files": {"../x": {"sha256": "0" * 64, "size": 1}},
+    }
+    with pytest.raises(BundleError, match="aotlm_version"):
+        unpack_manifest(pack_manifest(bad))
+
+
+def test_traversal_path_in_files_is_refused(tiny_bundle, tmp_path):
+    b = _copy(tiny_bundle[0], tmp_path)
+    m, _ = read_manifest(b)
+    m["files"]["../../etc/passwd"] = {"sha256": "0" * 64, "size": 1}
+    _rewrite_manifest(b, files=m["files"])
+    with pytest.raises(BundleError, match="escapes the bundle"):
+        open_bundle(b)
