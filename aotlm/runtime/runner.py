@@ -6,6 +6,7 @@ with np.asarray on the outputs (a transfer too).
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -43,27 +44,51 @@ class ModelRunner:
         # Padding accounting: real vs padded tokens over the runner's life.
         self.real_tokens = 0
         self.padded_tokens = 0
+        self.bucket_calls: Counter[tuple[str, tuple[int, ...]]] = Counter()
 
     def pack(self, chunks: Sequence[ChunkInput]) -> StepArrays:
         return pack_step(
             chunks, self.token_buckets, self.request_buckets, self.pages_per_seq, self.page_size
         )
 
+    def _call(self, name: str, bucket: tuple[int, ...], *args):
+        self.bucket_calls[(name, bucket)] += 1
+        return self.exe[(name, bucket)](*args)
+
+    def _logits(self, step: StepArrays) -> jax.Array | None:
+        """forward over the packed tokens, then the LM head on the rows that sample."""
+        self.real_tokens += step.real_tokens
+        self.padded_tokens += step.tokens
+        hidden, self.k_pages, self.v_pages = self._call(
+            "forward",
+            (step.tokens,),
+            self.params,
+            self.k_pages,
+            self.v_pages,
+            *jax.device_put(step.forward),
+        )
+        if not step.sample_chunks:
+            return None
+        rows = jax.device_put(step.rows)
+        return self._call("logits", (step.tokens, step.requests), self.head, hidden, rows)
+
+    def compute_logits(self, chunks: Sequence[ChunkInput]) -> np.ndarray:
+        """f32 logits [sampling chunks, V] (for oracle checks and scoring); updates the KV cache."""
+        step = self.pack(chunks)
+        logits = self._logits(step)
+        return (
+            np.zeros((0, 0), np.float32)
+            if logits is None
+            else np.asarray(logits)[: len(step.sample_chunks)]
+        )
+
     def execute(self, chunks: Sequence[ChunkInput]) -> dict[int, Sampled]:
         """Run forward (+ logits + sample when any chunk samples); returns chunk index -> Sampled."""
         step = self.pack(chunks)
-        self.real_tokens += step.real_tokens
-        self.padded_tokens += step.tokens
-        forward = self.exe[("forward", (step.tokens,))]
-        hidden, self.k_pages, self.v_pages = forward(
-            self.params, self.k_pages, self.v_pages, *jax.device_put(step.forward)
-        )
-        if not step.sample_chunks:
+        logits = self._logits(step)
+        if logits is None:
             return {}
-        logits = self.exe[("logits", (step.tokens, step.requests))](
-            self.head, hidden, jax.device_put(step.rows)
-        )
-        out = self.exe[("sample", (step.requests,))](logits, *jax.device_put(step.sampling))
+        out = self._call("sample", (step.requests,), logits, *jax.device_put(step.sampling))
         tokens, logprobs, top_ids, top_lps = (np.asarray(x) for x in out)
         return {
             chunk: Sampled(
