@@ -19,6 +19,7 @@ from pathlib import Path
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax
+import jax.numpy as jnp
 
 from aotlm.build import build_bundle
 from aotlm.config import load_build_config
@@ -58,6 +59,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--yaml", type=Path, default=ROOT / "artifacts/tiny-llama.yaml")
     ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/bundle.json")
     args = ap.parse_args()
     cfg = load_build_config(args.yaml) if args.yaml.exists() else None
@@ -76,21 +78,28 @@ def main() -> None:
         aot = ModelRunner(loaded)
         jit = ModelRunner(loaded)
         jit.exe = jit_executables(loaded)
-        rows = []
-        for batch in (1, max(loaded.request_buckets)):
-            with jax.no_tracing(True):
-                a = decode_tokens_per_s(aot, batch, args.steps)
-            compiles = loaded.counter.after_seal
-            j = decode_tokens_per_s(jit, batch, args.steps)
-            rows.append(
-                {
-                    "batch": batch,
-                    "aot_tok_s": a,
-                    "jit_tok_s": j,
-                    "ratio": a / j,
-                    "aot_compiles_after_ready": compiles,
-                }
-            )
+        jit.k_pages, jit.v_pages = jnp.zeros_like(aot.k_pages), jnp.zeros_like(aot.v_pages)
+        batches = (1, max(loaded.request_buckets))
+        aot_tps, jit_tps = [0.0] * len(batches), [0.0] * len(batches)
+        # Alternate AOT and jit runs and keep each one's best: 2-core machines are noisy.
+        compiles = 0  # counted around the AOT runs only: the jit baseline compiles on purpose
+        for _ in range(args.repeats):
+            for i, b in enumerate(batches):
+                before = loaded.counter.after_seal
+                with jax.no_tracing(True):
+                    aot_tps[i] = max(aot_tps[i], decode_tokens_per_s(aot, b, args.steps))
+                compiles += loaded.counter.after_seal - before
+                jit_tps[i] = max(jit_tps[i], decode_tokens_per_s(jit, b, args.steps))
+        rows = [
+            {
+                "batch": b,
+                "aot_tok_s": a,
+                "jit_tok_s": j,
+                "ratio": a / j,
+                "aot_compiles_after_ready": compiles,
+            }
+            for b, a, j in zip(batches, aot_tps, jit_tps, strict=True)
+        ]
     report = {
         "model": cfg.name,
         "build_s": build_s,
