@@ -54,7 +54,7 @@ def serving_dtype(dtype: str) -> np.dtype:
     return SERVING_DTYPES[dtype]
 
 
-def _open_files(checkpoint_dir: Path) -> dict[str, SafetensorsFile]:
+def open_checkpoint_files(checkpoint_dir: Path) -> dict[str, SafetensorsFile]:
     """Tensor name -> the validated file holding it (single file or sharded index)."""
     index_path = checkpoint_dir / "model.safetensors.index.json"
     single = checkpoint_dir / "model.safetensors"
@@ -97,7 +97,9 @@ def expected_hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def _checked(files: dict[str, SafetensorsFile], name: str, shape: tuple[int, ...]) -> np.ndarray:
+def checked_tensor(
+    files: dict[str, SafetensorsFile], name: str, shape: tuple[int, ...]
+) -> np.ndarray:
     f = files[name]
     if f.shape(name) != shape:
         raise CheckpointError(f"{f.path}: tensor {name!r} has shape {f.shape(name)}, want {shape}")
@@ -106,7 +108,7 @@ def _checked(files: dict[str, SafetensorsFile], name: str, shape: tuple[int, ...
     return f.get(name)
 
 
-def _convert(x: np.ndarray, dt: np.dtype) -> np.ndarray:
+def to_serving_dtype(x: np.ndarray, dt: np.dtype) -> np.ndarray:
     """Cast to the serving dtype; float16 -> bfloat16 goes through float32 (exact, then RNE)."""
     if x.dtype == dt:
         return x
@@ -120,7 +122,7 @@ def load_checkpoint(checkpoint_dir: str | Path, cfg: ModelConfig, dtype: str) ->
     """
     checkpoint_dir = Path(checkpoint_dir)
     dt = serving_dtype(dtype)
-    files = _open_files(checkpoint_dir)
+    files = open_checkpoint_files(checkpoint_dir)
     expected = expected_hf_shapes(cfg)
     for name, f in sorted(files.items()):
         tolerated = name.endswith(_IGNORED_SUFFIX) or (name == LM_HEAD and cfg.tie_word_embeddings)
@@ -136,7 +138,7 @@ def load_checkpoint(checkpoint_dir: str | Path, cfg: ModelConfig, dtype: str) ->
 
     def top(name: str) -> np.ndarray:
         out = np.empty(expected[name], dt)  # owned memory, not a view of the mapped file
-        out[...] = _convert(_checked(files, name, expected[name]), dt)
+        out[...] = to_serving_dtype(checked_tensor(files, name, expected[name]), dt)
         return out
 
     params: Params = {key: top(hf) for key, hf in TOP_TENSORS.items()}
@@ -148,8 +150,8 @@ def load_checkpoint(checkpoint_dir: str | Path, cfg: ModelConfig, dtype: str) ->
         out = np.empty(shape, dt)
         for i in range(cfg.num_layers):
             name = f"model.layers.{i}.{hf_name}"
-            x = _checked(files, name, expected[name])
-            out[i] = _convert(x.T if transposed else x, dt)
+            x = checked_tensor(files, name, expected[name])
+            out[i] = to_serving_dtype(x.T if transposed else x, dt)
         layers[key] = out
     params["layers"] = layers
     for f in set(files.values()):
