@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create .venv/ in the repo root when missing and install aotlm with pinned dependencies.
-# Usage: scripts/venv.sh [EXTRA]   (EXTRA: e.g. "test"). Re-installs only when pyproject.toml changed.
+# Usage: scripts/venv.sh [EXTRA]   (EXTRA: e.g. "test"). Re-installs only when pyproject.toml or this script changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extra="${1:-}"
@@ -9,7 +9,7 @@ if [ ! -x .venv/bin/python ]; then
   "$python" -m venv .venv
   .venv/bin/python -m pip install -q --upgrade pip
 fi
-stamp=".venv/.aotlm-installed-$(sha256sum pyproject.toml | cut -c1-16)${extra:+-$extra}"
+stamp=".venv/.aotlm-installed-$(cat pyproject.toml scripts/venv.sh | sha256sum | cut -c1-16)${extra:+-$extra}"
 if [ ! -f "$stamp" ]; then
   spec="."
   [ -n "$extra" ] && spec=".[$extra]"
