@@ -246,3 +246,13 @@ def generate(
             f"compiles after ready: {engine.compiles_after_ready}]",
             err=True,
         )
+
+
+def _register_subcommands() -> None:
+    # Imported here (light modules, no jax) so `aotlm --help` lists every command group.
+    from aotlm.buckets.plan_cli import buckets
+
+    main.add_command(buckets)
+
+
+_register_subcommands()

@@ -60,13 +60,15 @@ def row_cost_for_model(cfg: Any) -> float:
     return cfg.vocab_size * cfg.hidden_size / (cfg.num_layers * per_layer)
 
 
-def padding(ladder: Sequence[int], values: np.ndarray) -> int:
-    """Total padding ``sum(bucket(v) - v)`` of ``values`` (all must fit the largest rung)."""
+def padding(ladder: Sequence[int], values: np.ndarray, counts: np.ndarray | None = None) -> int:
+    """Total padding ``sum(bucket(v) - v)`` of ``values`` (each seen ``counts`` times, default
+    once); all must fit the largest rung."""
     values = np.asarray(values, np.int64)
     rungs = np.asarray(ladder, np.int64)
     if values.size and values.max() > rungs[-1]:
         raise ValueError(f"value {values.max()} does not fit ladder {tuple(ladder)}")
-    return int((rungs[np.searchsorted(rungs, values)] - values).sum())
+    pads = rungs[np.searchsorted(rungs, values)] - values
+    return int(pads.sum() if counts is None else pads @ np.asarray(counts, np.int64))
 
 
 def optimal_ladders(values: np.ndarray, max_size: int, max_rungs: int) -> list[tuple[int, Ladder]]:
@@ -83,8 +85,8 @@ def optimal_ladders(values: np.ndarray, max_size: int, max_rungs: int) -> list[t
     trick, in exact integer arithmetic. The list stops early once every candidate has a rung.
     """
     vals, counts = np.unique(np.asarray(values, np.int64), return_counts=True)
-    if vals.size and (vals[0] < 0 or vals[-1] > max_size):
-        raise ValueError(f"values must lie in [0, {max_size}]")
+    if vals.size and (vals[0] < 1 or vals[-1] > max_size):
+        raise ValueError(f"values must lie in [1, {max_size}]")
     c = [int(v) for v in vals]
     w = [int(n) for n in counts]
     if not c or c[-1] != max_size:
@@ -172,6 +174,11 @@ class LadderScore:
         return self.padded_tokens + self.row_cost * self.padded_rows
 
     @property
+    def work_overhead(self) -> float:
+        """The objective over real forward tokens: all padded work, rows included."""
+        return self.cost / max(1, self.real_tokens)
+
+    @property
     def graphs(self) -> int:
         return graph_count(len(self.tokens), len(self.requests))
 
@@ -180,20 +187,16 @@ class LadderScore:
         return full_model_graphs(len(self.tokens), len(self.requests))
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "tokens": list(self.tokens),
-            "requests": list(self.requests),
-            "token_overhead": self.token_overhead,
-            "row_overhead": self.row_overhead,
-            "padded_tokens": self.padded_tokens,
-            "real_tokens": self.real_tokens,
-            "padded_rows": self.padded_rows,
-            "real_rows": self.real_rows,
-            "cost": self.cost,
-            "graphs": self.graphs,
-            "full_model_graphs": self.full_model_graphs,
-            "full_model_graphs_unpartitioned": len(self.tokens) * len(self.requests),
-        }
+        out: dict[str, Any] = {"tokens": list(self.tokens), "requests": list(self.requests)}
+        out.update({k: getattr(self, k) for k in _SCORE_KEYS})
+        out["full_model_graphs_unpartitioned"] = len(self.tokens) * len(self.requests)
+        return out
+
+
+_SCORE_KEYS = (
+    *("token_overhead", "row_overhead", "work_overhead", "padded_tokens", "real_tokens"),
+    *("padded_rows", "real_rows", "cost", "graphs", "full_model_graphs"),
+)
 
 
 @dataclass(frozen=True)
@@ -249,12 +252,13 @@ def _best_split(
 
 def _family_curve(values: np.ndarray, ladders: Sequence[Ladder], max_rungs: int) -> Curve:
     """For each k, the best top-k trim of any of ``ladders`` (all ending at the same max)."""
+    uniq, counts = np.unique(values, return_counts=True)
     curve: Curve = []
     for k in range(1, max_rungs + 1):
         trims = {full[-k:] for full in ladders}
         if curve and all(len(t) < k for t in trims):
             break
-        curve.append(min((padding(t, values), t) for t in trims))
+        curve.append(min((padding(t, uniq, counts), t) for t in trims))
     return curve
 
 
@@ -268,11 +272,7 @@ def _step_family(max_size: int) -> list[Ladder]:
     return [step_ladder(1, max_size, gap) for gap in gaps]
 
 
-def plan_buckets(
-    shapes: StepShapes, max_graphs: int, *, row_cost: float = DEFAULT_ROW_COST
-) -> Plan:
-    """Optimal ladders for ``shapes`` within ``max_graphs`` graphs, with pow2 and step
-    ladders (trimmed to their largest rungs, best split) evaluated under the same budget."""
+def _check_plan_args(shapes: StepShapes, max_graphs: int, row_cost: float, align: int) -> None:
     if isinstance(max_graphs, bool) or not isinstance(max_graphs, int) or max_graphs < MIN_GRAPHS:
         raise ConfigError(
             f"max_graphs: must be an integer >= {MIN_GRAPHS} (one forward, one logits and one "
@@ -280,18 +280,38 @@ def plan_buckets(
         )
     if row_cost < 0:
         raise ConfigError(f"row_cost: must be >= 0 (got {row_cost})")
+    if align < 1:
+        raise ConfigError(f"token_align: must be >= 1 (got {align})")
     if shapes.max_seqs_per_step > shapes.max_tokens_per_step:
         raise ConfigError(
             f"max_seqs_per_step ({shapes.max_seqs_per_step}) must be at most max_tokens_per_step "
             f"({shapes.max_tokens_per_step}): every scheduled sequence brings a token"
         )
+
+
+def plan_buckets(
+    shapes: StepShapes,
+    max_graphs: int,
+    *,
+    row_cost: float = DEFAULT_ROW_COST,
+    token_align: int = 1,
+) -> Plan:
+    """Optimal ladders for ``shapes`` within ``max_graphs`` graphs, with pow2 and step
+    ladders (trimmed to their largest rungs, best split) evaluated under the same budget.
+
+    ``token_align`` > 1 restricts token rungs to its multiples (and the maximum), as TPU tiling
+    likes; still exact: with aligned rungs, ``T`` and ``min(ceil_align(T), max)`` share a bucket,
+    so the DP runs on the rounded values and the rounding adds a constant.
+    """
+    _check_plan_args(shapes, max_graphs, row_cost, token_align)
     t_vals = shapes.tokens
     r_vals = shapes.requests[shapes.requests > 0]
     max_t, max_r = shapes.max_tokens_per_step, shapes.max_seqs_per_step
-    t_rungs = (max_graphs - 1) // 2  # |R| = 1 allows the most token rungs
-    r_rungs = (max_graphs - 1) // 2
+    rounded = np.minimum(-(-t_vals // token_align) * token_align, max_t)
+    rungs = (max_graphs - 1) // 2  # the most either ladder can have (the other has one rung)
 
-    def score(name: str, tokens: Ladder, requests: Ladder) -> LadderScore:
+    def score(name: str, ladders: tuple[Ladder, Ladder]) -> LadderScore:
+        tokens, requests = ladders
         return LadderScore(
             name=name,
             tokens=tokens,
@@ -303,26 +323,29 @@ def plan_buckets(
             row_cost=row_cost,
         )
 
+    planned = _best_split(
+        optimal_ladders(rounded, max_t, rungs),
+        optimal_ladders(r_vals, max_r, rungs),
+        max_graphs,
+        row_cost,
+    )
     families: dict[str, Callable[[int], list[Ladder]]] = {
         "pow2": _pow2_family,
         "step": _step_family,
     }
-    planned = _best_split(
-        optimal_ladders(t_vals, max_t, t_rungs),
-        optimal_ladders(r_vals, max_r, r_rungs),
-        max_graphs,
-        row_cost,
-    )
-    baselines = {}
-    for name, family in families.items():
-        split = _best_split(
-            _family_curve(t_vals, family(max_t), t_rungs),
-            _family_curve(r_vals, family(max_r), r_rungs),
-            max_graphs,
-            row_cost,
+    baselines = {
+        name: score(
+            name,
+            _best_split(
+                _family_curve(t_vals, family(max_t), rungs),
+                _family_curve(r_vals, family(max_r), rungs),
+                max_graphs,
+                row_cost,
+            ),
         )
-        baselines[name] = score(name, *split)
-    return Plan(score("planned", *planned), baselines, max_graphs, shapes.num_steps)
+        for name, family in families.items()
+    }
+    return Plan(score("planned", planned), baselines, max_graphs, shapes.num_steps)
 
 
 def plan_from_trace(
@@ -334,6 +357,7 @@ def plan_from_trace(
     concurrency: int | None = None,
     max_seq_len: int | None = None,
     row_cost: float = DEFAULT_ROW_COST,
+    token_align: int = 1,
 ) -> Plan:
     """Read a JSONL trace, simulate the scheduler on it, and plan (what the build calls for
     ``buckets: {plan: TRACE.jsonl, max_graphs: N}``). ``Plan.source`` names the trace by file
@@ -347,7 +371,7 @@ def plan_from_trace(
         concurrency=concurrency,
         max_seq_len=max_seq_len,
     )
-    plan = plan_buckets(shapes, max_graphs, row_cost=row_cost)
+    plan = plan_buckets(shapes, max_graphs, row_cost=row_cost, token_align=token_align)
     source = {
         "trace": path.name,
         "trace_sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
@@ -355,5 +379,6 @@ def plan_from_trace(
         "concurrency": concurrency,
         "max_tokens_per_step": max_tokens_per_step,
         "max_seqs_per_step": max_seqs_per_step,
+        "token_align": token_align,
     }
     return dataclasses.replace(plan, source=source)

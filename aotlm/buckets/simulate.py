@@ -42,7 +42,7 @@ class StepTime:
 
 @dataclass(frozen=True)
 class StepShapes:
-    """One entry per simulated step (steps with no work are not recorded)."""
+    """One entry per simulated step, in order."""
 
     tokens: np.ndarray  # T: tokens scheduled (what forward's token bucket must hold)
     requests: np.ndarray  # R: chunks that sample (logits/sample's request bucket); may be 0

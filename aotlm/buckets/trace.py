@@ -35,8 +35,10 @@ class TraceRequest:
     arrival: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"prompt_tokens": self.prompt_tokens}
-        out["output_tokens"] = self.output_tokens
+        out: dict[str, Any] = {
+            "prompt_tokens": self.prompt_tokens,
+            "output_tokens": self.output_tokens,
+        }
         if self.arrival is not None:
             out["arrival"] = self.arrival
         return out
@@ -129,9 +131,11 @@ def _assemble(
     p = np.clip(np.rint(prompts), 1, max_seq_len - 1).astype(int)
     o = np.clip(np.rint(outputs), 1, None).astype(int)
     o = np.minimum(o, max_seq_len - p)
-    arrivals = np.cumsum(rng.exponential(1.0 / rate, len(p))) if rate else [None] * len(p)
+    if not rate:
+        return [TraceRequest(int(a), int(b)) for a, b in zip(p, o, strict=True)]
+    arrivals = np.cumsum(rng.exponential(1.0 / rate, len(p)))
     return [
-        TraceRequest(int(a), int(b), None if t is None else round(float(t), 6))
+        TraceRequest(int(a), int(b), round(float(t), 6))
         for a, b, t in zip(p, o, arrivals, strict=True)
     ]
 
