@@ -60,13 +60,38 @@ def main() -> None:
     multiple=True,
     help="Override model.yaml targets (cpu, cuda, tpu:v5e:2x2).",
 )
-@click.option("--jobs", default=1, show_default=True, help="Functions exported in parallel.")
+@click.option(
+    "--jobs",
+    default=1,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Functions exported and compiled in parallel (threads).",
+)
+@click.option(
+    "--cache-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Build cache and record of local builds [default: $XDG_CACHE_HOME/aotlm or ~/.cache/aotlm].",
+)
+@click.option("--no-cache", is_flag=True, help="Export and compile everything again.")
+@click.option(
+    "--stablehlo-only",
+    is_flag=True,
+    help="Write the portable StableHLO tier only (no executables).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @_errors_to_exit
 def build(
-    model_yaml: Path, out_dir: Path, targets: tuple[str, ...], jobs: int, as_json: bool
+    model_yaml: Path,
+    out_dir: Path,
+    targets: tuple[str, ...],
+    jobs: int,
+    cache_dir: Path | None,
+    no_cache: bool,
+    stablehlo_only: bool,
+    as_json: bool,
 ) -> None:
-    """Trace every bucket of MODEL_YAML, export it, and write a bundle."""
+    """Trace every bucket of MODEL_YAML, export it, compile it where possible, write a bundle."""
     from aotlm.build import build_bundle
     from aotlm.config import load_build_config, with_targets
 
@@ -74,7 +99,15 @@ def build(
     if targets:
         cfg = with_targets(cfg, targets)
     progress = None if as_json else _build_progress()
-    result = build_bundle(cfg, out_dir, jobs=jobs, progress=progress)
+    result = build_bundle(
+        cfg,
+        out_dir,
+        jobs=jobs,
+        progress=progress,
+        cache_dir=cache_dir,
+        use_cache=not no_cache,
+        compile_targets=not stablehlo_only,
+    )
     if as_json:
         click.echo(
             json.dumps(
@@ -84,6 +117,10 @@ def build(
                     "functions": len(result.functions),
                     "bytes": result.total_bytes,
                     "seconds": round(result.seconds, 3),
+                    "exported": result.exported,
+                    "compiled": result.compiled,
+                    "cached": result.cached,
+                    "targets": result.targets,
                 }
             )
         )
@@ -103,8 +140,25 @@ def build(
             f"{result.seconds:.2f}",
         ]
     )
-    click.echo(_table(rows, ["function", "graphs", "size", "export s"]))
+    click.echo(_table(rows, ["function", "graphs", "export size", "build s"]))
+    click.echo("\n" + _targets_table(result.targets))
+    click.echo(
+        f"\nexported {result.exported}, compiled {result.compiled}, from cache {result.cached}"
+    )
     click.echo(f"bundle {result.out_dir}  sha256:{result.digest}")
+
+
+def _targets_table(targets: dict) -> str:
+    """One row per target: tier, memory plan against the device limit, and why."""
+    rows = []
+    for name, t in targets.items():
+        plan = t.get("memory_plan") or {}
+        limit = plan.get("limit_bytes")
+        memory = _human(plan.get("total_bytes", 0)) + (
+            f" / {_human(limit)}" if limit is not None else " (no limit)"
+        )
+        rows.append([name, t["tier"], memory, t.get("reason", "")])
+    return _table(rows, ["target", "tier", "memory plan", "why"])
 
 
 def _build_progress():
@@ -150,6 +204,8 @@ def inspect(bundle_dir: Path, as_json: bool) -> None:
         "buckets": m["buckets"],
         "functions": dict(counts),
         "total_functions": sum(counts.values()),
+        "targets": m.get("targets", {}),
+        "fingerprints": {t: e["fingerprint"] for t, e in m["compiled"].items()},
         "files": {p: e["size"] for p, e in sorted(m["files"].items())},
         "total_bytes": sum(e["size"] for e in m["files"].values()),
     }
@@ -171,6 +227,21 @@ def inspect(bundle_dir: Path, as_json: bool) -> None:
         ["total", str(summary["total_functions"])]
     ]
     click.echo("\n" + _table(fn_rows, ["function", "graphs"]))
+    if summary["targets"]:
+        click.echo("\n" + _targets_table(summary["targets"]))
+        for target, plan in ((t, e["memory_plan"]) for t, e in summary["targets"].items()):
+            parts = [
+                f"weights {_human(plan['weights_bytes'])}",
+                f"KV pool {_human(plan['kv_pool_bytes'])}",
+                f"code {_human(plan['code_bytes'])}",
+                f"peak step {_human(plan['peak_step_bytes'])} {plan['peak_step'] or '(not analyzed)'}",
+            ]
+            click.echo(f"memory    {target}: {', '.join(parts)}; limit: {plan['limit']}")
+    for target, fp in summary["fingerprints"].items():
+        shown = ", ".join(
+            f"{k}={fp[k]}" for k in ("platform", "device_kind", "device_count", "jax")
+        )
+        click.echo(f"compiled  {target}: {shown}")
     file_rows = [[p, _human(n)] for p, n in summary["files"].items()]
     file_rows.append(["total", _human(summary["total_bytes"])])
     click.echo("\n" + _table(file_rows, ["file", "size"]))
@@ -251,8 +322,10 @@ def generate(
 def _register_subcommands() -> None:
     # Imported here (light modules, no jax) so `aotlm --help` lists every command group.
     from aotlm.buckets.plan_cli import buckets
+    from aotlm.runtime.serve_cli import serve
 
     main.add_command(buckets)
+    main.add_command(serve)
 
 
 _register_subcommands()

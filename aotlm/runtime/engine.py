@@ -130,6 +130,10 @@ class Engine:
     def text(self, seq: Sequence) -> str:
         return self._texts.get(seq.seq_id, "")
 
+    def release(self, seq: Sequence) -> None:
+        """Forget a finished or aborted sequence's text (a server calls this once it sent it)."""
+        self._texts.pop(seq.seq_id, None)
+
     def generate(
         self, prompts: Seq[str | Seq[int]], params: SamplingParams
     ) -> list[list[Completion]]:

@@ -1,0 +1,85 @@
+"""`aotlm serve`: the click command; aotlm/cli.py registers it with `main.add_command(serve)`.
+
+Kept apart from cli.py so that the server's imports (FastAPI, uvicorn) load only when serving.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from aotlm.errors import AotlmError
+
+
+@click.command()
+@click.argument("bundle_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address to listen on (0.0.0.0 for every interface).",
+)
+@click.option("--port", default=8000, show_default=True, type=int, help="TCP port to listen on.")
+@click.option(
+    "--api-key",
+    default=None,
+    help="Require 'Authorization: Bearer KEY' on the API; /health, /ready and /metrics stay open.",
+)
+@click.option(
+    "--strict",
+    is_flag=True,
+    help="Treat any compile after the bundle is loaded as fatal (the engine stops).",
+)
+@click.option(
+    "--max-queued-requests",
+    default=256,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Requests that may wait for their first engine step; beyond it the server answers 503.",
+)
+@click.option(
+    "--drain-timeout",
+    default=30.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="On SIGTERM, seconds to let in-flight requests finish before aborting them.",
+)
+@click.option(
+    "--served-model-name",
+    default=None,
+    help="The model name clients send (default: the bundle's name, from model.yaml).",
+)
+def serve(
+    bundle_dir: Path,
+    host: str,
+    port: int,
+    api_key: str | None,
+    strict: bool,
+    max_queued_requests: int,
+    drain_timeout: float,
+    served_model_name: str | None,
+) -> None:
+    """Serve BUNDLE_DIR with an OpenAI-compatible API, with no compilation after load.
+
+    /ready answers 503 until the bundle is loaded and sealed; SIGTERM drains, then exits 0.
+    """
+    from aotlm.runtime.server import run_server
+
+    try:
+        run_server(
+            bundle_dir,
+            host=host,
+            port=port,
+            api_key=api_key,
+            strict=strict,
+            max_queued_requests=max_queued_requests,
+            drain_timeout=drain_timeout,
+            model_name=served_model_name,
+        )
+    except AotlmError as e:
+        raise click.ClickException(str(e)) from e
+
+
+if __name__ == "__main__":  # `python -m aotlm.runtime.serve_cli BUNDLE` until cli.py registers it
+    serve()

@@ -1,0 +1,249 @@
+"""AsyncEngine over a fake engine: the real scheduler and block manager, no jax.
+
+The fake "model" emits the UTF-8 bytes of a fixed reply, one byte per token, so multi-byte
+characters arrive split across tokens exactly as with a byte-level BPE.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from aotlm.errors import BundleError, NoBucketError, RequestError
+from aotlm.runtime.async_engine import (
+    AsyncEngine,
+    EngineUnavailableError,
+    RequestFailedError,
+    stable_text_end,
+)
+from aotlm.runtime.block_manager import BlockManager
+from aotlm.runtime.sampling_params import SamplingParams
+from aotlm.runtime.scheduler import QueueFullError, Scheduler
+from aotlm.runtime.sequence import Sample, make_sequences
+
+REPLY = "héllo wörld € END and more text after the stop ".encode()
+
+
+class ByteTokenizer:
+    vocab_size = 256
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(text.encode())
+
+    def decode(self, ids: list[int]) -> str:
+        return bytes(ids).decode("utf-8", "replace")
+
+    def token_text(self, token_id: int) -> str:
+        return self.decode([token_id])
+
+
+class FakeEngine:
+    def __init__(self, max_waiting: int | None = None) -> None:
+        self.tokenizer = ByteTokenizer()
+        self.max_seq_len = 128
+        self.block_manager = BlockManager(num_pages=33, page_size=4)
+        self.scheduler = Scheduler(
+            self.block_manager,
+            max_tokens_per_step=16,
+            max_seqs_per_step=4,
+            max_seq_len=128,
+            max_waiting=max_waiting,
+        )
+        self.runner = SimpleNamespace(real_tokens=0, padded_tokens=0)
+        self.counter = SimpleNamespace(sealed=True, close=lambda: None)
+        self.compiles_after_ready = 0
+        self.fail: Exception | None = None
+        self.step_delay = 0.0
+        self._ids = itertools.count()
+        self._texts: dict[int, str] = {}
+
+    def add_request(self, prompt, params):
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        seqs = make_sequences(f"r{next(self._ids)}", ids, params, first_seq_id=next(self._ids) * 64)
+        self.scheduler.add(*seqs)
+        return seqs
+
+    def step(self):
+        time.sleep(self.step_delay)
+        if self.fail is not None:
+            raise self.fail
+        out = self.scheduler.schedule()
+        sampled = {
+            c.seq.seq_id: Sample(REPLY[c.seq.num_output_tokens % len(REPLY)], -0.5)
+            for c in out.chunks
+            if c.samples
+        }
+        updated = self.scheduler.postprocess(out, sampled)
+        for seq in updated:
+            text = self.tokenizer.decode(seq.output_token_ids)
+            for stop in seq.params.stop:
+                if (at := text.find(stop)) >= 0:
+                    text = text[:at]
+                    self.scheduler.finish(seq, "stop", stop_reason=stop)
+            self._texts[seq.seq_id] = text
+        return updated
+
+    def text(self, seq):
+        return self._texts.get(seq.seq_id, "")
+
+    def release(self, seq):
+        self._texts.pop(seq.seq_id, None)
+
+
+def _run(coro):
+    return asyncio.run(asyncio.wait_for(coro, timeout=20))
+
+
+async def _collect(engine: AsyncEngine, prompt, params):
+    outs = [out async for out in engine.generate(prompt, params)]
+    return outs
+
+
+@pytest.fixture
+def fake():
+    return FakeEngine()
+
+
+@pytest.fixture
+def engine(fake):
+    ae = AsyncEngine(lambda: fake)
+    assert ae.wait_loaded(5)
+    yield ae
+    ae.shutdown()
+
+
+def _wait_idle(fake: FakeEngine, ae: AsyncEngine) -> None:
+    deadline = time.monotonic() + 5
+    while fake.block_manager.num_used_pages or ae.num_in_flight or ae.stats.running:
+        assert time.monotonic() < deadline, "pages or requests were not released"
+        time.sleep(0.01)
+
+
+def test_stable_text_end_holds_back_stop_prefixes_and_incomplete_chars():
+    assert stable_text_end("hello wor", ("world",), finished=False) == 6
+    assert stable_text_end("hello wor", ("world",), finished=True) == 9
+    assert stable_text_end("ab\ufffd", (), finished=False) == 2
+    assert stable_text_end("a\ufffdb", (), finished=False) == 3
+    assert stable_text_end("abc", ("xyz", "c!"), finished=False) == 2
+    assert stable_text_end("abc", ("abcd",), finished=False) == 0
+
+
+def test_streamed_deltas_never_show_a_stop_prefix_or_a_broken_char(engine, fake):
+    params = SamplingParams(max_tokens=60, stop=("END",))
+    outs = _run(_collect(engine, "hi", params))
+    texts = [c.text for o in outs for c in o.choices]
+    final = "héllo wörld € "
+    assert "".join(texts) == final
+    sent = ""
+    for t in texts:  # every moment's text is final: a prefix of the answer, no U+FFFD
+        sent += t
+        assert final.startswith(sent) and "\ufffd" not in sent
+    assert sum(1 for t in texts if t) > 5  # streamed, not all at the end
+    last = outs[-1].choices[-1]
+    assert (last.finish_reason, last.stop_reason) == ("stop", "END")
+    tokens = [t for o in outs for c in o.choices for t in c.token_ids]
+    assert bytes(tokens).decode().startswith(final + "END")
+    _wait_idle(fake, engine)
+
+
+def test_n_choices_each_finish(engine, fake):
+    outs = _run(_collect(engine, "hi", SamplingParams(n=3, max_tokens=5)))
+    assert outs[-1].finished
+    finished = {c.index: c.finish_reason for o in outs for c in o.choices if c.finish_reason}
+    assert finished == {0: "length", 1: "length", 2: "length"}
+    assert all(len(c.logprobs) == len(c.token_ids) for o in outs for c in o.choices)
+
+
+def test_leaving_the_stream_aborts_and_frees_pages(engine, fake):
+    fake.step_delay = 0.005
+
+    async def read_two():
+        stream = await engine.add_request("hi", SamplingParams(max_tokens=100))
+        for _ in range(2):
+            await stream.__anext__()
+        assert fake.block_manager.num_used_pages > 0
+        stream.abort()
+
+    _run(read_two())
+    _wait_idle(fake, engine)
+    assert not fake.scheduler.has_unfinished
+
+
+def test_cancelled_consumer_aborts(engine, fake):
+    fake.step_delay = 0.005
+
+    async def cancel_midway():
+        task = asyncio.create_task(_collect(engine, "hi", SamplingParams(max_tokens=100)))
+        await asyncio.sleep(0.1)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    _run(cancel_midway())
+    _wait_idle(fake, engine)
+
+
+def test_rejections_raise_before_streaming():
+    ae = AsyncEngine(lambda: FakeEngine(max_waiting=1))
+    try:
+        with pytest.raises(QueueFullError):
+            _run(ae.add_request("hi", SamplingParams(n=2)))
+        with pytest.raises(RequestError, match="empty"):
+            _run(ae.add_request([], SamplingParams()))
+        assert ae.num_in_flight == 0 and ae.num_queued == 0
+    finally:
+        ae.shutdown()
+
+
+def test_a_request_error_in_a_step_fails_requests_but_the_engine_goes_on(engine, fake):
+    fake.fail = NoBucketError("no bucket")
+    with pytest.raises(RequestFailedError, match="no bucket"):
+        _run(_collect(engine, "hi", SamplingParams(max_tokens=5)))
+    fake.fail = None
+    assert engine.is_alive
+    assert _run(_collect(engine, "hi", SamplingParams(max_tokens=3)))[-1].finished
+    _wait_idle(fake, engine)
+
+
+def test_an_unknown_step_error_kills_the_engine(engine, fake):
+    fake.fail = RuntimeError("device lost")
+    with pytest.raises(RequestFailedError, match="device lost"):
+        _run(_collect(engine, "hi", SamplingParams(max_tokens=5)))
+    assert not engine.is_alive and not engine.is_ready
+    with pytest.raises(EngineUnavailableError, match="device lost"):
+        _run(engine.add_request("hi", SamplingParams()))
+
+
+def test_load_failure_is_reported():
+    def load():
+        raise BundleError("bundle/manifest.msgpack: corrupt")
+
+    ae = AsyncEngine(load)
+    assert not ae.wait_loaded(5)
+    assert not ae.is_alive and "corrupt" in ae.unavailable_reason()
+    with pytest.raises(EngineUnavailableError):
+        _run(ae.add_request("hi", SamplingParams()))
+
+
+@pytest.mark.parametrize(("drain", "reason"), [(10.0, "length"), (0.0, "abort")])
+def test_shutdown_drains_then_aborts(fake, drain, reason):
+    fake.step_delay = 0.01
+    ae = AsyncEngine(lambda: fake)
+
+    async def run():
+        stream = await ae.add_request("hi", SamplingParams(max_tokens=20))
+        stopper = threading.Thread(target=ae.shutdown, args=(drain,))
+        stopper.start()
+        outs = [o async for o in stream]
+        await asyncio.to_thread(stopper.join)
+        return outs
+
+    outs = _run(run())
+    assert outs[-1].finished and outs[-1].choices[-1].finish_reason == reason
+    assert not ae.is_ready
+    assert fake.block_manager.num_used_pages == 0
