@@ -322,10 +322,11 @@ def generate(
 def _register_subcommands() -> None:
     # Imported here (light modules, no jax) so `aotlm --help` lists every command group.
     from aotlm.buckets.plan_cli import buckets
+    from aotlm.registry.cli import diff, keygen, pull, push, sign
     from aotlm.runtime.serve_cli import serve
 
-    main.add_command(buckets)
-    main.add_command(serve)
+    for command in (buckets, serve, push, pull, sign, keygen, diff):
+        main.add_command(command)
 
 
 _register_subcommands()

@@ -4,5 +4,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/venv.sh test
 export JAX_PLATFORMS=cpu
+# The registry tests start a real CNCF distribution registry (Debian's docker-registry) on loopback.
+if ! command -v docker-registry >/dev/null; then
+  (apt-get update -qq && apt-get install -y -qq docker-registry) >/dev/null 2>&1 ||
+    echo "warning: could not install docker-registry; registry tests will skip" >&2
+fi
 .venv/bin/ruff check aotlm tests benchmarks
 .venv/bin/python -m pytest -q "$@"

@@ -40,6 +40,7 @@ def paged_attention_ref(
     token_req: jax.Array,
     block_tables: jax.Array,
     scale: float,
+    window: int | None = None,
 ) -> jax.Array:
     """Causal attention of a flat, ragged batch of query tokens over a paged KV cache.
 
@@ -52,6 +53,8 @@ def paged_attention_ref(
       block_tables: i32[R, P], page ids of each request; entries past a request's length may hold
         anything (usually 0) since those key positions are masked.
       scale: softmax scale, usually ``D ** -0.5``.
+      window: sliding window (Mistral, Gemma local layers): when set, token t sees only the last
+        ``window`` positions, ``positions[t] - window < j <= positions[t]``. None: full causal.
 
     Returns:
       [T, NH, D] in q's dtype. Token t attends to key positions ``0..positions[t]`` of request
@@ -75,6 +78,8 @@ def paged_attention_ref(
     scores = scores * jnp.float32(scale)
     key_pos = jnp.arange(keys.shape[1], dtype=jnp.int32)
     visible = key_pos[None, :] <= positions[:, None]  # [T, P*S]
+    if window is not None:
+        visible &= key_pos[None, :] > positions[:, None] - window
     scores = jnp.where(visible[:, None, None, :], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
     out = jnp.einsum("tkgs,tskd->tkgd", probs, values, preferred_element_type=jnp.float32)

@@ -15,7 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from aotlm.kernels.attention import paged_attention_ref, write_kv
+from aotlm.kernels.attention import write_kv
+from aotlm.kernels.paged_attention_pallas import BlockSizes
+from aotlm.kernels.select import paged_attention
 from aotlm.models.config import ModelConfig
 
 Params = dict[str, Any]
@@ -115,6 +117,9 @@ def forward(
     slots: jax.Array,
     token_req: jax.Array,
     block_tables: jax.Array,
+    *,
+    attention_impl: str = "auto",
+    block_sizes: BlockSizes | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """One step over a flat, padded batch of T tokens from up to R requests (internals.md).
 
@@ -122,6 +127,8 @@ def forward(
     k_pages, v_pages: [L, num_pages, S, KV, D] (donate them). Each layer first writes the tokens'
     k/v at ``slots`` and then attends over the token's request pages to positions <= its own.
     Returns (hidden [T, H] after the final norm, k_pages, v_pages). ``cfg`` is static.
+    Attention is the Pallas kernel on TPU and the jnp reference elsewhere, chosen inside the graph
+    (``attention_impl="auto"``), so one multi-platform export carries both.
     """
     inv_freq = jnp.asarray(rope_inv_freq(cfg))
     freqs = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]
@@ -135,9 +142,13 @@ def forward(
         lp, index = xs
         q, k, v = _attention_block(cfg, lp, rms_norm(x, lp["attn_norm"], eps), cos, sin)
         k_pages, v_pages = write_kv(k_pages, v_pages, index, k, v, slots)
-        attn = paged_attention_ref(
-            q, k_pages[index], v_pages[index], positions, token_req, block_tables, scale
-        )
+        # The whole cache plus the layer index: slicing a layer out first would copy it for the
+        # TPU custom call.
+        attn = paged_attention(
+            q, k_pages, v_pages, positions, token_req, block_tables, scale,
+            layer=index, window=cfg.sliding_window, impl=attention_impl,
+            block_sizes=block_sizes or BlockSizes(),
+        )  # fmt: skip
         x = x + attn.reshape(attn.shape[0], -1) @ lp["wo"]
         h = rms_norm(x, lp["mlp_norm"], eps)
         x = x + (jax.nn.silu(h @ lp["w_gate"]) * (h @ lp["w_up"])) @ lp["w_down"]

@@ -1,0 +1,188 @@
+"""The Pallas TPU attention kernel (run in Pallas' TPU interpreter) against the jnp reference.
+
+Every case draws a fresh ragged batch: prefill chunks and decode tokens of several requests in one
+call, pages scattered over the pool, tokens in shuffled order and padding tokens as the runner
+packs them (request row 0, position 0). The interpreter fills every buffer the kernel does not
+write with NaN, so an output element the kernel forgets to write fails the comparison.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import export as jax_export
+
+from aotlm.kernels.attention import paged_attention_ref
+from aotlm.kernels.paged_attention_pallas import BlockSizes
+from aotlm.kernels.select import paged_attention
+
+SMALL = BlockSizes(queries=None, kv_pages=2)  # few pages per block keeps interpreting fast
+
+
+def ragged_batch(seed, *, head_dim, heads, kv_heads, page_size, dtype=jnp.float32, layers=None):
+    """A random mixed prefill/decode batch; returns (args, scale) in the reference's order."""
+    rng = np.random.default_rng(seed)
+    pages_per_seq = 4
+    num_requests = 4
+    chunks = []  # (start position, length) per request: two prefill chunks, two decode tokens
+    for r in range(num_requests):
+        length = int(rng.integers(2, 20)) if r % 2 == 0 else 1
+        start = int(rng.integers(0, min(pages_per_seq * page_size, 160) - length))
+        chunks.append((start, length))
+    num_pages = 1 + num_requests * pages_per_seq
+    free = rng.permutation(np.arange(1, num_pages))
+    tables = np.zeros((num_requests, pages_per_seq), np.int32)
+    positions, token_req = [], []
+    for r, (start, length) in enumerate(chunks):
+        used = -(-(start + length) // page_size)
+        tables[r, :used] = free[r * pages_per_seq : r * pages_per_seq + used]
+        positions += range(start, start + length)
+        token_req += [r] * length
+    order = rng.permutation(len(positions))
+    padding = int(rng.integers(1, 5))
+    positions = np.concatenate([np.asarray(positions)[order], np.zeros(padding)]).astype(np.int32)
+    token_req = np.concatenate([np.asarray(token_req)[order], np.zeros(padding)]).astype(np.int32)
+    cache_shape = (num_pages, page_size, kv_heads, head_dim)
+    if layers:
+        cache_shape = (layers, *cache_shape)
+    q = rng.standard_normal((len(positions), heads, head_dim))
+    k, v = rng.standard_normal(cache_shape), rng.standard_normal(cache_shape)
+    arrays = [jnp.asarray(a, dtype) for a in (q, k, v)]
+    args = (*arrays, jnp.asarray(positions), jnp.asarray(token_req), jnp.asarray(tables))
+    return args, head_dim**-0.5
+
+
+def run(fn, *args, **kwargs):
+    """jit ``fn`` and compile it with XLA's backend optimisations off: the interpreted kernel is a
+    large graph that runs once, so compiling it fast is what keeps this file quick."""
+    compiled = jax.jit(fn).lower(*args, **kwargs).compile({"xla_backend_optimization_level": 0})
+    return compiled(*args, **kwargs)
+
+
+def kernel(args, scale, **kwargs):
+    kwargs.setdefault("block_sizes", SMALL)
+    return run(lambda *a: paged_attention(*a, scale, impl="interpret", **kwargs), *args)
+
+
+def reference(args, scale, **kwargs):
+    return run(lambda *a: paged_attention_ref(*a, scale, **kwargs), *args)
+
+
+def assert_close(out, ref, dtype):
+    out, ref = np.asarray(out, np.float32), np.asarray(ref, np.float32)
+    assert np.isfinite(out).all(), "kernel left unwritten (NaN) output elements"
+    tol = 2e-5 if dtype == jnp.float32 else 3e-2
+    np.testing.assert_allclose(out, ref, atol=tol, rtol=tol)
+
+
+# Every head size, every GQA ratio 1-8, page sizes 16-128, odd KV head counts, bf16.
+CASES = [
+    # head_dim, heads, kv_heads, page_size, dtype
+    (64, 8, 1, 16, jnp.float32),
+    (80, 2, 2, 32, jnp.float32),
+    (96, 6, 3, 16, jnp.float32),
+    (128, 12, 4, 64, jnp.float32),
+    (256, 4, 1, 128, jnp.float32),
+    (64, 10, 2, 32, jnp.float32),
+    (80, 6, 1, 16, jnp.float32),
+    (96, 7, 1, 64, jnp.float32),
+    (128, 16, 2, 16, jnp.bfloat16),
+    (256, 6, 2, 32, jnp.bfloat16),
+]
+
+
+@pytest.mark.parametrize(("head_dim", "heads", "kv_heads", "page_size", "dtype"), CASES)
+def test_kernel_matches_reference(head_dim, heads, kv_heads, page_size, dtype):
+    seed = zlib.crc32(repr((head_dim, heads, kv_heads, page_size)).encode())
+    args, scale = ragged_batch(
+        seed, head_dim=head_dim, heads=heads, kv_heads=kv_heads, page_size=page_size, dtype=dtype
+    )
+    out = kernel(args, scale)
+    assert out.shape == args[0].shape and out.dtype == dtype
+    assert_close(out, reference(args, scale), dtype)
+
+
+@pytest.mark.parametrize("window", [1, 40])
+def test_sliding_window(window):
+    args, scale = ragged_batch(100 + window, head_dim=64, heads=4, kv_heads=2, page_size=16)
+    out = kernel(args, scale, window=window)
+    assert_close(out, reference(args, scale, window=window), jnp.float32)
+
+
+@pytest.mark.parametrize("sizes", [BlockSizes(), BlockSizes(queries=32, kv_pages=1)])
+def test_block_sizes_and_layer_indexed_cache(sizes):
+    """The whole [L, ...] cache with a traced layer index, as a layer scan passes it."""
+    args, scale = ragged_batch(7, head_dim=64, heads=8, kv_heads=2, page_size=16, layers=3)
+    out = run(
+        lambda *a, layer: paged_attention(
+            *a, scale, layer=layer, impl="interpret", block_sizes=sizes
+        ),
+        *args,
+        layer=jnp.int32(2),
+    )
+    q, k, v, *rest = args
+    assert_close(out, reference((q, k[2], v[2], *rest), scale), jnp.float32)
+
+
+def test_garbage_past_the_sequence_never_leaks():
+    """NaN in cache slots no token can see (stale pages, the trash page) must not reach outputs."""
+    args, scale = ragged_batch(11, head_dim=64, heads=4, kv_heads=1, page_size=16)
+    q, k, v, positions, token_req, tables = args
+    visible = np.zeros(k.shape[:2], bool)
+    for pos, req in zip(np.asarray(positions), np.asarray(token_req), strict=True):
+        for j in range(pos + 1):
+            visible[tables[req, j // 16], j % 16] = True
+    hide = jnp.asarray(~visible)[:, :, None, None]
+    clean = reference((q, jnp.where(hide, 0, k), jnp.where(hide, 0, v), *args[3:]), scale)
+    k, v = jnp.where(hide, jnp.nan, k), jnp.where(hide, jnp.nan, v)
+    assert_close(kernel((q, k, v, *args[3:]), scale), clean, jnp.float32)
+
+
+def test_block_sizes_are_validated():
+    with pytest.raises(ValueError, match="multiple of 8"):
+        BlockSizes(queries=3).resolve(
+            group=1, page_size=16, pages_per_seq=4, kv_row_bytes=512, q_dtype=jnp.float32
+        )
+    sizes = BlockSizes().resolve(
+        group=8, page_size=16, pages_per_seq=64, kv_row_bytes=8 * 128 * 2, q_dtype=jnp.bfloat16
+    )
+    assert sizes == BlockSizes(queries=8, kv_pages=16)
+
+
+def _export_cpu_tpu():
+    args, scale = ragged_batch(3, head_dim=128, heads=8, kv_heads=2, page_size=16, layers=2)
+
+    def step(q, k, v, positions, token_req, tables, layer):
+        return paged_attention(q, k, v, positions, token_req, tables, scale, layer=layer)
+
+    avals = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (*args, jnp.int32(1))]
+    exported = jax_export.export(jax.jit(step), platforms=("cpu", "tpu"))(*avals)
+    return exported, (*args, jnp.int32(1)), scale
+
+
+def test_export_for_cpu_and_tpu_carries_the_kernel():
+    exported, args, scale = _export_cpu_tpu()
+    assert exported.platforms == ("cpu", "tpu")
+    assert "tpu_custom_call" in exported.mlir_module()
+    exported = jax_export.deserialize(exported.serialize())
+    q, k, v, positions, token_req, tables, _ = args
+    ref = paged_attention_ref(q, k[1], v[1], positions, token_req, tables, scale)
+    assert_close(exported.call(*args), ref, jnp.float32)  # CPU takes the reference branch
+
+
+def test_deviceless_compile_for_v5e():
+    """Needs libtpu (jax[tpu]): get_topology_desc compiles for a TPU this machine does not have."""
+    pytest.importorskip("libtpu", reason="libtpu not installed: deviceless TPU compile skipped")
+    from jax.experimental import topologies
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    exported, args, _ = _export_cpu_tpu()
+    topology = topologies.get_topology_desc("v5e:2x2", "tpu")
+    replicated = NamedSharding(Mesh(np.array(topology.devices[:1]), ("x",)), PartitionSpec())
+    avals = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated) for a in args]
+    lowered = jax.jit(exported.call).trace(*avals).lower(lowering_platforms=("tpu",))
+    assert "tpu_custom_call" in lowered.compile().as_text()
