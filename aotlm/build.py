@@ -2,27 +2,35 @@
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import jax
 import jaxlib
+from jax import export as jax_export
 
 import aotlm
 from aotlm.bundle import FORMAT_VERSION, write_bundle
+from aotlm.bundle.digest import sha256_bytes
 from aotlm.bundle.format import FORMAT_NAME, WEIGHTS_FILE
+from aotlm.cache import BuildCache, LocalRegistry, cache_key, default_cache_dir
 from aotlm.config import BuildConfig
 from aotlm.errors import CheckpointError, ConfigError
-from aotlm.models import ModelConfig, load_checkpoint, read_hf_config
+from aotlm.models import ModelConfig, abstract_params, load_checkpoint, read_hf_config
 from aotlm.models.checkpoint import flatten_params
 from aotlm.safetensors_io import serialize_safetensors
+from aotlm.trace.compile import compile_exported, memory_stats, serialize_compiled
 from aotlm.trace.export import aval_list, export_step, target_platforms
-from aotlm.trace.signatures import StepSpec, step_specs
+from aotlm.trace.memory import check_plan, memory_plan, nbytes
+from aotlm.trace.signatures import StepSpec, kv_pages_aval, step_specs
 from aotlm.trace.steps import DONATE_ARGNUMS, step_functions
+from aotlm.trace.targets import COMPILED, STABLEHLO, Target, TargetPlan, plan_target
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -32,7 +40,7 @@ TOKENIZER_FILES = (
     "generation_config.json",
 )
 
-# (done, total, spec, seconds) after each exported function.
+# (done, total, spec, seconds) after each function is exported and compiled.
 Progress = Callable[[int, int, StepSpec, float], None]
 
 
@@ -43,6 +51,10 @@ class BuildResult:
     functions: list[dict]  # name, bucket, file, size, seconds
     seconds: float
     total_bytes: int
+    targets: dict = field(default_factory=dict)  # name -> tier, reason, memory_plan
+    exported: int = 0  # functions exported in this build (not taken from the build cache)
+    compiled: int = 0  # executables compiled in this build
+    cached: int = 0  # exports and executables taken from the build cache
 
 
 def check_model_fits(build: BuildConfig, cfg: ModelConfig) -> None:
@@ -78,46 +90,184 @@ def tokenizer_files(checkpoint: Path) -> dict[str, bytes]:
     return files
 
 
-def _export_all(cfg: ModelConfig, build: BuildConfig, jobs: int, progress: Progress | None):
-    fns = step_functions(cfg)
-    platforms = target_platforms(build.targets)
-    specs = step_specs(cfg, build)
+@functools.cache
+def source_version() -> str:
+    """sha256 of the code that is traced into the graphs (models, kernels, step functions).
 
-    def one(spec: StepSpec):
+    Computed once per process: it stands for the code this process imported and traces.
+    """
+    root = Path(aotlm.__file__).parent
+    h = hashlib.sha256()
+    for sub in ("models", "kernels", "trace"):
+        for path in sorted((root / sub).rglob("*.py")):
+            h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def _avals(args) -> dict:
+    leaves = [[list(a.shape), str(a.dtype)] for a in jax.tree.leaves(args)]
+    return {"tree": str(jax.tree.structure(args)), "leaves": leaves}
+
+
+@dataclass
+class _Step:
+    """One (function, bucket): its export and its executable per compiled target."""
+
+    spec: StepSpec
+    export: bytes
+    exp: jax_export.Exported
+    compiled: dict[str, tuple[bytes, dict | None]]  # target name -> (payload, memory stats)
+    seconds: float
+    exported: int = 0  # fresh work done (not from the cache)
+    compiled_count: int = 0
+
+
+class _Builder:
+    """Exports and compiles one spec at a time, through the build cache when there is one."""
+
+    def __init__(self, cfg: ModelConfig, build: BuildConfig, plans, cache: BuildCache | None):
+        self.fns = step_functions(cfg)
+        self.platforms = target_platforms(build.targets)
+        self.plans = [p for p in plans if p.tier == COMPILED]
+        self.cache = cache
+        self.key_base = {
+            "model": cfg.to_dict(),
+            "platforms": list(self.platforms),
+            "jax": jax.__version__,
+            "jaxlib": jaxlib.__version__,
+            "source": source_version(),
+        }
+
+    def _cached(self, key: str, make: Callable[[], tuple[bytes, dict]]):
+        hit = self.cache.get(key) if self.cache else None
+        if hit is not None:
+            return hit[0], hit[1], 0
+        data, meta = make()
+        if self.cache:
+            self.cache.put(key, data, meta)
+        return data, meta, 1
+
+    def step(self, spec: StepSpec) -> _Step:
         start = time.perf_counter()
-        exp = export_step(fns[spec.name], spec, platforms)
-        return spec, exp, time.perf_counter() - start
+        donate = DONATE_ARGNUMS[spec.name]
+        key = cache_key(
+            kind="export", name=spec.name, bucket=spec.bucket, avals=_avals(spec.args),
+            donate=list(donate), **self.key_base,
+        )  # fmt: skip
+        export, _, n_exported = self._cached(
+            key,
+            lambda: (bytes(export_step(self.fns[spec.name], spec, self.platforms).serialize()), {}),
+        )
+        exp = jax_export.deserialize(bytearray(export))
+        out = _Step(spec, export, exp, {}, 0.0, exported=n_exported)
+        for plan in self.plans:
 
+            def make(plan=plan):
+                compiled = compile_exported(exp, donate, plan.device)
+                return serialize_compiled(compiled, exp), {"memory": memory_stats(compiled)}
+
+            key = cache_key(
+                kind="compiled", export=sha256_bytes(export), donate=list(donate),
+                fingerprint=plan.fingerprint, jax=jax.__version__, jaxlib=jaxlib.__version__,
+            )  # fmt: skip
+            payload, meta, n = self._cached(key, make)
+            out.compiled[plan.target.name] = (payload, meta.get("memory"))
+            out.compiled_count += n
+        out.seconds = time.perf_counter() - start
+        return out
+
+
+def _build_steps(builder: _Builder, specs, jobs: int, progress: Progress | None) -> list[_Step]:
     results = []
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        for done, (spec, exp, secs) in enumerate(pool.map(one, specs), start=1):
-            results.append((spec, exp, secs))
+        for done, step in enumerate(pool.map(builder.step, specs), start=1):
+            results.append(step)
             if progress:
-                progress(done, len(specs), spec, secs)
-    return results, platforms
+                progress(done, len(specs), step.spec, step.seconds)
+    return results
+
+
+def _target_entries(build, plans, steps, resident) -> tuple[dict, dict]:
+    """(manifest "compiled", manifest "targets"); checks each target's memory plan."""
+    compiled, targets = {}, {}
+    for plan in plans:
+        t = plan.target
+        execs = None
+        if plan.tier == COMPILED:
+            entries = [
+                {
+                    "name": s.spec.name,
+                    "bucket": s.spec.bucket,
+                    "file": compiled_file(t, s.spec),
+                    "memory": s.compiled[t.name][1],
+                }
+                for s in steps
+            ]
+            compiled[t.name] = {"fingerprint": plan.fingerprint, "executables": entries}
+            execs = {e["file"]: e["memory"] for e in entries}
+        mem = memory_plan(t, build, *resident, execs)
+        check_plan(t, build, mem)
+        targets[t.name] = {"tier": plan.tier, "reason": plan.reason, "memory_plan": mem}
+    return compiled, targets
+
+
+def compiled_file(target: Target, spec: StepSpec) -> str:
+    """compiled/<target>/<function>_<bucket>.bin, named like the export."""
+    stem = spec.file.rsplit("/", 1)[-1].removesuffix(".jaxexp")
+    return f"compiled/{target.dirname}/{stem}.bin"
 
 
 def build_bundle(
-    build: BuildConfig, out_dir: Path | str, *, jobs: int = 1, progress: Progress | None = None
+    build: BuildConfig,
+    out_dir: Path | str,
+    *,
+    jobs: int = 1,
+    progress: Progress | None = None,
+    cache_dir: Path | str | None = None,
+    use_cache: bool = True,
+    compile_targets: bool = True,
 ) -> BuildResult:
+    """Export every bucket, compile it for each target that can be compiled here, write a bundle.
+
+    `cache_dir` (default: aotlm.cache.default_cache_dir()) holds the build cache and the record
+    of bundles built here; `use_cache=False` recomputes everything; `compile_targets=False`
+    writes the StableHLO tier only.
+    """
     start = time.perf_counter()
     cfg = read_hf_config(build.model)
     check_model_fits(build, cfg)
-    exported, platforms = _export_all(cfg, build, jobs, progress)
+    cache_root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    targets = [Target.parse(t) for t in build.targets]
+    if compile_targets:
+        plans = [plan_target(t) for t in targets]
+    else:
+        plans = [TargetPlan(t, STABLEHLO, "compiled tier not requested") for t in targets]
+    specs = step_specs(cfg, build)
+    resident = (
+        nbytes(abstract_params(cfg, build.dtype)),
+        2 * nbytes(kv_pages_aval(cfg, build)),
+    )
+    for plan in plans:  # fail before compiling anything when weights + KV alone do not fit
+        check_plan(plan.target, build, memory_plan(plan.target, build, *resident, None))
+    builder = _Builder(cfg, build, plans, BuildCache(cache_root) if use_cache else None)
+    steps = _build_steps(builder, specs, jobs, progress)
+    compiled, target_entries = _target_entries(build, plans, steps, resident)
     files = tokenizer_files(build.model)
     params = load_checkpoint(build.model, cfg, build.dtype)
     files[WEIGHTS_FILE] = serialize_safetensors(flatten_params(params))
     functions = []
-    for spec, exp, _ in exported:
-        files[spec.file] = bytes(exp.serialize())
+    for s in steps:
+        files[s.spec.file] = s.export
+        for plan in builder.plans:
+            files[compiled_file(plan.target, s.spec)] = s.compiled[plan.target.name][0]
         functions.append(
             {
-                "name": spec.name,
-                "bucket": spec.bucket,
-                "file": spec.file,
-                "donate_argnums": list(DONATE_ARGNUMS[spec.name]),
-                "in_avals": aval_list(exp.in_avals),
-                "out_avals": aval_list(exp.out_avals),
+                "name": s.spec.name,
+                "bucket": s.spec.bucket,
+                "file": s.spec.file,
+                "donate_argnums": list(DONATE_ARGNUMS[s.spec.name]),
+                "in_avals": aval_list(s.exp.in_avals),
+                "out_avals": aval_list(s.exp.out_avals),
             }
         )
     manifest = {
@@ -135,16 +285,18 @@ def build_bundle(
             "kv_pages": build.kv_pages,
             "pages_per_seq": build.pages_per_seq,
             "targets": list(build.targets),
-            "platforms": list(platforms),
+            "platforms": list(builder.platforms),
         },
         "buckets": {"tokens": list(build.token_buckets), "requests": list(build.request_buckets)},
         "functions": functions,
-        "compiled": {},
+        "compiled": compiled,
+        "targets": target_entries,
     }
     digest = write_bundle(out_dir, manifest, files)
+    LocalRegistry(cache_root).record(digest, Path(out_dir))
     rows = [
-        {**f, "size": len(files[f["file"]]), "seconds": secs}
-        for f, (_, _, secs) in zip(functions, exported, strict=True)
+        {**f, "size": len(files[f["file"]]), "seconds": s.seconds}
+        for f, s in zip(functions, steps, strict=True)
     ]
     return BuildResult(
         out_dir=Path(out_dir),
@@ -152,4 +304,8 @@ def build_bundle(
         functions=rows,
         seconds=time.perf_counter() - start,
         total_bytes=sum(len(b) for b in files.values()),
+        targets=target_entries,
+        exported=sum(s.exported for s in steps),
+        compiled=sum(s.compiled_count for s in steps),
+        cached=sum(1 + len(s.compiled) - s.exported - s.compiled_count for s in steps),
     )

@@ -25,7 +25,16 @@ MAX_PAGE_SIZE = 1024
 DEFAULT_TARGETS = ("cpu",)
 # Topologies as jax's get_topology_desc names them: v5e:2x2, v6e:2x2, v5p:2x2x1, tpu7x:2x2x1.
 _TARGET_RE = re.compile(r"cpu|cuda|tpu:[a-z][a-z0-9]*:\d+(x\d+)+")
-_TOP_KEYS = ("model", "name", "dtype", "max_seq_len", "buckets", "kv_pages", "targets")
+_TOP_KEYS = (
+    "model",
+    "name",
+    "dtype",
+    "max_seq_len",
+    "buckets",
+    "kv_pages",
+    "targets",
+    "memory_gib",
+)
 _REQUIRED_TOP = ("model", "dtype", "max_seq_len", "buckets")
 _BUCKET_KEYS = ("tokens", "requests", "page_size")
 
@@ -49,6 +58,9 @@ class BuildConfig:
     page_size: int
     kv_pages: int
     targets: tuple[str, ...] = DEFAULT_TARGETS
+    # Device memory limit for the build-time memory plan, overriding each target's own (a TPU
+    # chip's HBM); on cpu and cuda it is the only limit. None: no limit where none is known.
+    memory_gib: float | None = None
 
     @property
     def pages_per_seq(self) -> int:
@@ -127,6 +139,7 @@ def parse_build_config(data: dict, source: Path) -> BuildConfig:
         page_size=page_size,
         kv_pages=kv_pages,
         targets=_targets(check, data.get("targets", list(DEFAULT_TARGETS))),
+        memory_gib=_memory_gib(check, data.get("memory_gib")),
     )
 
 
@@ -182,6 +195,16 @@ def _targets(check: _Checker, value: Any, key: str = "targets") -> tuple[str, ..
         if target in value[:i]:
             raise check.error(f"{key}[{i}]", f"duplicate target {target!r}")
     return tuple(value)
+
+
+def _memory_gib(check: _Checker, value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise check.error("memory_gib", f"expected a number of GiB, got {value!r}")
+    if not math.isfinite(value) or value <= 0:
+        raise check.error("memory_gib", f"must be a positive number of GiB (got {value})")
+    return float(value)
 
 
 def _type_name(value: Any) -> str:

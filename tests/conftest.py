@@ -12,6 +12,19 @@ import pytest
 from bundle_factory import build_from_yaml, write_model_yaml
 
 
+@pytest.fixture(scope="session", autouse=True)
+def aotlm_cache_dir(tmp_path_factory) -> Path:
+    """Builds cache and record their bundles here, never in the user's ~/.cache/aotlm."""
+    path = tmp_path_factory.mktemp("aotlm-cache")
+    old = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(path)
+    yield path / "aotlm"
+    if old is None:
+        os.environ.pop("XDG_CACHE_HOME", None)
+    else:
+        os.environ["XDG_CACHE_HOME"] = old
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     from aotlm.tiny import make_tiny_checkpoint

@@ -101,6 +101,12 @@ def test_optional_keys_and_ladder_forms(write) -> None:
     assert cfg.targets == ("cpu", "cuda", "tpu:v5e:2x2", "tpu:v5p:2x2x1")
 
 
+def test_memory_gib_is_optional(write) -> None:
+    assert load_build_config(write(GOOD)).memory_gib is None
+    assert load_build_config(write(edited(memory_gib=2))).memory_gib == 2.0
+    assert load_build_config(write(edited(memory_gib=0.5))).memory_gib == 0.5
+
+
 def test_parse_build_config_from_dict(write) -> None:
     path = write(GOOD)
     assert parse_build_config(copy.deepcopy(GOOD), path) == load_build_config(path)
@@ -165,6 +171,10 @@ BAD = [
     (edited(targets=["gpu"]), "targets[0]: expected cpu, cuda or tpu:<topology>"),
     (edited(targets=[1]), "targets[0]: expected cpu, cuda or tpu:<topology>"),
     (edited(targets=["cpu", "cpu"]), "targets[1]: duplicate target 'cpu'"),
+    (edited(memory_gib="lots"), "memory_gib: expected a number of GiB, got 'lots'"),
+    (edited(memory_gib=True), "memory_gib: expected a number of GiB, got True"),
+    (edited(memory_gib=0), "memory_gib: must be a positive number of GiB (got 0)"),
+    (edited(memory_gib=-1.5), "memory_gib: must be a positive number of GiB (got -1.5)"),
     (edited(model=3), "model: expected a string, got 3"),
     (edited(model="nowhere"), "model: checkpoint directory "),
 ]

@@ -7,7 +7,7 @@ written by a newer aotlm: the error says which one, so the user upgrades aotlm o
 from __future__ import annotations
 
 FORMAT_NAME = "aotlm-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 # version -> (date, what changed). Add a line for every change a reader can observe.
 CHANGELOG: dict[int, tuple[str, str]] = {
@@ -16,9 +16,17 @@ CHANGELOG: dict[int, tuple[str, str]] = {
         "First format: msgpack manifest; forward[T], logits[T,R], sample[R] exported with jax.export; "
         "weights as one safetensors file; tokenizer files; per-file sha256.",
     ),
+    2: (
+        "2026-11-22",
+        "Compiled tier: `compiled` maps a target to its fingerprint and executables (name, bucket, "
+        "file compiled/<target>/<function>_<bucket>.bin, memory analysis); `targets` maps every "
+        "target to its tier, the reason, and its memory plan. Version 1 bundles still load "
+        "(StableHLO tier only).",
+    ),
 }
 
 MANIFEST_FILE = "manifest.msgpack"
+COMPILED_DIR = "compiled/"
 WEIGHTS_FILE = "weights/model.safetensors"
 # Hard ceiling on the manifest size: it is read before anything is verified.
 MAX_MANIFEST_BYTES = 64 * 1024 * 1024

@@ -10,7 +10,13 @@ from typing import Any
 
 import msgpack
 
-from aotlm.bundle.format import CHANGELOG, FORMAT_NAME, FORMAT_VERSION, MANIFEST_FILE
+from aotlm.bundle.format import (
+    CHANGELOG,
+    COMPILED_DIR,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    MANIFEST_FILE,
+)
 from aotlm.errors import BundleError
 
 
@@ -71,6 +77,28 @@ def _check_functions(m: dict) -> None:
         _expect(all(isinstance(a, int) for a in donate), f"{where}donate_argnums", "expected ints")
 
 
+def _check_compiled(m: dict) -> None:
+    """Each compiled target: a fingerprint and executables under compiled/, listed in files."""
+    files = m["files"]
+    for target, entry in m["compiled"].items():
+        where = f"compiled[{target!r}]."
+        _expect(isinstance(entry, dict), where[:-1], "expected a map")
+        fp = _field(entry, "fingerprint", dict, where)
+        _field(fp, "platform", str, f"{where}fingerprint.")
+        _field(fp, "device_count", int, f"{where}fingerprint.")
+        for i, ex in enumerate(_field(entry, "executables", list, where)):
+            at = f"{where}executables[{i}]."
+            _expect(isinstance(ex, dict), at[:-1], "expected a map")
+            _field(ex, "name", str, at)
+            _field(ex, "bucket", dict, at)
+            path = _field(ex, "file", str, at)
+            _expect(path.startswith(COMPILED_DIR), f"{at}file", f"{path} is not under compiled/")
+            _expect(path in files, f"{at}file", f"{path} is not listed in files")
+    for target, entry in m.get("targets", {}).items():
+        _expect(isinstance(entry, dict), f"targets[{target!r}]", "expected a map")
+        _field(entry, "tier", str, f"targets[{target!r}].")
+
+
 def _check_files(m: dict) -> None:
     for path, entry in _field(m, "files", dict, "").items():
         where = f"files[{path!r}]"
@@ -103,8 +131,11 @@ def unpack_manifest(data: bytes) -> dict:
         ("compiled", dict),
     ):
         _field(m, key, kind, "")
+    if m["format_version"] >= 2:
+        _field(m, "targets", dict, "")
     _check_files(m)
     _check_functions(m)
+    _check_compiled(m)
     serving = m["serving"]
     for key in ("max_seq_len", "page_size", "kv_pages", "pages_per_seq"):
         _expect(

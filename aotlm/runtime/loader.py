@@ -1,18 +1,25 @@
-"""Load a verified bundle: weights to the device, each exported function compiled exactly once.
+"""Load a verified bundle: weights to the device, and one executable per exported function.
 
-Order matters for safety: the bundle (manifest digest, format version, every file's sha256) is
-verified before any byte of it is deserialized, and the compile counter is sealed only after every
-executable exists, so anything compiled later shows up as a compile after ready.
+Two tiers: the bundle's serialized executables for this platform (a file load, no compile), or
+the portable StableHLO compiled here once. Order matters for safety: the bundle (manifest digest,
+format version, every file's sha256) is verified before any byte of it is deserialized; a
+serialized executable (a pickle) is loaded only when its target's fingerprint equals this
+process's and the trust policy allows it. The compile counter is sealed by the caller only after
+every executable exists, so anything compiled later shows up as a compile after ready.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import export as jax_export
 
 from aotlm.bundle import Bundle, open_bundle
@@ -22,7 +29,12 @@ from aotlm.models import ModelConfig
 from aotlm.models.checkpoint import unflatten_params
 from aotlm.models.config import model_config_from_dict
 from aotlm.runtime.compile_guard import CompileCounter
+from aotlm.runtime.trust import TrustPolicy
 from aotlm.safetensors_io import read_safetensors
+from aotlm.trace.compile import compile_exported, load_compiled
+from aotlm.trace.targets import fingerprint_diff, local_fingerprint, local_platform
+
+log = logging.getLogger(__name__)
 
 BucketKey = tuple[str, tuple[int, ...]]
 
@@ -41,7 +53,12 @@ class LoadedBundle:
     k_pages: jax.Array
     v_pages: jax.Array
     counter: CompileCounter
-    timings: dict[str, float] = field(default_factory=dict)
+    # seconds per phase, plus "tier" ("compiled" or "stablehlo") and "tier_reason" (why not compiled)
+    timings: dict[str, float | str] = field(default_factory=dict)
+
+    @property
+    def tier(self) -> str:
+        return str(self.timings.get("tier", "stablehlo"))
 
     @property
     def serving(self) -> dict:
@@ -56,14 +73,8 @@ class LoadedBundle:
         return tuple(self.bundle.manifest["buckets"]["requests"])
 
 
-def _compile(exp: jax_export.Exported, donate: tuple[int, ...]) -> jax.stages.Compiled:
-    structs = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in exp.in_avals]
-    args, kwargs = jax.tree.unflatten(exp.in_tree, structs)
-    return jax.jit(exp.call, donate_argnums=donate).lower(*args, **kwargs).compile()
-
-
 def _check_platform(bundle: Bundle) -> None:
-    platform = jax.default_backend()
+    platform = local_platform()
     platforms = bundle.manifest["serving"].get("platforms", [])
     if platform not in platforms:
         raise BundleError(
@@ -72,9 +83,96 @@ def _check_platform(bundle: Bundle) -> None:
         )
 
 
-def load_bundle(path: Path | str, counter: CompileCounter | None = None) -> LoadedBundle:
-    """Verify, load weights, compile every function once; the caller seals `counter` when ready."""
+def _deserialize_export(bundle: Bundle, entry: dict) -> jax_export.Exported:
+    try:
+        return jax_export.deserialize(bytearray(bundle.read(entry["file"])))
+    except Exception as e:  # a verified file that jax cannot read: written by another jax
+        raise BundleError(
+            f"{bundle.file(entry['file'])}: jax {jax.__version__} cannot deserialize it ({e}); "
+            f"the bundle was built with jax {bundle.manifest['jax_version']}: rebuild it"
+        ) from e
+
+
+def choose_compiled_target(bundle: Bundle, trust: TrustPolicy) -> tuple[dict | None, str]:
+    """(the compiled entry this process may load, "") or (None, why the StableHLO tier is used).
+
+    Checked in this order, all before any pickle is touched: a target compiled for this
+    platform, its fingerprint equal to this process's field by field, the trust policy.
+    (Every file's sha256 was verified by open_bundle already.)
+    """
+    platform = local_platform()
+    candidates = {
+        name: entry
+        for name, entry in bundle.manifest.get("compiled", {}).items()
+        if entry["fingerprint"].get("platform") == platform
+    }
+    if not candidates:
+        return None, f"the bundle has no compiled executables for {platform}"
+    local = local_fingerprint()
+    diffs = {}
+    for name, entry in sorted(candidates.items()):
+        diffs[name] = fingerprint_diff(entry["fingerprint"], local)
+        if not diffs[name]:
+            refusal = trust.refusal(bundle.digest)
+            return (None, refusal) if refusal else (entry, "")
+    name, diff = min(diffs.items(), key=lambda kv: len(kv[1]))
+    return None, f"fingerprint of target {name} does not match this process: {'; '.join(diff)}"
+
+
+def _load_compiled(bundle: Bundle, entry: dict) -> dict[BucketKey, jax.stages.Compiled]:
+    """Deserialize every executable of a checked compiled target, a few at a time.
+
+    The pytree structures come from the exports: one per function name, since every bucket of a
+    function has the same structure (checked against each bucket's avals in the manifest).
+    """
+    functions = {bucket_key(f["name"], f["bucket"]): f for f in bundle.manifest["functions"]}
+    trees: dict[str, jax_export.Exported] = {}
+    jobs = []
+    for ex in entry["executables"]:
+        key = bucket_key(ex["name"], ex["bucket"])
+        if key not in functions:
+            raise BundleError(f"{bundle.file(ex['file'])}: no exported function {key}: rebuild")
+        if ex["name"] not in trees:
+            trees[ex["name"]] = _deserialize_export(bundle, functions[key])
+        exp = trees[ex["name"]]
+        if exp.in_tree.num_leaves != len(functions[key]["in_avals"]):
+            raise BundleError(f"{bundle.file(ex['file'])}: inputs do not match its export: rebuild")
+        jobs.append((key, ex["file"], exp))
+    missing = sorted(set(functions) - {key for key, _, _ in jobs})
+    if missing:
+        raise BundleError(f"{bundle.path}: compiled tier lacks {missing}: rebuild it")
+    devices = jax.devices()[:1]  # the exported graphs are single-device until a mesh is added
+
+    def load(job):
+        key, rel, exp = job
+        return key, load_compiled(bundle.read(rel), exp, devices)
+
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+        return dict(pool.map(load, jobs))
+
+
+def _compile_all(bundle: Bundle) -> dict[BucketKey, jax.stages.Compiled]:
+    return {
+        bucket_key(f["name"], f["bucket"]): compile_exported(
+            _deserialize_export(bundle, f), tuple(f["donate_argnums"])
+        )
+        for f in bundle.manifest["functions"]
+    }
+
+
+def load_bundle(
+    path: Path | str,
+    counter: CompileCounter | None = None,
+    trust: TrustPolicy | None = None,
+) -> LoadedBundle:
+    """Verify, load weights, get every function's executable; the caller seals `counter`.
+
+    Executables come from the bundle's compiled tier when a target's fingerprint matches this
+    process and `trust` (default: bundles built on this machine) allows unpickling them;
+    otherwise each export is compiled here, once, and the log says why.
+    """
     counter = counter or CompileCounter()
+    trust = trust or TrustPolicy()
     t0 = time.perf_counter()
     bundle = open_bundle(path)
     _check_platform(bundle)
@@ -82,17 +180,19 @@ def load_bundle(path: Path | str, counter: CompileCounter | None = None) -> Load
     model = model_config_from_dict(bundle.manifest["model"]["config"])
     params = jax.device_put(unflatten_params(read_safetensors(bundle.file(WEIGHTS_FILE))))
     t2 = time.perf_counter()
-    executables = {}
-    for entry in bundle.manifest["functions"]:
+    entry, reason = choose_compiled_target(bundle, trust)
+    executables = None
+    if entry is not None:
         try:
-            exp = jax_export.deserialize(bytearray(bundle.read(entry["file"])))
-        except Exception as e:  # a verified file that jax cannot read: written by another jax
-            raise BundleError(
-                f"{bundle.file(entry['file'])}: jax {jax.__version__} cannot deserialize it ({e}); "
-                f"the bundle was built with jax {bundle.manifest['jax_version']}: rebuild it"
-            ) from e
-        key = bucket_key(entry["name"], entry["bucket"])
-        executables[key] = _compile(exp, tuple(entry["donate_argnums"]))
+            executables = _load_compiled(bundle, entry)
+        except BundleError:
+            raise
+        except Exception as e:  # checked and still unloadable: compile instead, say so
+            reason = f"deserializing the compiled tier failed ({type(e).__name__}: {e})"
+    if executables is None:
+        log.warning("%s: compiling StableHLO at startup: %s", bundle.path, reason)
+        executables = _compile_all(bundle)
+    tier = "stablehlo" if reason else "compiled"
     serving = bundle.manifest["serving"]
     shape = (
         model.num_layers,
@@ -101,8 +201,18 @@ def load_bundle(path: Path | str, counter: CompileCounter | None = None) -> Load
         model.num_kv_heads,
         model.head_dim,
     )
-    k_pages = jnp.zeros(shape, serving["dtype"])
-    v_pages = jnp.zeros(shape, serving["dtype"])
+    # device_put of host zeros: no compile (jnp.zeros would compile a broadcast)
+    k_pages = jax.device_put(np.zeros(shape, jnp.dtype(serving["dtype"])))
+    v_pages = jax.device_put(np.zeros(shape, jnp.dtype(serving["dtype"])))
     t3 = time.perf_counter()
-    timings = {"verify_s": t1 - t0, "weights_s": t2 - t1, "compile_s": t3 - t2, "total_s": t3 - t0}
+    timings = {
+        "verify_s": t1 - t0,
+        "weights_s": t2 - t1,
+        "executables_s": t3 - t2,
+        "total_s": t3 - t0,
+        "tier": tier,
+        "tier_reason": reason,
+    }
+    if tier == "stablehlo":
+        timings["compile_s"] = t3 - t2
     return LoadedBundle(bundle, model, executables, params, k_pages, v_pages, counter, timings)
