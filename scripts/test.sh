@@ -2,7 +2,8 @@
 # One command from a fresh clone: venv with the test extra, lint, then the test suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/venv.sh test
+# The tpu extra (libtpu) lets the deviceless TPU compile tests run on this CPU-only machine.
+scripts/venv.sh test,tpu
 export JAX_PLATFORMS=cpu
 # The registry tests start a real CNCF distribution registry (Debian's docker-registry) on loopback.
 if ! command -v docker-registry >/dev/null; then

