@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 
 from aotlm.errors import AotlmError
+from aotlm.runtime.source import bundle_source_options, resolve_source
 
 
 def _errors_to_exit(fn):
@@ -270,7 +271,7 @@ def tiny_checkpoint(out_dir: Path, seed: int) -> None:
 
 
 @main.command()
-@click.argument("bundle_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("bundle_dir", metavar="BUNDLE")
 @click.option(
     "--prompt", "prompts", multiple=True, required=True, help="Prompt text (repeat for a batch)."
 )
@@ -288,18 +289,30 @@ def tiny_checkpoint(out_dir: Path, seed: int) -> None:
     is_flag=True,
     help='Print {"text", "token_ids", "compiles_after_ready"} per prompt.',
 )
+@bundle_source_options
 @_errors_to_exit
 def generate(
-    bundle_dir, prompts, max_tokens, temperature, top_p, top_k, seed, strict, as_json
+    bundle_dir,
+    prompts,
+    max_tokens,
+    temperature,
+    top_p,
+    top_k,
+    seed,
+    strict,
+    as_json,
+    trust,
+    require_signed,
 ) -> None:
-    """Generate text from BUNDLE_DIR with no compilation after load."""
+    """Generate text from BUNDLE (a directory or oci:// / file:// reference), no compiles after load."""
     from aotlm.runtime.engine import Engine
     from aotlm.runtime.sampling_params import SamplingParams
 
     params = SamplingParams(
         temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, max_tokens=max_tokens
     ).validate()
-    engine = Engine.from_bundle(bundle_dir, strict=strict)
+    source = resolve_source(bundle_dir, trust, require_signed)
+    engine = Engine.from_bundle(source, strict=strict, trust=trust)
     results = engine.generate(list(prompts), params)
     for prompt, (c,) in zip(prompts, results, strict=True):
         if as_json:

@@ -162,3 +162,34 @@ def test_interrupted_pull_leaves_no_half_bundle(store, tmp_path, monkeypatch):
             pull_bundle(r["ref"], target)
     assert not (tmp_path / "new").exists() and tree(existing) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["existing"]
+
+
+def test_generate_runs_a_signed_bundle_by_digest_with_its_executables(store):
+    """The deploy path: pull by digest into the cache, trust the signature, load the pickles."""
+    from aotlm.cli import main
+
+    root, pushed, _, keys = store
+    args = ["generate", pushed["ref"], "--prompt", "Hello", "--max-tokens", "3", "--json"]
+    trusted = [
+        *args,
+        "--trusted-keys",
+        str(keys),
+        "--require-signed",
+        "--allow-pickle",
+        "trusted-signed",
+    ]
+    code, out = run(main, *trusted)
+    assert code == 0, out
+    result = json.loads(out.strip().splitlines()[-1])
+    assert len(result["token_ids"]) == 3 and result["compiles_after_ready"] == 0
+    from aotlm.cache import default_cache_dir
+
+    cached = [
+        p for p in (default_cache_dir() / "bundles").iterdir() if (p / "manifest.msgpack").is_file()
+    ]
+    assert (
+        len(cached) == 1
+        and open_bundle(cached[0]).digest == open_bundle(root.parent / "tiny").digest
+    )
+    code, out = run(main, *args, "--require-signed")
+    assert code != 0 and "--require-signed needs --trusted-keys" in out

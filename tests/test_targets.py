@@ -159,11 +159,29 @@ def test_a_bundle_built_elsewhere_is_not_trusted_by_default(small_bundle, tmp_pa
     assert loaded.tier == "stablehlo"
     assert "was not built on this machine" in loaded.timings["tier_reason"]
     signed, counter2 = _load(small_bundle, trust=TrustPolicy("trusted-signed"))
-    assert signed.tier == "stablehlo" and "signatures" in signed.timings["tier_reason"]
+    assert signed.tier == "stablehlo" and "not signed by a trusted key" in signed.timings["tier_reason"]
     counter.close()
     counter2.close()
     with pytest.raises(ValueError, match="allow_pickle"):
         TrustPolicy("always")
+
+
+def test_a_bundle_signed_by_a_trusted_key_loads_its_executables_elsewhere(small_bundle, tmp_path):
+    from aotlm.registry import generate_keypair, sign_bundle
+    from aotlm.registry.signing import load_private_key
+
+    b = _copy(small_bundle, tmp_path)
+    key_path, pub_path, _ = generate_keypair(tmp_path / "keys" / "ci")
+    other_key, other_pub, _ = generate_keypair(tmp_path / "other" / "someone")
+    sign_bundle(b, load_private_key(key_path.read_bytes(), str(key_path)))
+    elsewhere = tmp_path / "other-machine"
+    trusted, c1 = _load(b, trust=TrustPolicy("trusted-signed", elsewhere, trusted_keys=pub_path))
+    local_or_signed, c2 = _load(b, trust=TrustPolicy("local", elsewhere, trusted_keys=pub_path))
+    untrusted, c3 = _load(b, trust=TrustPolicy("trusted-signed", elsewhere, trusted_keys=other_pub))
+    assert trusted.tier == "compiled" and local_or_signed.tier == "compiled"
+    assert untrusted.tier == "stablehlo"
+    for c in (c1, c2, c3):
+        c.close()
 
 
 def test_version_1_bundle_still_loads_as_stablehlo(small_bundle, tmp_path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from aotlm.bundle import read_manifest
+from aotlm.cache import default_cache_dir
 from aotlm.registry.errors import RegistryError
 from aotlm.registry.pull import pull_bundle
 from aotlm.registry.ref import Ref, is_ref, parse_ref
@@ -20,8 +21,6 @@ from aotlm.registry.signing import (
     read_signature_files,
 )
 from aotlm.registry.store import RegistryOptions, open_store, sha256_digest
-
-DEFAULT_CACHE = Path("~/.cache/aotlm/bundles")
 
 
 def cache_entry(cache_dir: Path, digest: str) -> Path:
@@ -55,7 +54,7 @@ def resolve_bundle(
     if not is_ref(str(ref_or_path)):
         return Path(ref_or_path)
     ref = parse_ref(str(ref_or_path))
-    cache_dir = (cache_dir or DEFAULT_CACHE).expanduser()
+    cache_dir = (cache_dir or default_cache_dir() / "bundles").expanduser()
     digest = ref.digest or _resolve_tag(ref, options)
     entry = cache_entry(cache_dir, digest)
     if not (entry / "manifest.msgpack").is_file():

@@ -22,6 +22,7 @@ from aotlm.runtime.sampling_params import SamplingParams
 from aotlm.runtime.scheduler import ScheduledChunk, Scheduler
 from aotlm.runtime.sequence import Sequence, make_sequences
 from aotlm.runtime.tokenizer import BundleTokenizer
+from aotlm.runtime.trust import TrustPolicy
 
 
 @dataclass(frozen=True)
@@ -61,9 +62,9 @@ class Engine:
         self._texts: dict[int, str] = {}
 
     @classmethod
-    def from_bundle(cls, path: Path | str, **kwargs) -> Engine:
+    def from_bundle(cls, path: Path | str, *, trust: TrustPolicy | None = None, **kwargs) -> Engine:
         """Load, compile once, seal: from here on any compile is counted (and fatal if strict)."""
-        loaded = load_bundle(path)
+        loaded = load_bundle(path, trust=trust)
         loaded.counter.seal()
         return cls(loaded, **kwargs)
 
@@ -80,6 +81,11 @@ class Engine:
             )
         if any(not 0 <= t < self.loaded.model.vocab_size for t in ids):
             raise RequestError(f"prompt token ids must be in [0, {self.loaded.model.vocab_size})")
+        if params.has_penalties and not self.runner.supports_penalties:
+            raise RequestError(
+                "presence/frequency/repetition penalties need the sample_penalized graphs, which "
+                "this bundle predates: rebuild it with this aotlm"
+            )
         request_id = f"req-{next(self._ids)}"
         seqs = make_sequences(request_id, ids, params, first_seq_id=next(self._ids))
         for _ in seqs[1:]:
@@ -100,7 +106,22 @@ class Engine:
             min_p=p.min_p,
             seed=c.seq.seed,
             step=c.seq.num_output_tokens,
+            **self._penalties(c),
         )
+
+    @staticmethod
+    def _penalties(c: ScheduledChunk) -> dict:
+        """Penalty fields of a sampling chunk; the token history is passed only when needed."""
+        p = c.seq.params
+        if not (c.samples and p.has_penalties):
+            return {}
+        return {
+            "presence_penalty": p.presence_penalty,
+            "frequency_penalty": p.frequency_penalty,
+            "repetition_penalty": p.repetition_penalty,
+            "history": c.seq.all_token_ids,  # prompt + output so far: the chunk ends at its end
+            "prompt_len": c.seq.num_prompt_tokens,
+        }
 
     def step(self) -> list[Sequence]:
         """One engine step; returns the sequences that got a token (finished ones included)."""

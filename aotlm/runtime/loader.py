@@ -113,7 +113,7 @@ def choose_compiled_target(bundle: Bundle, trust: TrustPolicy) -> tuple[dict | N
     for name, entry in sorted(candidates.items()):
         diffs[name] = fingerprint_diff(entry["fingerprint"], local)
         if not diffs[name]:
-            refusal = trust.refusal(bundle.digest)
+            refusal = trust.refusal(bundle.path, bundle.digest)
             return (None, refusal) if refusal else (entry, "")
     name, diff = min(diffs.items(), key=lambda kv: len(kv[1]))
     return None, f"fingerprint of target {name} does not match this process: {'; '.join(diff)}"

@@ -5,15 +5,15 @@ Kept apart from cli.py so that the server's imports (FastAPI, uvicorn) load only
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
 
 from aotlm.errors import AotlmError
+from aotlm.runtime.source import bundle_source_options, resolve_source
+from aotlm.runtime.trust import TrustPolicy
 
 
 @click.command()
-@click.argument("bundle_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("bundle_dir", metavar="BUNDLE")
 @click.option(
     "--host",
     default="127.0.0.1",
@@ -50,8 +50,9 @@ from aotlm.errors import AotlmError
     default=None,
     help="The model name clients send (default: the bundle's name, from model.yaml).",
 )
+@bundle_source_options
 def serve(
-    bundle_dir: Path,
+    bundle_dir: str,
     host: str,
     port: int,
     api_key: str | None,
@@ -59,8 +60,10 @@ def serve(
     max_queued_requests: int,
     drain_timeout: float,
     served_model_name: str | None,
+    trust: TrustPolicy,
+    require_signed: bool,
 ) -> None:
-    """Serve BUNDLE_DIR with an OpenAI-compatible API, with no compilation after load.
+    """Serve BUNDLE (a directory or oci:// / file:// reference) with an OpenAI-compatible API.
 
     /ready answers 503 until the bundle is loaded and sealed; SIGTERM drains, then exits 0.
     """
@@ -68,7 +71,7 @@ def serve(
 
     try:
         run_server(
-            bundle_dir,
+            resolve_source(bundle_dir, trust, require_signed),
             host=host,
             port=port,
             api_key=api_key,
@@ -76,6 +79,7 @@ def serve(
             max_queued_requests=max_queued_requests,
             drain_timeout=drain_timeout,
             model_name=served_model_name,
+            trust=trust,
         )
     except AotlmError as e:
         raise click.ClickException(str(e)) from e

@@ -55,6 +55,7 @@ from aotlm.runtime.protocol import (
 from aotlm.runtime.sampling_params import SamplingParams
 from aotlm.runtime.scheduler import QueueFullError
 from aotlm.runtime.tokenizer import BundleTokenizer
+from aotlm.runtime.trust import TrustPolicy
 
 OPEN_PATHS = frozenset({"/health", "/ready", "/metrics"})  # never behind the API key
 _TYPE_TAGS = frozenset({"str", "int", "float", "bool", "dict", "list", "none"})
@@ -466,6 +467,7 @@ def run_server(
     max_queued_requests: int | None = 256,
     drain_timeout: float = 30.0,
     model_name: str | None = None,
+    trust: TrustPolicy | None = None,
 ) -> None:
     """Load `bundle` in the background and serve it until SIGTERM / SIGINT.
 
@@ -476,7 +478,7 @@ def run_server(
     # The manifest's name (model.yaml `name`, default its stem) unless overridden; reading the
     # manifest also refuses a damaged bundle before the engine thread starts.
     name = model_name or read_manifest(Path(bundle))[0]["name"]
-    engine = AsyncEngine.from_bundle(bundle, strict=strict)
+    engine = AsyncEngine.from_bundle(bundle, strict=strict, trust=trust)
     app = create_app(engine, model_name=name, api_key=api_key, max_queued=max_queued_requests)
     config = uvicorn.Config(
         app, host=host, port=port, timeout_graceful_shutdown=drain_timeout, log_level="info"

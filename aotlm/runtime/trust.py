@@ -4,11 +4,13 @@ Serialized executables are pickles of private jax classes: loading one from an u
 runs arbitrary code. The digest and fingerprint checks say a file is intact and compatible; the
 trust policy says whether its author is trusted at all.
 
-    allow_pickle="local"           only bundles this machine built (their digest is in the local
-                                   registry, see aotlm/cache.py); the default
+    allow_pickle="local"           bundles this machine built (their digest is in the local
+                                   registry, see aotlm/cache.py), or signed by a key in
+                                   `trusted_keys` when keys are given; the default
+    allow_pickle="trusted-signed"  only bundles signed by a key in `trusted_keys`
     allow_pickle="never"           never: always compile the StableHLO at startup
-    allow_pickle="trusted-signed"  bundles signed by a trusted key (comes with the registry issue;
-                                   until then it accepts nothing)
+
+A refused bundle still serves: from its StableHLO, compiled once at startup.
 """
 
 from __future__ import annotations
@@ -18,29 +20,39 @@ from pathlib import Path
 
 from aotlm.cache import LocalRegistry, default_cache_dir
 
-POLICIES = ("local", "never", "trusted-signed")
+POLICIES = ("local", "trusted-signed", "never")
 
 
 @dataclass(frozen=True)
 class TrustPolicy:
     allow_pickle: str = "local"
     cache_dir: Path = field(default_factory=default_cache_dir)
+    trusted_keys: Path | None = None  # a .pub file or a directory of them
 
     def __post_init__(self) -> None:
         if self.allow_pickle not in POLICIES:
             raise ValueError(f"allow_pickle: expected one of {POLICIES}, got {self.allow_pickle!r}")
 
-    def refusal(self, digest: str) -> str | None:
-        """None when pickles of bundle `digest` may be loaded, else why not."""
+    def _signed_by(self, bundle_dir: Path) -> str | None:
+        if self.trusted_keys is None:
+            return None
+        from aotlm.registry import verify_signature  # cryptography loads only when keys are set
+
+        return verify_signature(bundle_dir, self.trusted_keys)
+
+    def refusal(self, bundle_dir: Path, digest: str) -> str | None:
+        """None when pickles of this (already verified) bundle may be loaded, else why not."""
         if self.allow_pickle == "never":
             return "trust policy allow_pickle=never"
+        if self._signed_by(Path(bundle_dir)):
+            return None
         if self.allow_pickle == "trusted-signed":
-            return (
-                "trust policy allow_pickle=trusted-signed: bundle signatures are not supported yet"
-            )
-        if not LocalRegistry(self.cache_dir).contains(digest):
+            keys = self.trusted_keys or "none configured"
+            return f"trust policy allow_pickle=trusted-signed: not signed by a trusted key ({keys})"
+        registry = LocalRegistry(self.cache_dir)
+        if not registry.contains(digest):
             return (
                 f"trust policy allow_pickle=local: bundle sha256:{digest[:12]} was not built on this "
-                f"machine (no record in {LocalRegistry(self.cache_dir).dir})"
+                f"machine (no record in {registry.dir}) and is not signed by a trusted key"
             )
         return None
