@@ -22,14 +22,15 @@ from aotlm.bundle.format import FORMAT_NAME, WEIGHTS_FILE
 from aotlm.cache import BuildCache, LocalRegistry, cache_key, default_cache_dir
 from aotlm.config import BuildConfig
 from aotlm.errors import CheckpointError, ConfigError
-from aotlm.models import ModelConfig, abstract_params, load_checkpoint, read_hf_config
+from aotlm.models import ModelConfig
 from aotlm.models.checkpoint import flatten_params
+from aotlm.models.registry import DECODER, ModelFamily, family_for_checkpoint
 from aotlm.safetensors_io import serialize_safetensors
 from aotlm.trace.compile import compile_exported, memory_stats, serialize_compiled
 from aotlm.trace.export import aval_list, export_step, target_platforms
 from aotlm.trace.memory import check_plan, memory_plan, nbytes
-from aotlm.trace.signatures import StepSpec, kv_pages_aval, step_specs
-from aotlm.trace.steps import DONATE_ARGNUMS, step_functions
+from aotlm.trace.signatures import StepSpec
+from aotlm.trace.steps import DONATE_ARGNUMS
 from aotlm.trace.targets import COMPILED, STABLEHLO, Target, TargetPlan, plan_target
 
 TOKENIZER_FILES = (
@@ -125,8 +126,10 @@ class _Step:
 class _Builder:
     """Exports and compiles one spec at a time, through the build cache when there is one."""
 
-    def __init__(self, cfg: ModelConfig, build: BuildConfig, plans, cache: BuildCache | None):
-        self.fns = step_functions(cfg)
+    def __init__(
+        self, family: ModelFamily, cfg, build: BuildConfig, plans, cache: BuildCache | None
+    ):
+        self.fns = family.step_functions(cfg)
         self.platforms = target_platforms(build.targets)
         self.plans = [p for p in plans if p.tier == COMPILED]
         self.cache = cache
@@ -211,6 +214,31 @@ def _target_entries(build, plans, steps, resident) -> tuple[dict, dict]:
     return compiled, targets
 
 
+def _serving(build: BuildConfig, family: ModelFamily, platforms: tuple[str, ...]) -> dict:
+    """The manifest's serving shape; only decoders have a KV cache (page size, page count)."""
+    serving = {
+        "dtype": build.dtype,
+        "max_seq_len": build.max_seq_len,
+        "targets": list(build.targets),
+        "platforms": list(platforms),
+    }
+    if family.kind == DECODER:
+        serving |= {
+            "page_size": build.page_size,
+            "kv_pages": build.kv_pages,
+            "pages_per_seq": build.pages_per_seq,
+        }
+    return serving
+
+
+def _buckets(build: BuildConfig) -> dict:
+    """The ladders, and the plan that chose them when model.yaml gave `buckets.plan`."""
+    out: dict = {"tokens": list(build.token_buckets), "requests": list(build.request_buckets)}
+    if build.bucket_plan is not None:
+        out["plan"] = json.loads(build.bucket_plan)
+    return out
+
+
 def compiled_file(target: Target, spec: StepSpec) -> str:
     """compiled/<target>/<function>_<bucket>.bin, named like the export."""
     stem = spec.file.rsplit("/", 1)[-1].removesuffix(".jaxexp")
@@ -234,7 +262,13 @@ def build_bundle(
     writes the StableHLO tier only.
     """
     start = time.perf_counter()
-    cfg = read_hf_config(build.model)
+    family = family_for_checkpoint(build.model)
+    if family.kind != build.kind:
+        raise ConfigError(
+            f"{build.source.name}: model: the checkpoint is a {family.kind} ({family.name}) but "
+            f"the config was validated as a {build.kind}: load it with load_build_config"
+        )
+    cfg = family.read_config(build.model)
     check_model_fits(build, cfg)
     cache_root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     targets = [Target.parse(t) for t in build.targets]
@@ -242,18 +276,18 @@ def build_bundle(
         plans = [plan_target(t) for t in targets]
     else:
         plans = [TargetPlan(t, STABLEHLO, "compiled tier not requested") for t in targets]
-    specs = step_specs(cfg, build)
+    specs = family.step_specs(cfg, build)
     resident = (
-        nbytes(abstract_params(cfg, build.dtype)),
-        2 * nbytes(kv_pages_aval(cfg, build)),
+        nbytes(family.abstract_params(cfg, build.dtype)),
+        family.kv_pool_bytes(cfg, build),
     )
     for plan in plans:  # fail before compiling anything when weights + KV alone do not fit
         check_plan(plan.target, build, memory_plan(plan.target, build, *resident, None))
-    builder = _Builder(cfg, build, plans, BuildCache(cache_root) if use_cache else None)
+    builder = _Builder(family, cfg, build, plans, BuildCache(cache_root) if use_cache else None)
     steps = _build_steps(builder, specs, jobs, progress)
     compiled, target_entries = _target_entries(build, plans, steps, resident)
     files = tokenizer_files(build.model)
-    params = load_checkpoint(build.model, cfg, build.dtype)
+    params = family.load_checkpoint(build.model, cfg, build.dtype)
     files[WEIGHTS_FILE] = serialize_safetensors(flatten_params(params))
     functions = []
     for s in steps:
@@ -277,17 +311,14 @@ def build_bundle(
         "jax_version": jax.__version__,
         "jaxlib_version": jaxlib.__version__,
         "name": build.name,
-        "model": {"architecture": cfg.architecture, "config": cfg.to_dict()},
-        "serving": {
-            "dtype": build.dtype,
-            "max_seq_len": build.max_seq_len,
-            "page_size": build.page_size,
-            "kv_pages": build.kv_pages,
-            "pages_per_seq": build.pages_per_seq,
-            "targets": list(build.targets),
-            "platforms": list(builder.platforms),
+        "model": {
+            "kind": family.kind,
+            "architecture": cfg.architecture,
+            "config": cfg.to_dict(),
+            **family.manifest_extra(cfg),
         },
-        "buckets": {"tokens": list(build.token_buckets), "requests": list(build.request_buckets)},
+        "serving": _serving(build, family, builder.platforms),
+        "buckets": _buckets(build),
         "functions": functions,
         "compiled": compiled,
         "targets": target_entries,

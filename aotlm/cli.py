@@ -162,6 +162,20 @@ def _targets_table(targets: dict) -> str:
     return _table(rows, ["target", "tier", "memory plan", "why"])
 
 
+def _plan_line(plan: dict) -> str:
+    """The recorded plan's source and expected padded work, planned vs pow2 vs step ladders."""
+    pads = ", ".join(
+        f"{name} {plan[name]['work_overhead']:.1%}"
+        for name in ("planned", "pow2", "step")
+        if name in plan
+    )
+    return (
+        f"plan      {plan.get('trace')} (sha256 {str(plan.get('trace_sha256'))[:12]}, "
+        f"{plan.get('trace_requests')} requests, budget {plan.get('max_graphs')} graphs): "
+        f"expected padding {pads}"
+    )
+
+
 def _build_progress():
     if sys.stdout.isatty():
         state: dict = {}
@@ -218,12 +232,26 @@ def inspect(bundle_dir: Path, as_json: bool) -> None:
     click.echo(
         f"format    v{m['format_version']} (aotlm {m['aotlm_version']}, jax {m['jax_version']})"
     )
-    click.echo(f"model     {m['name']} ({summary['architecture']}, {s['dtype']})")
-    click.echo(
-        f"serving   max_seq_len={s['max_seq_len']} page_size={s['page_size']} kv_pages={s['kv_pages']} "
-        f"platforms={','.join(s['platforms'])}"
-    )
-    click.echo(f"buckets   tokens={m['buckets']['tokens']} requests={m['buckets']['requests']}")
+    if m["model"].get("kind") == "encoder":  # embeddings: no KV cache; buckets are (S, B)
+        norm = ", normalized" if m["model"].get("normalize") else ""
+        pooling = f"{m['model'].get('pooling')} pooling{norm}"
+        click.echo(
+            f"model     {m['name']} ({summary['architecture']} encoder, {s['dtype']}, {pooling})"
+        )
+        click.echo(f"serving   max_seq_len={s['max_seq_len']} platforms={','.join(s['platforms'])}")
+        click.echo(
+            f"buckets   sequence lengths={m['buckets']['tokens']} "
+            f"batch sizes={m['buckets']['requests']}"
+        )
+    else:
+        click.echo(f"model     {m['name']} ({summary['architecture']}, {s['dtype']})")
+        click.echo(
+            f"serving   max_seq_len={s['max_seq_len']} page_size={s['page_size']} kv_pages={s['kv_pages']} "
+            f"platforms={','.join(s['platforms'])}"
+        )
+        click.echo(f"buckets   tokens={m['buckets']['tokens']} requests={m['buckets']['requests']}")
+    if "plan" in m["buckets"]:
+        click.echo(_plan_line(m["buckets"]["plan"]))
     fn_rows = [[n, str(c)] for n, c in counts.items()] + [
         ["total", str(summary["total_functions"])]
     ]
@@ -336,9 +364,10 @@ def _register_subcommands() -> None:
     # Imported here (light modules, no jax) so `aotlm --help` lists every command group.
     from aotlm.buckets.plan_cli import buckets
     from aotlm.registry.cli import diff, keygen, pull, push, sign
+    from aotlm.runtime.embed_cli import embed
     from aotlm.runtime.serve_cli import serve
 
-    for command in (buckets, serve, push, pull, sign, keygen, diff):
+    for command in (buckets, serve, embed, push, pull, sign, keygen, diff):
         main.add_command(command)
 
 

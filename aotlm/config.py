@@ -18,10 +18,12 @@ from typing import Any
 import yaml
 
 from aotlm.buckets.ladder import ladder_from_spec
+from aotlm.buckets.plan_spec import check_plan_keys, planned_ladders
 from aotlm.errors import ConfigError
 
 DTYPES = ("float32", "bfloat16")
 MAX_PAGE_SIZE = 1024
+MAX_YAML_VALUES = 100_000  # a model.yaml holds dozens; a bomb of aliases holds billions
 DEFAULT_TARGETS = ("cpu",)
 # Topologies as jax's get_topology_desc names them: v5e:2x2, v6e:2x2, v5p:2x2x1, tpu7x:2x2x1.
 _TARGET_RE = re.compile(r"cpu|cuda|tpu:[a-z][a-z0-9]*:\d+(x\d+)+")
@@ -61,11 +63,18 @@ class BuildConfig:
     # Device memory limit for the build-time memory plan, overriding each target's own (a TPU
     # chip's HBM); on cpu and cuda it is the only limit. None: no limit where none is known.
     memory_gib: float | None = None
+    # "decoder", or "encoder" (an embedding model, by the checkpoint's architecture): its
+    # token_buckets are sequence lengths, request_buckets batch sizes, and it has no KV cache
+    # (page_size and kv_pages are 0).
+    kind: str = "decoder"
+    # With `buckets: {plan: TRACE.jsonl, ...}`: the planner's result as sorted JSON (hashable,
+    # like the rest), recorded in the manifest's buckets.plan. None for ladders given directly.
+    bucket_plan: str | None = None
 
     @property
     def pages_per_seq(self) -> int:
         """Block-table width: pages one sequence of ``max_seq_len`` tokens can touch."""
-        return math.ceil(self.max_seq_len / self.page_size)
+        return math.ceil(self.max_seq_len / self.page_size) if self.page_size else 0
 
 
 def load_build_config(path: str | Path) -> BuildConfig:
@@ -81,7 +90,30 @@ def load_build_config(path: str | Path) -> BuildConfig:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path.name}: not valid YAML{_yaml_problem(exc)}") from None
+    except RecursionError:
+        raise ConfigError(f"{path.name}: YAML nested too deeply for a model.yaml") from None
+    _check_expanded_size(data, path.name)
     return parse_build_config(data, path)
+
+
+def _check_expanded_size(data: Any, file_name: str) -> None:
+    """Refuse a document whose aliases expand it past MAX_YAML_VALUES values (a "billion
+    laughs" bomb, or a self-referencing alias): every later walk, and every error message that
+    quotes a value, would otherwise take exponential time and memory."""
+    stack, seen = [data], 0
+    while stack:
+        value = stack.pop()
+        seen += 1
+        if seen > MAX_YAML_VALUES:
+            raise ConfigError(
+                f"{file_name}: the YAML expands to more than {MAX_YAML_VALUES} values "
+                "(recursive or repeated aliases?); a model.yaml is a few dozen"
+            )
+        if isinstance(value, Mapping):
+            stack.extend(value.keys())
+            stack.extend(value.values())
+        elif isinstance(value, list | tuple | set):
+            stack.extend(value)
 
 
 def parse_build_config(data: dict, source: Path) -> BuildConfig:
@@ -102,18 +134,31 @@ def parse_build_config(data: dict, source: Path) -> BuildConfig:
     if dtype not in DTYPES:
         raise check.error("dtype", f"must be one of {', '.join(DTYPES)} (got {dtype!r})")
     max_seq_len = check.positive_int(data["max_seq_len"], "max_seq_len")
+    model = _checkpoint_dir(check, data["model"], source.parent)
+    if _checkpoint_kind(model) == "encoder":
+        return _encoder_config(check, data, source, model, name, dtype, max_seq_len)
 
     buckets = data["buckets"]
-    check.keys(buckets, "buckets", _BUCKET_KEYS, _BUCKET_KEYS)
+    planned = isinstance(buckets, Mapping) and "plan" in buckets
+    if planned:
+        check_plan_keys(buckets, check.where)
+    else:
+        check.keys(buckets, "buckets", _BUCKET_KEYS, _BUCKET_KEYS)
     page_size = check.positive_int(buckets["page_size"], "buckets.page_size")
     if page_size > MAX_PAGE_SIZE or page_size & (page_size - 1):
         raise check.error(
             "buckets.page_size",
             f"must be a power of two between 1 and {MAX_PAGE_SIZE} (got {page_size})",
         )
-    tokens = ladder_from_spec(buckets["tokens"], check.where("buckets.tokens"))
-    _check_at_most(check, "buckets.tokens", tokens, max_seq_len, "max_seq_len")
-    requests = ladder_from_spec(buckets["requests"], check.where("buckets.requests"))
+    bucket_plan = None
+    if planned:
+        tokens, requests, bucket_plan = planned_ladders(
+            buckets, check.where, max_seq_len, model, source.parent
+        )
+    else:
+        tokens = ladder_from_spec(buckets["tokens"], check.where("buckets.tokens"))
+        _check_at_most(check, "buckets.tokens", tokens, max_seq_len, "max_seq_len")
+        requests = ladder_from_spec(buckets["requests"], check.where("buckets.requests"))
     # Every scheduled request contributes at least one token to a step.
     _check_at_most(check, "buckets.requests", requests, tokens[-1], "the largest token bucket")
 
@@ -130,7 +175,7 @@ def parse_build_config(data: dict, source: Path) -> BuildConfig:
 
     return BuildConfig(
         source=source,
-        model=_checkpoint_dir(check, data["model"], source.parent),
+        model=model,
         name=name,
         dtype=dtype,
         max_seq_len=max_seq_len,
@@ -140,6 +185,7 @@ def parse_build_config(data: dict, source: Path) -> BuildConfig:
         kv_pages=kv_pages,
         targets=_targets(check, data.get("targets", list(DEFAULT_TARGETS))),
         memory_gib=_memory_gib(check, data.get("memory_gib")),
+        bucket_plan=bucket_plan,
     )
 
 
@@ -147,6 +193,58 @@ def with_targets(config: BuildConfig, targets: Sequence[str]) -> BuildConfig:
     """A copy of ``config`` that builds for ``targets`` (the ``aotlm build --target`` override)."""
     checked = _targets(_Checker("aotlm build"), list(targets), key="--target")
     return dataclasses.replace(config, targets=checked)
+
+
+def _checkpoint_kind(model: Path) -> str | None:
+    """The checkpoint's kind by its architecture (decoder, encoder); None when unsupported (the
+    build names the supported ones). Imported here: the registry imports this module."""
+    from aotlm.models.registry import checkpoint_kind
+
+    return checkpoint_kind(model)
+
+
+def _encoder_config(
+    check: _Checker,
+    data: Mapping,
+    source: Path,
+    model: Path,
+    name: str,
+    dtype: str,
+    max_seq_len: int,
+) -> BuildConfig:
+    """An encoder (embedding model): `buckets.tokens` are sequence lengths, the largest being
+    max_seq_len (a sequence runs whole in one graph), `buckets.requests` batch sizes; no KV."""
+    buckets = data["buckets"]
+    for key, given in (("kv_pages", data), ("buckets.page_size", buckets)):
+        if isinstance(given, Mapping) and key.rsplit(".", 1)[-1] in given:
+            raise check.error(
+                key,
+                "the checkpoint is an encoder (embedding model): it keeps no KV cache, so this "
+                "key does not apply; remove it",
+            )
+    check.keys(buckets, "buckets", ("tokens", "requests"), ("tokens", "requests"))
+    tokens = ladder_from_spec(buckets["tokens"], check.where("buckets.tokens"))
+    _check_at_most(check, "buckets.tokens", tokens, max_seq_len, "max_seq_len")
+    if tokens[-1] != max_seq_len:
+        raise check.error(
+            f"buckets.tokens[{len(tokens) - 1}]",
+            f"an encoder runs each sequence whole, so the largest sequence-length bucket must "
+            f"equal max_seq_len ({max_seq_len}) (got {tokens[-1]})",
+        )
+    return BuildConfig(
+        source=source,
+        model=model,
+        name=name,
+        dtype=dtype,
+        max_seq_len=max_seq_len,
+        token_buckets=tokens,
+        request_buckets=ladder_from_spec(buckets["requests"], check.where("buckets.requests")),
+        page_size=0,
+        kv_pages=0,
+        targets=_targets(check, data.get("targets", list(DEFAULT_TARGETS))),
+        memory_gib=_memory_gib(check, data.get("memory_gib")),
+        kind="encoder",
+    )
 
 
 def _yaml_problem(exc: yaml.YAMLError) -> str:

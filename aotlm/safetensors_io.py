@@ -14,6 +14,7 @@ Header: ``{"__metadata__": {str: str}, name: {"dtype": "F32", "shape": [..],
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from collections.abc import Iterator
@@ -26,6 +27,7 @@ import numpy as np
 from aotlm.errors import CheckpointError
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+MAX_DIMS = 32
 _METADATA_KEY = "__metadata__"
 
 DTYPES: dict[str, np.dtype] = {
@@ -80,6 +82,8 @@ def _parse_header(path: str | os.PathLike, raw: bytes, data_start: int, file_siz
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
     except (UnicodeDecodeError, ValueError) as e:
         raise _fail(path, f"header is not valid JSON ({e})") from None
+    except RecursionError:
+        raise _fail(path, "header JSON is nested too deeply") from None
     if not isinstance(header, dict):
         raise _fail(path, "header is not a JSON object")
     metadata = header.pop(_METADATA_KEY, None)
@@ -99,6 +103,10 @@ def _parse_header(path: str | os.PathLike, raw: bytes, data_start: int, file_siz
         shape, offsets = info["shape"], info["data_offsets"]
         if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
             raise _fail(path, f"{where}: shape must be a list of non-negative ints, got {shape!r}")
+        # Exact Python ints: a product that wraps around int64 must not pass as 0 bytes. numpy
+        # refuses an array whose non-zero dims overflow int64 even when it is empty.
+        if len(shape) > MAX_DIMS or math.prod(max(d, 1) for d in shape) * dtype.itemsize >= 2**63:
+            raise _fail(path, f"{where}: shape {shape} is too large for any array")
         if (
             not isinstance(offsets, list)
             or len(offsets) != 2
@@ -106,7 +114,7 @@ def _parse_header(path: str | os.PathLike, raw: bytes, data_start: int, file_siz
             or offsets[0] > offsets[1]
         ):
             raise _fail(path, f"{where}: data_offsets must be [begin, end] ints, got {offsets!r}")
-        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        nbytes = math.prod(shape) * dtype.itemsize
         if offsets[1] - offsets[0] != nbytes:
             raise _fail(
                 path,

@@ -42,3 +42,15 @@ def tiny_bundle(tiny_yaml, tmp_path_factory):
     """(bundle dir, BuildResult) of the tiny model with small buckets."""
     out = tmp_path_factory.mktemp("bundles") / "tiny"
     return out, build_from_yaml(tiny_yaml, out)
+
+
+@pytest.fixture(scope="session")
+def minilm_bundle(tmp_path_factory):
+    """(bundle dir, BuildResult) of the real all-MiniLM-L6-v2 encoder: embed[S,B] for sequence
+    lengths 16..128 and batches of 1 and 4 (8 graphs)."""
+    from test_bert import minilm_dir
+
+    buckets = {"tokens": [16, 32, 64, 128], "requests": [1, 4]}
+    spec = write_model_yaml(tmp_path_factory.mktemp("minilm-spec"), minilm_dir(), buckets=buckets)
+    out = tmp_path_factory.mktemp("bundles") / "minilm"
+    return out, build_from_yaml(spec, out)

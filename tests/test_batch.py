@@ -51,3 +51,19 @@ def test_too_many_tokens_is_a_typed_error():
     a = ChunkInput(token_ids=list(range(9)), start=0, block_table=[1, 2, 3], samples=True)
     with pytest.raises(NoBucketError):
         pack_step([a], (4, 8), (1,), pages_per_seq=3, page_size=PAGE)
+
+
+def test_penalties_are_packed_only_when_a_row_needs_them():
+    plain = ChunkInput(token_ids=[4], start=2, block_table=[2], samples=True)
+    s = pack_step([plain], (8,), (1, 4), pages_per_seq=1, page_size=PAGE, max_seq_len=6)
+    assert s.penalties is None
+    pen = ChunkInput(
+        token_ids=[9], start=3, block_table=[1], samples=True, frequency_penalty=0.5,
+        history=[7, 8, 3, 9], prompt_len=3,
+    )  # fmt: skip
+    s = pack_step([plain, pen], (8,), (1, 4), pages_per_seq=1, page_size=PAGE, max_seq_len=6)
+    history, prompt_len, presence, frequency, repetition = s.penalties
+    assert history.shape == (4, 6) and history[1].tolist() == [7, 8, 3, 9, -1, -1]
+    assert (history[[0, 2, 3]] == -1).all()  # no history: nothing penalized
+    assert prompt_len.tolist() == [0, 3, 0, 0] and frequency.tolist() == [0, 0.5, 0, 0]
+    assert presence.tolist() == [0] * 4 and repetition.tolist() == [1] * 4

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,8 @@ from typing import Any
 import pytest
 import yaml
 
+from aotlm.buckets.planner import graph_count
+from aotlm.buckets.trace import SYNTHETIC, write_trace
 from aotlm.config import (
     BuildConfig,
     default_kv_pages,
@@ -222,3 +225,64 @@ def test_unparseable_or_non_mapping_yaml(write, text: str, message: str) -> None
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="file not found"):
         load_build_config(tmp_path / "absent.yaml")
+
+
+# ---- buckets: {plan: TRACE.jsonl, max_graphs: N, page_size: P} --------------------------------
+
+
+@pytest.fixture
+def planned(tiny_checkpoint, tmp_path: Path):
+    """Write a trace and a planned model.yaml for the tiny checkpoint; return a writer."""
+    requests = SYNTHETIC["mixed-heavy-tail"](80, seed=1, max_seq_len=128)
+    write_trace(tmp_path / "trace.jsonl", requests)
+
+    def _write(**buckets: Any) -> Path:
+        spec = {"plan": "trace.jsonl", "max_graphs": 10, "page_size": 16, "max_tokens": 64}
+        spec = {k: v for k, v in {**spec, **buckets}.items() if v is not None}
+        data = {"model": str(tiny_checkpoint), "dtype": "float32", "max_seq_len": 128}
+        path = tmp_path / "tiny.yaml"
+        path.write_text(yaml.safe_dump({**data, "buckets": spec}))
+        return path
+
+    return _write
+
+
+def test_planned_buckets_resolve_at_load_time(planned) -> None:
+    cfg = load_build_config(planned(max_requests=4))
+    assert cfg.token_buckets[-1] == 64 and cfg.request_buckets[-1] == 4
+    assert graph_count(len(cfg.token_buckets), len(cfg.request_buckets)) <= 10
+    plan = json.loads(cfg.bucket_plan)
+    assert plan["planned"]["tokens"] == list(cfg.token_buckets)
+    assert plan["trace"] == "trace.jsonl" and plan["max_graphs"] == 10
+    assert plan["planned"]["work_overhead"] <= plan["pow2"]["work_overhead"]
+    assert cfg == load_build_config(planned(max_requests=4)) and hash(cfg)
+    aligned = load_build_config(planned(align=8)).token_buckets
+    assert all(t % 8 == 0 for t in aligned[:-1]) and aligned[-1] == 64
+
+
+@pytest.mark.parametrize(
+    ("buckets", "message"),
+    [
+        ({"plan": "nope.jsonl"}, "buckets.plan: trace file"),
+        ({"plan": 5}, "buckets.plan: expected a path"),
+        ({"tokens": [16, 64]}, "buckets.tokens: not allowed with buckets.plan"),
+        ({"max_graphs": 3}, "buckets.max_graphs: must be at least 4 (got 3)"),
+        ({"max_graphs": None}, "buckets.max_graphs: required key is missing"),
+        ({"page_size": 12}, "buckets.page_size: must be a power of two"),
+        ({"max_tokens": 256}, "buckets.max_tokens: must be at most max_seq_len (128)"),
+        ({"max_requests": 65}, "buckets.max_requests: must be at most buckets.max_tokens (64)"),
+        ({"align": 0}, "buckets.align: must be at least 1 (got 0)"),
+        ({"concurrency": "x"}, "buckets.concurrency: expected an integer"),
+        ({"row_cost": 1}, "buckets.row_cost: unknown key"),
+    ],
+)
+def test_bad_planned_buckets_name_the_key(planned, buckets: dict, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_build_config(planned(**buckets))
+    assert str(info.value).startswith(f"tiny.yaml: {message}"), str(info.value)
+
+
+def test_a_bad_trace_line_is_named_under_buckets_plan(planned, tmp_path: Path) -> None:
+    (tmp_path / "bad.jsonl").write_text('{"prompt_tokens": 3, "output_tokens": 1}\n{oops\n')
+    with pytest.raises(ConfigError, match=r"^tiny.yaml: buckets.plan: bad.jsonl:2: not valid JSON"):
+        load_build_config(planned(plan="bad.jsonl"))

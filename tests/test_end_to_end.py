@@ -142,7 +142,12 @@ def test_cli_build_inspect_generate_json(tiny_yaml, tmp_path):
     summary = json.loads(built.output)
     inspected = json.loads(cli.invoke(main, ["inspect", str(out), "--json"]).output)
     assert inspected["digest"] == summary["digest"]
-    assert inspected["functions"] == {"forward": 3, "logits": 9, "sample": 3}
+    assert inspected["functions"] == {
+        "forward": 3,
+        "logits": 9,
+        "sample": 3,
+        "sample_penalized": 3,
+    }
     gen = cli.invoke(
         main, ["generate", str(out), "--prompt", "Hello there", "--max-tokens", "5", "--json"]
     )

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from click.testing import CliRunner
 
 from aotlm.buckets.plan_cli import buckets
@@ -28,6 +29,10 @@ from aotlm.buckets.planner import (
 )
 from aotlm.buckets.simulate import StepShapes, simulate
 from aotlm.buckets.trace import SYNTHETIC, TraceRequest, read_trace, write_trace
+from aotlm.build import build_bundle
+from aotlm.bundle import read_manifest
+from aotlm.cli import main
+from aotlm.config import load_build_config
 from aotlm.errors import ConfigError
 from aotlm.runtime.block_manager import BlockManager
 from aotlm.runtime.sampling_params import SamplingParams
@@ -38,9 +43,9 @@ from aotlm.runtime.sequence import make_sequences
 
 
 def test_graph_count_formula() -> None:
-    assert graph_count(1, 1) == 3
-    assert graph_count(3, 3) == 3 + 9 + 3
-    assert graph_count(19, 1) == 39
+    assert graph_count(1, 1) == 4
+    assert graph_count(3, 3) == 3 + 9 + 2 * 3
+    assert graph_count(19, 1) == 40
     assert full_model_graphs(8, 7) == 8
     assert full_model_graphs(8, 7, partitioned=False) == 56
 
@@ -50,7 +55,7 @@ def test_graph_count_matches_what_a_build_exports(tiny_bundle) -> None:
     tokens, requests = (16, 32, 64), (1, 2, 4)  # tests/bundle_factory.py SMALL_BUCKETS
     per_name = Counter(f["name"] for f in result.functions)
     assert len(result.functions) == graph_count(len(tokens), len(requests))
-    assert per_name == {"forward": 3, "logits": 9, "sample": 3}
+    assert per_name == {"forward": 3, "logits": 9, "sample": 3, "sample_penalized": 3}
     assert per_name["forward"] == full_model_graphs(len(tokens), len(requests))
 
 
@@ -111,7 +116,7 @@ def test_plan_is_optimal_over_every_ladder_pair_within_the_budget(seed: int) -> 
     steps = rng.randint(3, 25)
     tokens = [rng.randint(1, max_t) for _ in range(steps)]
     requests = [rng.randint(0, min(max_r, t)) for t in tokens]
-    budget, row_cost, align = rng.randint(3, 14), rng.choice([0.0, 0.3, 2.0]), rng.choice([1, 3])
+    budget, row_cost, align = rng.randint(4, 16), rng.choice([0.0, 0.3, 2.0]), rng.choice([1, 3])
     plan = plan_buckets(
         shapes_of(tokens, requests, max_t, max_r), budget, row_cost=row_cost, token_align=align
     )
@@ -134,8 +139,8 @@ def test_plan_is_optimal_over_every_ladder_pair_within_the_budget(seed: int) -> 
 
 def test_plan_rejects_bad_budgets() -> None:
     shapes = shapes_of([3, 5], [1, 1], 8, 2)
-    with pytest.raises(ConfigError, match="max_graphs: must be an integer >= 3"):
-        plan_buckets(shapes, 2)
+    with pytest.raises(ConfigError, match="max_graphs: must be an integer >= 4"):
+        plan_buckets(shapes, 3)
     with pytest.raises(ConfigError, match="max_seqs_per_step"):
         plan_buckets(shapes_of([3], [1], 4, 8), 10)
 
@@ -316,5 +321,35 @@ def test_cli_plan_errors(tmp_path: Path) -> None:
     result = CliRunner().invoke(buckets, ["plan", "--trace", str(bad), "--max-graphs", "9"])
     assert result.exit_code == 1
     assert "trace.jsonl:2: not valid JSON" in result.output
-    result = CliRunner().invoke(buckets, ["plan", "--trace", str(bad), "--max-graphs", "2"])
+    result = CliRunner().invoke(buckets, ["plan", "--trace", str(bad), "--max-graphs", "3"])
     assert result.exit_code == 2 and "--max-graphs" in result.output
+
+
+# ---- model.yaml `buckets: {plan: ...}` through a build ------------------------------------------
+
+
+def test_a_planned_model_yaml_builds_records_its_plan_reproducibly(tiny_checkpoint, tmp_path):
+    trace = SYNTHETIC["short-chat"](60, seed=3, max_seq_len=128, rate=20.0)
+    write_trace(tmp_path / "chat.jsonl", trace)
+    spec = {
+        "model": str(tiny_checkpoint),
+        "dtype": "float32",
+        "max_seq_len": 128,
+        "buckets": {"plan": "chat.jsonl", "max_graphs": 10, "page_size": 16, "max_tokens": 64},
+    }
+    spec["buckets"]["max_requests"] = 4
+    (tmp_path / "planned.yaml").write_text(yaml.safe_dump(spec))
+    cfg = load_build_config(tmp_path / "planned.yaml")
+    a = build_bundle(cfg, tmp_path / "a", compile_targets=False)
+    again = load_build_config(tmp_path / "planned.yaml")  # planned afresh: same ladders, same plan
+    b = build_bundle(again, tmp_path / "b", compile_targets=False, use_cache=False)
+    assert a.digest == b.digest
+    m, _ = read_manifest(tmp_path / "a")
+    plan = m["buckets"]["plan"]
+    assert plan["trace"] == "chat.jsonl" and plan["planned"]["tokens"] == m["buckets"]["tokens"]
+    assert len(m["functions"]) == graph_count(len(cfg.token_buckets), len(cfg.request_buckets))
+    assert len(m["functions"]) == plan["planned"]["graphs"] <= 10
+    shown = CliRunner().invoke(main, ["inspect", str(tmp_path / "a")])
+    assert shown.exit_code == 0, shown.output
+    assert "plan      chat.jsonl" in shown.output and "expected padding planned " in shown.output
+    assert "pow2 " in shown.output

@@ -23,8 +23,11 @@ import pytest
 import uvicorn
 from test_async_engine import REPLY, FakeEngine
 
+from aotlm.buckets.planner import plan_from_trace
+from aotlm.buckets.trace import read_trace
 from aotlm.runtime.async_engine import AsyncEngine
 from aotlm.runtime.server import create_app
+from aotlm.runtime.trace_recorder import TraceRecorder
 
 MODEL, KEY = "tiny", "test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -186,6 +189,40 @@ def test_stop_strings_cut_the_text_streamed_or_not(client):
     assert "".join(c.choices[0].text for c in chunks) == expected
 
 
+def test_penalties_change_greedy_text_and_are_not_refused(base_url, client):
+    plain = complete(client, "The cat sat on the mat", max_tokens=40).choices[0].text
+    r = complete(client, "The cat sat on the mat", max_tokens=40, frequency_penalty=2.0)
+    chat = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "The cat sat on the mat"}],
+        max_tokens=12,
+        temperature=0,
+        presence_penalty=1.5,
+        extra_body={"repetition_penalty": 1.3},
+    )
+    assert r.choices[0].text != plain and chat.choices[0].message.content
+    assert metric(base_url, "aotlm:compiles_after_ready") == 0
+
+
+def test_record_trace_writes_what_the_planner_reads(engine, base_url, tmp_path):
+    path = tmp_path / "served.jsonl"
+    app = create_app(engine, model_name=MODEL, trace=TraceRecorder(path))
+    with serving(app) as url:
+        c = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=60)
+        ids = tokenize(base_url, prompt="The cat sat")["tokens"]
+        complete(c, ids, max_tokens=5)
+        complete(c, "A dog", max_tokens=3, n=2)
+        list(complete(c, "Hello", max_tokens=4, stream=True))
+        real = metric(url, "aotlm:real_tokens_total")
+        assert metric(url, "aotlm:padded_tokens_total") >= real > 0  # what to re-plan against
+    trace = read_trace(path)
+    assert [(r.prompt_tokens, r.output_tokens) for r in trace[:1]] == [(len(ids), 5)]
+    assert [r.output_tokens for r in trace] == [5, 3, 3, 4]
+    assert all(r.arrival is not None and r.arrival >= 0 for r in trace)
+    plan = plan_from_trace(path, 10, max_tokens_per_step=64, max_seqs_per_step=4)
+    assert plan.planned.graphs <= 10 and plan.source["trace_requests"] == 4
+
+
 def test_logprobs_and_top_logprobs(client):
     r = complete(client, "The river", max_tokens=6, logprobs=3)
     lp = r.choices[0].logprobs
@@ -215,8 +252,9 @@ def test_logprobs_and_top_logprobs(client):
         ),
         ({"prompt": "hi", "max_tokens": 500}, "max_tokens=500"),
         ({"prompt": "hi", "temperature": -1}, "temperature"),
-        ({"prompt": "hi", "presence_penalty": 0.5}, "presence_penalty=0.5 is not supported"),
-        ({"prompt": "hi", "repetition_penalty": 1.2}, "repetition_penalty=1.2 is not supported"),
+        ({"prompt": "hi", "presence_penalty": 2.5}, r"presence_penalty must be .*\[-2, 2\]"),
+        ({"prompt": "hi", "repetition_penalty": 0}, r"repetition_penalty must be .*\(0, inf\)"),
+        ({"prompt": "hi", "logit_bias": {"5": 1.0}}, "logit_bias=.* is not supported"),
         ({"prompt": "hi", "n": 0}, "n must be"),
         ({"prompt": 5}, "prompt"),
         ({}, "prompt: Field required"),
@@ -356,7 +394,7 @@ def test_concurrent_greedy_equals_sequential_and_nothing_leaks(base_url, client)
     assert metric(base_url, "aotlm:time_to_first_token_seconds_count") > 0
 
 
-def test_sigterm_drains_in_flight_requests_then_exits_0(tiny_bundle):
+def test_sigterm_drains_in_flight_requests_then_exits_0(tiny_bundle, tmp_path):
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
@@ -369,6 +407,8 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(tiny_bundle):
         str(tiny_bundle[0]),
         "--port",
         str(port),
+        "--record-trace",
+        str(tmp_path / "trace.jsonl"),
     ]
     proc = subprocess.Popen(cmd, env=env, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
@@ -393,5 +433,7 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(tiny_bundle):
             json.loads(events[-2].removeprefix("data: "))["choices"][0]["finish_reason"] == "length"
         )
         assert proc.wait(30) == 0
+        [line] = read_trace(tmp_path / "trace.jsonl")  # the drained request was recorded
+        assert line.output_tokens == 60
     finally:
         proc.kill()

@@ -43,8 +43,8 @@ def buckets() -> None:
 @click.option(
     "--max-graphs",
     required=True,
-    type=click.IntRange(min=3),
-    help="Graph budget: |T| forward + |T|*|R| logits + |R| sample.",
+    type=click.IntRange(min=4),
+    help="Graph budget: |T| forward + |T|*|R| logits + 2|R| samplers (plain and penalized).",
 )
 @click.option(
     "--max-tokens-per-step",
@@ -116,7 +116,7 @@ def _row(s: LadderScore) -> list[str]:
     t, r = len(s.tokens), len(s.requests)
     return [
         s.name,
-        f"{s.graphs} ({t}+{t * r}+{r})",
+        f"{s.graphs} ({t}+{t * r}+{2 * r})",
         str(t),
         f"{s.token_overhead:.1%}",
         f"{s.row_overhead:.1%}",
@@ -128,7 +128,7 @@ def format_plan(result: Plan) -> str:
     """The comparison table, each ladder's rungs, and the model.yaml lines to use."""
     src = result.source
     scores = [result.planned, *result.baselines.values()]
-    header = ["ladders", "graphs (fwd+logits+sample)", "full models", "token pad", "row pad"]
+    header = ["ladders", "graphs (fwd+logits+samplers)", "full models", "token pad", "row pad"]
     header.append("work pad")
     rows = [_row(s) for s in scores]
     widths = [max(len(x[i]) for x in [header, *rows]) for i in range(len(header))]

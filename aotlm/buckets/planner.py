@@ -10,9 +10,9 @@ the padded rows of ``logits[T, R]`` (an LM-head row) and ``sample[R]``, priced a
 tokens each: ``V*H`` over the forward's multiply-adds per token (see :func:`row_cost_for_model`;
 the default 0.1 is about an 8B Llama's). Steps where nothing samples run no logits or sample.
 
-Graphs, as the partitioned build exports them: ``|T|`` forward + ``|T|*|R|`` logits + ``|R|``
-sample (:func:`graph_count`). Only ``|T|`` of those are full models; an unpartitioned build
-compiles ``|T|*|R|`` full models (:func:`full_model_graphs`).
+Graphs, as the partitioned build exports them: ``|T|`` forward + ``|T|*|R|`` logits + ``2|R|``
+samplers, ``sample`` and ``sample_penalized`` (:func:`graph_count`). Only ``|T|`` of those are
+full models; an unpartitioned build compiles ``|T|*|R|`` full models (:func:`full_model_graphs`).
 
 The two terms are separable (T's ladder only moves the first, R's only the second), so the plan
 is exact: for each ladder an optimal ``k``-rung ladder for every ``k`` (:func:`optimal_ladders`,
@@ -36,12 +36,13 @@ from aotlm.buckets.trace import read_trace
 from aotlm.errors import ConfigError
 
 DEFAULT_ROW_COST = 0.1
-MIN_GRAPHS = 3  # one forward, one logits, one sample
+MIN_GRAPHS = 4  # one forward, one logits, one sample, one sample_penalized
 
 
 def graph_count(num_token_buckets: int, num_request_buckets: int) -> int:
-    """Graphs a partitioned build exports: forward[T] + logits[T, R] + sample[R]."""
-    return num_token_buckets * (1 + num_request_buckets) + num_request_buckets
+    """Graphs a partitioned build exports: forward[T] + logits[T, R] + sample[R] and
+    sample_penalized[R] (every bundle can serve penalties, so both samplers are always built)."""
+    return num_token_buckets * (1 + num_request_buckets) + 2 * num_request_buckets
 
 
 def full_model_graphs(
@@ -275,8 +276,8 @@ def _step_family(max_size: int) -> list[Ladder]:
 def _check_plan_args(shapes: StepShapes, max_graphs: int, row_cost: float, align: int) -> None:
     if isinstance(max_graphs, bool) or not isinstance(max_graphs, int) or max_graphs < MIN_GRAPHS:
         raise ConfigError(
-            f"max_graphs: must be an integer >= {MIN_GRAPHS} (one forward, one logits and one "
-            f"sample graph) (got {max_graphs!r})"
+            f"max_graphs: must be an integer >= {MIN_GRAPHS} (one forward, one logits, one "
+            f"sample and one sample_penalized graph) (got {max_graphs!r})"
         )
     if row_cost < 0:
         raise ConfigError(f"row_cost: must be >= 0 (got {row_cost})")
@@ -308,7 +309,7 @@ def plan_buckets(
     r_vals = shapes.requests[shapes.requests > 0]
     max_t, max_r = shapes.max_tokens_per_step, shapes.max_seqs_per_step
     rounded = np.minimum(-(-t_vals // token_align) * token_align, max_t)
-    rungs = (max_graphs - 1) // 2  # the most either ladder can have (the other has one rung)
+    rungs = (max_graphs - 1) // 2  # an upper bound on either ladder's rungs (other has one)
 
     def score(name: str, ladders: tuple[Ladder, Ladder]) -> LadderScore:
         tokens, requests = ladders

@@ -7,7 +7,7 @@ written by a newer aotlm: the error says which one, so the user upgrades aotlm o
 from __future__ import annotations
 
 FORMAT_NAME = "aotlm-bundle"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 
 # version -> (date, what changed). Add a line for every change a reader can observe.
 CHANGELOG: dict[int, tuple[str, str]] = {
@@ -23,8 +23,21 @@ CHANGELOG: dict[int, tuple[str, str]] = {
         "target to its tier, the reason, and its memory plan. Version 1 bundles still load "
         "(StableHLO tier only).",
     ),
+    3: (
+        "2026-11-22",
+        "sample_penalized[R] (presence/frequency/repetition penalties from each row's token "
+        "history, i32[R, max_seq_len]) exported per request bucket beside sample[R]; "
+        "`buckets.plan` records the planner's result when model.yaml planned the ladders. "
+        "Version 2 bundles still load and serve, refusing penalties with a 400 that says to rebuild. "
+        "`model.kind` is `decoder` or `encoder` (absent: decoder); an encoder bundle exports "
+        "embed[S,B] per (tokens = sequence length, requests = batch) bucket, records "
+        "`model.pooling` and `model.normalize`, and its `serving` has no page_size, kv_pages "
+        "or pages_per_seq (no KV cache).",
+    ),
 }
 
+# manifest model.kind: decoder (generation, paged KV cache) or encoder (embeddings, no KV cache)
+MODEL_KINDS = ("decoder", "encoder")
 MANIFEST_FILE = "manifest.msgpack"
 COMPILED_DIR = "compiled/"
 WEIGHTS_FILE = "weights/model.safetensors"

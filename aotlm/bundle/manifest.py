@@ -16,8 +16,11 @@ from aotlm.bundle.format import (
     FORMAT_NAME,
     FORMAT_VERSION,
     MANIFEST_FILE,
+    MODEL_KINDS,
 )
 from aotlm.errors import BundleError
+
+MAX_MANIFEST_CONTAINERS = 1_000_000  # maps + arrays; the tiny model's manifest has ~600
 
 
 def _sorted(obj: Any) -> Any:
@@ -94,7 +97,8 @@ def _check_compiled(m: dict) -> None:
             path = _field(ex, "file", str, at)
             _expect(path.startswith(COMPILED_DIR), f"{at}file", f"{path} is not under compiled/")
             _expect(path in files, f"{at}file", f"{path} is not listed in files")
-    for target, entry in m.get("targets", {}).items():
+    targets = _field(m, "targets", dict, "") if "targets" in m else {}  # optional before v2
+    for target, entry in targets.items():
         _expect(isinstance(entry, dict), f"targets[{target!r}]", "expected a map")
         _field(entry, "tier", str, f"targets[{target!r}].")
 
@@ -102,7 +106,11 @@ def _check_compiled(m: dict) -> None:
 def _check_files(m: dict) -> None:
     for path, entry in _field(m, "files", dict, "").items():
         where = f"files[{path!r}]"
-        _expect(isinstance(path, str) and path and not path.startswith("/"), where, "bad path")
+        _expect(
+            isinstance(path, str) and path and not path.startswith("/") and "\x00" not in path,
+            where,
+            "bad path",
+        )
         _expect(".." not in path.split("/") and "\\" not in path, where, "path escapes the bundle")
         _expect(isinstance(entry, dict), where, "expected a map")
         _expect(
@@ -113,11 +121,34 @@ def _check_files(m: dict) -> None:
 
 def unpack_manifest(data: bytes) -> dict:
     """Decode and validate a manifest; any problem is a BundleError naming the field."""
+    containers = 0
+
+    def count(container: Any) -> Any:
+        """Bound the Python objects a small input can expand into (an empty array is one
+        byte of msgpack and ~60 bytes of list): a bomb stops at MAX_MANIFEST_CONTAINERS."""
+        nonlocal containers
+        containers += 1
+        if containers > MAX_MANIFEST_CONTAINERS:
+            raise BundleError(
+                f"{MANIFEST_FILE}: more than {MAX_MANIFEST_CONTAINERS} maps and arrays; "
+                "refusing it (a real manifest has a few thousand): rebuild the bundle"
+            )
+        return container
+
     try:
-        m = msgpack.unpackb(data, raw=False, strict_map_key=True)
+        m = msgpack.unpackb(
+            data, raw=False, strict_map_key=True, list_hook=count, object_hook=count
+        )
+    except BundleError:
+        raise
+    except msgpack.StackError as e:
+        raise BundleError(
+            f"{MANIFEST_FILE}: not a valid manifest (msgpack nested too deeply): rebuild the bundle"
+        ) from e
     except Exception as e:  # msgpack raises several unrelated types on corrupt input
         raise BundleError(
-            f"{MANIFEST_FILE}: not a valid msgpack manifest ({e}): rebuild the bundle"
+            f"{MANIFEST_FILE}: not a valid msgpack manifest ({type(e).__name__}: {e}): "
+            "rebuild the bundle"
         ) from e
     _expect(isinstance(m, dict), "top level", "expected a map")
     _check_version(m)
@@ -137,7 +168,10 @@ def unpack_manifest(data: bytes) -> dict:
     _check_functions(m)
     _check_compiled(m)
     serving = m["serving"]
-    for key in ("max_seq_len", "page_size", "kv_pages", "pages_per_seq"):
+    kind = m["model"].get("kind", "decoder")
+    _expect(kind in MODEL_KINDS, "model.kind", f"expected one of {', '.join(MODEL_KINDS)}")
+    kv_keys = ("page_size", "kv_pages", "pages_per_seq") if kind == "decoder" else ()
+    for key in ("max_seq_len", *kv_keys):
         _expect(
             isinstance(serving.get(key), int) and serving[key] > 0,
             f"serving.{key}",

@@ -57,10 +57,15 @@ def read_manifest(bundle_dir: Path) -> tuple[dict, str]:
 def verify_files(bundle_dir: Path, manifest: dict) -> None:
     """Check every listed file's presence, size and sha256 (sizes first: cheap, catches truncation)."""
     files = manifest["files"]
+    root = bundle_dir.resolve()
     for rel, entry in files.items():
         path = bundle_dir / rel
         if not path.is_file() or path.is_symlink():
             raise BundleError(f"{path}: missing (listed in the manifest): {_REBUILD}")
+        if not path.resolve().is_relative_to(root):  # a linked directory on the way
+            raise BundleError(
+                f"{path}: leads outside the bundle through a symbolic link; refusing it: {_REBUILD}"
+            )
         size = path.stat().st_size
         if size != entry["size"]:
             raise BundleError(

@@ -1,8 +1,13 @@
-"""Token sampling as one pure function over a padded batch of rows.
+"""Token sampling as pure functions over a padded batch of rows.
 
 Every row depends only on its own logits, parameters, seed and step, so a request's tokens do not
 change with whatever else shares the batch (the key is derived from (seed, step), not from a batch
 key that would be split by row position).
+
+Two exported variants: `sample` (the common path) and `sample_penalized`, which first applies
+presence / frequency / repetition penalties computed on device from each row's token history.
+The runner calls the second only for a step where some row has non-neutral penalties; with
+neutral penalties it returns exactly what `sample` returns (x / 1, x * 1 and x - 0 are exact).
 """
 
 from __future__ import annotations
@@ -45,6 +50,16 @@ def _sample_row(logits, temperature, top_k, top_p, min_p, seed, step):
     return jnp.where(temperature > 0, drawn, greedy)
 
 
+def _outputs(
+    logits: jax.Array, tokens: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """(tokens, logprob of each, top ids, top logprobs) under the model's own distribution."""
+    logprobs = jax.nn.log_softmax(logits, axis=-1)
+    chosen = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
+    top_lp, top_ids = jax.lax.top_k(logprobs, min(TOP_LOGPROBS, logits.shape[-1]))
+    return tokens, chosen, top_ids.astype(jnp.int32), top_lp
+
+
 def sample(
     logits: jax.Array,
     temperature: jax.Array,
@@ -63,7 +78,66 @@ def sample(
     """
     logits = logits.astype(jnp.float32)
     tokens = jax.vmap(_sample_row)(logits, temperature, top_k, top_p, min_p, seed, step)
-    logprobs = jax.nn.log_softmax(logits, axis=-1)
-    chosen = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
-    top_lp, top_ids = jax.lax.top_k(logprobs, min(TOP_LOGPROBS, logits.shape[-1]))
-    return tokens, chosen, top_ids.astype(jnp.int32), top_lp
+    return _outputs(logits, tokens)
+
+
+def apply_penalties(
+    logits: jax.Array,
+    history: jax.Array,
+    prompt_len: jax.Array,
+    presence: jax.Array,
+    frequency: jax.Array,
+    repetition: jax.Array,
+) -> jax.Array:
+    """vLLM's penalties (``vllm.model_executor.layers.utils.apply_penalties``), row by row.
+
+    logits f32[R,V]; history i32[R,S]: the row's prompt then its output tokens, padded with any id
+    outside [0, V) (ignored); prompt_len i32[R]: positions ``< prompt_len`` are prompt, the rest
+    output; presence, frequency, repetition f32[R]. In this order:
+
+    1. repetition (CTRL / HF / vLLM): for every token seen in the prompt *or* the output, a
+       positive logit is divided by ``repetition``, a non-positive one multiplied by it (1 = off);
+    2. frequency (OpenAI): ``logit -= frequency * count``, count = occurrences in the *output*;
+    3. presence (OpenAI): ``logit -= presence`` for every token that occurs in the *output*.
+
+    Counts are per-row scatter-adds into a [R,V] buffer: no one-hot [R,S,V] is ever formed.
+    """
+    r, v = logits.shape
+    s = history.shape[1]
+    valid = (history >= 0) & (history < v)
+    ids = jnp.where(valid, history, v)  # v is out of bounds: dropped by the scatter
+    rows = jnp.broadcast_to(jnp.arange(r, dtype=jnp.int32)[:, None], (r, s))
+    is_output = jnp.arange(s, dtype=jnp.int32)[None, :] >= prompt_len[:, None]
+    zeros = jnp.zeros((r, v), jnp.float32)
+    seen = zeros.at[rows, ids].add(1.0, mode="drop") > 0
+    out_counts = zeros.at[rows, ids].add(is_output.astype(jnp.float32), mode="drop")
+    penalty = jnp.where(seen, repetition[:, None], 1.0)
+    logits = jnp.where(logits > 0, logits / penalty, logits * penalty)
+    logits = logits - frequency[:, None] * out_counts
+    return logits - presence[:, None] * (out_counts > 0).astype(jnp.float32)
+
+
+def sample_penalized(
+    logits: jax.Array,
+    temperature: jax.Array,
+    top_k: jax.Array,
+    top_p: jax.Array,
+    min_p: jax.Array,
+    seed: jax.Array,
+    step: jax.Array,
+    history: jax.Array,
+    prompt_len: jax.Array,
+    presence: jax.Array,
+    frequency: jax.Array,
+    repetition: jax.Array,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """`sample` after `apply_penalties` (same first seven arguments, then the penalties' five).
+
+    As in vLLM, penalties come before temperature, top-k/p and min-p, and greedy rows take the
+    argmax of the penalized logits; logprobs stay those of the unpenalized model distribution
+    (vLLM's default ``raw_logprobs``), like `sample`'s.
+    """
+    logits = logits.astype(jnp.float32)
+    adjusted = apply_penalties(logits, history, prompt_len, presence, frequency, repetition)
+    tokens = jax.vmap(_sample_row)(adjusted, temperature, top_k, top_p, min_p, seed, step)
+    return _outputs(logits, tokens)

@@ -159,7 +159,10 @@ def encode(cfg: EncoderConfig, params: Params, input_ids, attention_mask, token_
         q, k, v = heads(lp["wq"], lp["bq"]), heads(lp["wk"], lp["bk"]), heads(lp["wv"], lp["bv"])
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
         probs = jax.nn.softmax(scores / np.sqrt(hd) + bias, axis=-1).astype(v.dtype)
-        attn = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(B, S, nh * hd)
+        # heads-major output, then one transpose: XLA:CPU runs this 2-3x faster than a
+        # bqhd-shaped dot (measured at B=32, S=256)
+        attn = jnp.einsum("bhqk,bkhd->bhqd", probs, v).transpose(0, 2, 1, 3)
+        attn = attn.reshape(B, S, nh * hd)
         h = _layer_norm(
             attn @ lp["wo"] + lp["bo"] + h, lp["attn_ln_w"], lp["attn_ln_b"], cfg.layer_norm_eps
         )

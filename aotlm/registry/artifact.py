@@ -47,6 +47,11 @@ class Layer:
     media_type: str
 
 
+def as_map(value: object) -> dict:
+    """`value` if it is a JSON object, else {}: optional objects of a document from outside."""
+    return value if isinstance(value, dict) else {}
+
+
 def canonical_json(obj: object) -> bytes:
     """Sorted keys, no spaces: the same content always gives the same bytes, hence the same digest."""
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
@@ -145,7 +150,7 @@ def parse_manifest(data: bytes, artifact_type: str) -> dict:
     """Decode an OCI manifest and check it is the artifact type we expect."""
     try:
         m = json.loads(data)
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:  # RecursionError: nested too deeply
         raise RegistryError(f"OCI manifest is not valid JSON ({e}); refusing it") from e
     if not isinstance(m, dict) or m.get("schemaVersion") != 2:
         raise RegistryError("OCI manifest: not a schemaVersion 2 manifest")
@@ -153,7 +158,7 @@ def parse_manifest(data: bytes, artifact_type: str) -> dict:
         raise RegistryError(
             f"OCI manifest: mediaType {m.get('mediaType')!r} is not an image manifest"
         )
-    found = m.get("artifactType") or (m.get("config") or {}).get("mediaType")
+    found = m.get("artifactType") or as_map(m.get("config")).get("mediaType")
     expected_config = CONFIG_TYPE if artifact_type == ARTIFACT_TYPE else EMPTY_TYPE
     if found not in (artifact_type, expected_config):
         raise RegistryError(
@@ -175,7 +180,7 @@ def bundle_layers(m: dict) -> list[Layer]:
         mt, digest, size = _descriptor_fields(d, f"layers[{i}]")
         if mt not in (MANIFEST_LAYER, FILE_LAYER):
             raise RegistryError(f"OCI manifest: layers[{i}]: unknown media type {mt!r}")
-        path = safe_path((d.get("annotations") or {}).get(TITLE))
+        path = safe_path(as_map(d.get("annotations")).get(TITLE))
         parents = {path.rsplit("/", k)[0] for k in range(1, path.count("/") + 1)}
         if path in seen or path in dirs or parents & seen:
             raise RegistryError(

@@ -80,7 +80,7 @@ class HttpStore:
         try:
             errors = r.json().get("errors") or []
             detail = "; ".join(f"{e.get('code')}: {e.get('message')}" for e in errors)
-        except (ValueError, AttributeError):
+        except (ValueError, AttributeError, TypeError, RecursionError):  # any body at all
             detail = r.text[:200]
         hint = {
             401: "authentication required: pass --username/--password-stdin or `docker login`",

@@ -21,6 +21,7 @@ from aotlm.registry.artifact import (
     ARTIFACT_TYPE,
     BUNDLE_DIGEST,
     Layer,
+    as_map,
     bundle_layers,
     parse_manifest,
 )
@@ -78,7 +79,7 @@ def _write_blob(store: Store, layer: Layer, root: Path) -> None:
 
 def _cross_check(layers: list[Layer], manifest: dict, oci: dict, digest: str, where: str) -> None:
     """The OCI layers must be exactly the bundle's files with the bundle's digests and sizes."""
-    noted = (oci.get("annotations") or {}).get(BUNDLE_DIGEST)
+    noted = as_map(oci.get("annotations")).get(BUNDLE_DIGEST)
     if noted not in (None, f"sha256:{digest}"):
         raise RegistryError(
             f"{where}: annotation {BUNDLE_DIGEST}={noted} but the bundle is sha256:{digest}"

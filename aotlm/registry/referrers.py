@@ -18,6 +18,7 @@ from aotlm.registry.artifact import (
     SIGNATURE_ARTIFACT,
     SIGNATURE_LAYER,
     TITLE,
+    as_map,
     descriptor,
     image_manifest,
     parse_manifest,
@@ -39,7 +40,7 @@ def _existing_layers(store: Store, tag: str) -> dict[str, dict]:
         return {}
     layers = {}
     for d in parse_manifest(data, SIGNATURE_ARTIFACT)["layers"]:
-        title = (d.get("annotations") or {}).get(TITLE) if isinstance(d, dict) else None
+        title = as_map(as_map(d).get("annotations")).get(TITLE)
         if isinstance(title, str) and _SIG_NAME.fullmatch(title):
             layers[title] = d
     return layers
@@ -81,6 +82,6 @@ def fetch_signatures(store: Store, subject: str) -> dict[str, bytes]:
         if not isinstance(size, int) or not 0 <= size <= MAX_SIGNATURE_BYTES:
             raise RegistryError(f"{store.location}: signature {title} has a bad size; refusing it")
         buf = io.BytesIO()
-        store.fetch_blob(d["digest"], size, buf)
+        store.fetch_blob(d.get("digest"), size, buf)  # the store refuses a bad digest
         docs[title.removesuffix(".sig")] = buf.getvalue()
     return docs

@@ -153,7 +153,7 @@ def _check_one(stem: str, data: bytes, digest: str, name: str, trusted: TrustedK
     try:
         doc = json.loads(data)
         keyid, sig = doc["keyid"], base64.b64decode(doc["signature"], validate=True)
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):
         return f"{stem}.sig: malformed signature file"
     if keyid != stem or not _KEYID.fullmatch(str(keyid)):
         return f"{stem}.sig: key id {keyid!r} does not match the file name"

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from aotlm.errors import AotlmError, CompileAfterReadyError
-from aotlm.runtime.engine import Engine
+from aotlm.runtime.engine import Engine, StepFailedError
 from aotlm.runtime.sampling_params import SamplingParams
 from aotlm.runtime.sequence import Sequence, SequenceStatus
 
@@ -382,13 +382,21 @@ class AsyncEngine:
         try:
             updated = engine.step()
         except Exception as e:
-            log.exception("an engine step failed; failing the requests in flight")
-            fatal = not isinstance(e, AotlmError) or isinstance(e, CompileAfterReadyError)
+            cause = e.cause if isinstance(e, StepFailedError) else e
+            # An AotlmError leaves the engine consistent: only the requests that ran in the
+            # failed step fail. Anything else (a lost device, a bug) stops the engine.
+            fatal = not isinstance(cause, AotlmError) or isinstance(cause, CompileAfterReadyError)
+            ran = e.request_ids if isinstance(e, StepFailedError) and not fatal else None
+            log.exception("an engine step failed%s", "; stopping the engine" if fatal else "")
             if fatal:
-                self.error = e
-            for rid in list(self._requests):
+                self.error = cause
+            failed = RequestFailedError(f"the engine failed while running it: {cause!r}")
+            for rid in list(self._requests) if ran is None else ran:
                 engine.scheduler.abort(rid)
-            self._fail_all(RequestFailedError(f"the engine failed while running it: {e!r}"))
+                tracked = self._requests.pop(rid, None)
+                if tracked is not None:
+                    tracked.stream._put(failed)
+                    self._release(engine, tracked)
             return not fatal
         now = time.monotonic()
         for tracked in self._requests.values():

@@ -28,6 +28,21 @@ class ChunkInput:
     min_p: float = 0.0
     seed: int = 0
     step: int = 0  # tokens generated so far (keys the per-request random stream)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    # With penalties: the sequence's tokens so far (prompt then output) and the prompt's length.
+    history: Sequence[int] = ()
+    prompt_len: int = 0
+
+    @property
+    def penalized(self) -> bool:
+        """True when the penalized sampler must run for this chunk's row."""
+        return (
+            self.presence_penalty != 0.0
+            or self.frequency_penalty != 0.0
+            or self.repetition_penalty != 1.0
+        )
 
 
 @dataclass(frozen=True)
@@ -39,6 +54,9 @@ class StepArrays:
     sampling: tuple[np.ndarray, ...]  # temperature, top_k, top_p, min_p, seed, step
     sample_chunks: tuple[int, ...]  # chunk index of each real row
     real_tokens: int
+    # history, prompt_len, presence, frequency, repetition: only when some sampling row has
+    # non-neutral penalties (then sample_penalized runs instead of sample).
+    penalties: tuple[np.ndarray, ...] | None = None
 
 
 def pack_step(
@@ -47,7 +65,9 @@ def pack_step(
     request_ladder: Sequence[int],
     pages_per_seq: int,
     page_size: int,
+    max_seq_len: int = 0,
 ) -> StepArrays:
+    """Pad ``chunks`` to buckets; ``max_seq_len`` (the history width) is needed with penalties."""
     n = sum(len(c.token_ids) for c in chunks)
     t_bucket = pick_bucket(token_ladder, n)
     r_max = max(request_ladder)
@@ -96,4 +116,32 @@ def pack_step(
         sampling=sampling,
         sample_chunks=tuple(sample_chunks),
         real_tokens=n,
+        penalties=_penalties(picked, r_bucket, max_seq_len),
+    )
+
+
+def _penalties(picked: Sequence[ChunkInput], rows: int, width: int) -> tuple | None:
+    """sample_penalized's extra inputs, or None when every row's penalties are neutral.
+
+    History rows are padded with -1 (ignored by the kernel); padding rows have no history and
+    neutral penalties.
+    """
+    if not any(c.penalized for c in picked):
+        return None
+    history = np.full((rows, width), -1, np.int32)
+    for i, c in enumerate(picked):
+        if len(c.history) > width:
+            raise ValueError(f"a history of {len(c.history)} tokens exceeds max_seq_len={width}")
+        history[i, : len(c.history)] = c.history
+    pad = rows - len(picked)
+
+    def col(attr: str, neutral: float, dtype) -> np.ndarray:
+        return np.asarray([getattr(c, attr) for c in picked] + [neutral] * pad, dtype)
+
+    return (
+        history,
+        col("prompt_len", 0, np.int32),
+        col("presence_penalty", 0.0, np.float32),
+        col("frequency_penalty", 0.0, np.float32),
+        col("repetition_penalty", 1.0, np.float32),
     )

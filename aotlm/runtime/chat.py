@@ -102,7 +102,9 @@ def render_chat(
         )
     except jinja2.TemplateError as e:  # SecurityError and UndefinedError are TemplateErrors
         raise RequestError(f"the chat template rejected the messages: {e}") from e
-    except (TypeError, ValueError, KeyError) as e:  # e.g. `'a' + none` in a template
+    # e.g. `'a' + none`, `x[9]`, `1 / 0`, the sandbox's cap on range(), messages nested deeper
+    # than `tojson` can go
+    except (TypeError, ValueError, LookupError, ArithmeticError, RecursionError) as e:
         raise RequestError(f"the chat template failed on these messages: {e}") from e
 
 

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import jax
 
-from aotlm.errors import RequestError
+from aotlm.bundle import read_manifest
+from aotlm.errors import AotlmError, BundleError, RequestError
 from aotlm.runtime.batch import ChunkInput
 from aotlm.runtime.block_manager import BlockManager
 from aotlm.runtime.loader import LoadedBundle, load_bundle
@@ -23,6 +24,14 @@ from aotlm.runtime.scheduler import ScheduledChunk, Scheduler
 from aotlm.runtime.sequence import Sequence, make_sequences
 from aotlm.runtime.tokenizer import BundleTokenizer
 from aotlm.runtime.trust import TrustPolicy
+
+
+class StepFailedError(AotlmError):
+    """The device step raised `cause`; only `request_ids` had chunks in that step."""
+
+    def __init__(self, cause: Exception, request_ids: frozenset[str]) -> None:
+        super().__init__(f"{type(cause).__name__}: {cause}")
+        self.cause, self.request_ids = cause, request_ids
 
 
 @dataclass(frozen=True)
@@ -38,10 +47,19 @@ class Completion:
     logprobs: tuple[float, ...]
 
 
+def _require_decoder(kind: str, path: Path | str) -> None:
+    if kind != "decoder":
+        raise BundleError(
+            f"{path}: an {kind} (embedding model) bundle cannot generate text; serve it with "
+            "`aotlm serve` (POST /v1/embeddings) or run `aotlm embed`"
+        )
+
+
 class Engine:
     def __init__(
         self, loaded: LoadedBundle, *, max_waiting: int | None = None, strict: bool = False
     ):
+        _require_decoder(loaded.kind, loaded.bundle.path)
         self.loaded = loaded
         self.counter = loaded.counter
         self.strict = strict
@@ -64,6 +82,7 @@ class Engine:
     @classmethod
     def from_bundle(cls, path: Path | str, *, trust: TrustPolicy | None = None, **kwargs) -> Engine:
         """Load, compile once, seal: from here on any compile is counted (and fatal if strict)."""
+        _require_decoder(read_manifest(Path(path))[0]["model"].get("kind", "decoder"), path)
         loaded = load_bundle(path, trust=trust)
         loaded.counter.seal()
         return cls(loaded, **kwargs)
@@ -128,8 +147,11 @@ class Engine:
         out = self.scheduler.schedule()
         if out.is_empty:
             return []
-        with jax.no_tracing(True):
-            sampled = self.runner.execute([self._chunk_input(c) for c in out.chunks])
+        try:
+            with jax.no_tracing(True):
+                sampled = self.runner.execute([self._chunk_input(c) for c in out.chunks])
+        except Exception as e:  # only these requests ran: the caller fails them, not all
+            raise StepFailedError(e, frozenset(c.seq.request_id for c in out.chunks)) from e
         if self.strict:
             self.counter.check()
         by_seq = {out.chunks[i].seq.seq_id: s for i, s in sampled.items()}

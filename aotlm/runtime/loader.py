@@ -26,8 +26,9 @@ from aotlm.bundle import Bundle, open_bundle
 from aotlm.bundle.format import WEIGHTS_FILE
 from aotlm.errors import BundleError
 from aotlm.models import ModelConfig
+from aotlm.models.bert import EncoderConfig
 from aotlm.models.checkpoint import unflatten_params
-from aotlm.models.config import model_config_from_dict
+from aotlm.models.registry import DECODER, family_for_manifest
 from aotlm.runtime.compile_guard import CompileCounter
 from aotlm.runtime.trust import TrustPolicy
 from aotlm.safetensors_io import read_safetensors
@@ -47,11 +48,11 @@ def bucket_key(name: str, bucket: dict[str, int]) -> BucketKey:
 @dataclass
 class LoadedBundle:
     bundle: Bundle
-    model: ModelConfig
+    model: ModelConfig | EncoderConfig
     executables: dict[BucketKey, jax.stages.Compiled]
     params: dict
-    k_pages: jax.Array
-    v_pages: jax.Array
+    k_pages: jax.Array | None  # None for encoders: no KV cache
+    v_pages: jax.Array | None
     counter: CompileCounter
     # seconds per phase, plus "tier" ("compiled" or "stablehlo") and "tier_reason" (why not compiled)
     timings: dict[str, float | str] = field(default_factory=dict)
@@ -59,6 +60,11 @@ class LoadedBundle:
     @property
     def tier(self) -> str:
         return str(self.timings.get("tier", "stablehlo"))
+
+    @property
+    def kind(self) -> str:
+        """The model kind: decoder (generates text) or encoder (embeddings)."""
+        return str(self.bundle.manifest["model"].get("kind", DECODER))
 
     @property
     def serving(self) -> dict:
@@ -177,7 +183,8 @@ def load_bundle(
     bundle = open_bundle(path)
     _check_platform(bundle)
     t1 = time.perf_counter()
-    model = model_config_from_dict(bundle.manifest["model"]["config"])
+    family = family_for_manifest(bundle.manifest, bundle.path)
+    model = family.config_from_dict(bundle.manifest["model"]["config"])
     params = jax.device_put(unflatten_params(read_safetensors(bundle.file(WEIGHTS_FILE))))
     t2 = time.perf_counter()
     entry, reason = choose_compiled_target(bundle, trust)
@@ -193,17 +200,19 @@ def load_bundle(
         log.warning("%s: compiling StableHLO at startup: %s", bundle.path, reason)
         executables = _compile_all(bundle)
     tier = "stablehlo" if reason else "compiled"
-    serving = bundle.manifest["serving"]
-    shape = (
-        model.num_layers,
-        serving["kv_pages"],
-        serving["page_size"],
-        model.num_kv_heads,
-        model.head_dim,
-    )
-    # device_put of host zeros: no compile (jnp.zeros would compile a broadcast)
-    k_pages = jax.device_put(np.zeros(shape, jnp.dtype(serving["dtype"])))
-    v_pages = jax.device_put(np.zeros(shape, jnp.dtype(serving["dtype"])))
+    k_pages = v_pages = None  # encoders keep no KV cache
+    if family.kind == DECODER:
+        serving = bundle.manifest["serving"]
+        shape = (
+            model.num_layers,
+            serving["kv_pages"],
+            serving["page_size"],
+            model.num_kv_heads,
+            model.head_dim,
+        )
+        # device_put of host zeros: no compile (jnp.zeros would compile a broadcast)
+        k_pages = jax.device_put(np.zeros(shape, jnp.dtype(serving["dtype"])))
+        v_pages = jax.device_put(np.zeros(shape, jnp.dtype(serving["dtype"])))
     t3 = time.perf_counter()
     timings = {
         "verify_s": t1 - t0,

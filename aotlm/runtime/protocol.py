@@ -1,8 +1,9 @@
 """OpenAI request models -> `SamplingParams`, and the JSON shapes of choices, logprobs, usage.
 
 Unknown fields are ignored, as OpenAI clients send extras. Known fields the engine cannot honour
-are refused with a 400 naming them instead of being silently dropped: a client asking for a
-presence penalty must not get unpenalised text while believing otherwise.
+are refused with a 400 naming them instead of being silently dropped: a client asking for
+`logit_bias` must not get unbiased text while believing otherwise. Penalties (presence and
+frequency in [-2, 2], OpenAI's; repetition in (0, inf), vLLM's) run on device; out of range is 400.
 """
 
 from __future__ import annotations
@@ -68,11 +69,7 @@ class SamplingRequest(BaseModel):
         return None
 
     # field -> the values accepted for now (what the engine cannot do yet must not be ignored)
-    neutral_values: ClassVar[dict[str, tuple[object, ...]]] = {
-        "presence_penalty": (None, 0.0),
-        "frequency_penalty": (None, 0.0),
-        "repetition_penalty": (None, 1.0),
-    }
+    neutral_values: ClassVar[dict[str, tuple[object, ...]]] = {}
 
     def check_supported(self) -> None:
         for name, accepted in self.neutral_values.items():
@@ -87,12 +84,16 @@ class SamplingRequest(BaseModel):
     def sampling_params(self, max_tokens: int) -> SamplingParams:
         """Validated `SamplingParams`; raises `ParamError` (HTTP 400) naming the bad field."""
         self.check_supported()
+        repetition = 1.0 if self.repetition_penalty is None else self.repetition_penalty
         try:
             return SamplingParams(
                 temperature=1.0 if self.temperature is None else self.temperature,
                 top_k=self.top_k or 0,
                 top_p=1.0 if self.top_p is None else self.top_p,
                 min_p=self.min_p or 0.0,
+                presence_penalty=self.presence_penalty or 0.0,
+                frequency_penalty=self.frequency_penalty or 0.0,
+                repetition_penalty=repetition,
                 seed=self.seed,
                 stop=self.stop or (),
                 stop_token_ids=self.stop_token_ids or (),

@@ -39,16 +39,26 @@ class ModelRunner:
         s = loaded.serving
         self.page_size = s["page_size"]
         self.pages_per_seq = s["pages_per_seq"]
+        self.max_seq_len = s["max_seq_len"]
         self.token_buckets = loaded.token_buckets
         self.request_buckets = loaded.request_buckets
         # Padding accounting: real vs padded tokens over the runner's life.
         self.real_tokens = 0
         self.padded_tokens = 0
         self.bucket_calls: Counter[tuple[str, tuple[int, ...]]] = Counter()
+        # Bundles built before sample_penalized existed (format < 3) cannot apply penalties.
+        self.supports_penalties = all(
+            ("sample_penalized", (r,)) in self.exe for r in self.request_buckets
+        )
 
     def pack(self, chunks: Sequence[ChunkInput]) -> StepArrays:
         return pack_step(
-            chunks, self.token_buckets, self.request_buckets, self.pages_per_seq, self.page_size
+            chunks,
+            self.token_buckets,
+            self.request_buckets,
+            self.pages_per_seq,
+            self.page_size,
+            max_seq_len=self.max_seq_len,
         )
 
     def _call(self, name: str, bucket: tuple[int, ...], *args):
@@ -83,12 +93,20 @@ class ModelRunner:
         )
 
     def execute(self, chunks: Sequence[ChunkInput]) -> dict[int, Sampled]:
-        """Run forward (+ logits + sample when any chunk samples); returns chunk index -> Sampled."""
+        """Run forward (+ logits + sample when any chunk samples); returns chunk index -> Sampled.
+
+        The sampler is sample[R], or sample_penalized[R] when a sampling row has penalties.
+        """
         step = self.pack(chunks)
         logits = self._logits(step)
         if logits is None:
             return {}
-        out = self._call("sample", (step.requests,), logits, *jax.device_put(step.sampling))
+        if step.penalties is None:
+            args = jax.device_put(step.sampling)
+            out = self._call("sample", (step.requests,), logits, *args)
+        else:
+            args = jax.device_put(step.sampling + step.penalties)
+            out = self._call("sample_penalized", (step.requests,), logits, *args)
         tokens, logprobs, top_ids, top_lps = (np.asarray(x) for x in out)
         return {
             chunk: Sampled(

@@ -16,6 +16,9 @@ from aotlm.errors import RequestError
 GREEDY_EPS = 1e-5
 MAX_N = 16
 MAX_LOGPROBS = 20
+MAX_STOP = 16  # OpenAI takes 4
+MAX_STOP_CHARS = 1024
+MAX_STOP_TOKEN_IDS = 1024
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,15 @@ class SamplingParams:
         return self.temperature < GREEDY_EPS
 
     @property
+    def has_penalties(self) -> bool:
+        """True when a presence, frequency or repetition penalty is not neutral (0, 0, 1)."""
+        return (
+            self.presence_penalty != 0.0
+            or self.frequency_penalty != 0.0
+            or self.repetition_penalty != 1.0
+        )
+
+    @property
     def effective_top_k(self) -> int:
         """top_k as the device sampler wants it: 0 means off (so -1 becomes 0)."""
         return 0 if self.top_k < 0 else self.top_k
@@ -87,9 +99,22 @@ class SamplingParams:
             _check_int("seed", self.seed, lambda v: True, "of any size")
         if not isinstance(self.ignore_eos, bool):
             raise RequestError(f"ignore_eos must be a boolean, got {self.ignore_eos!r}")
+        # Stop strings are matched on the engine thread after every token, at a cost that grows
+        # with their number and length: unbounded, one request could slow every other one.
+        if len(self.stop) > MAX_STOP:
+            raise RequestError(f"stop takes at most {MAX_STOP} strings, got {len(self.stop)}")
         for s in self.stop:
-            if not isinstance(s, str) or not s:
-                raise RequestError(f"stop must hold non-empty strings, got {s!r}")
+            if not isinstance(s, str) or not s or len(s) > MAX_STOP_CHARS:
+                shown = repr(s[:40]) + "..." if isinstance(s, str) and len(s) > 40 else repr(s)
+                raise RequestError(
+                    f"stop must hold non-empty strings of at most {MAX_STOP_CHARS} characters, "
+                    f"got {shown}"
+                )
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise RequestError(
+                f"stop_token_ids takes at most {MAX_STOP_TOKEN_IDS} ids, "
+                f"got {len(self.stop_token_ids)}"
+            )
         for t in self.stop_token_ids:
             _check_int("stop_token_ids", t, lambda v: v >= 0, ">= 0")
         return self

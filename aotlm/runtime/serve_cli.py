@@ -5,6 +5,8 @@ Kept apart from cli.py so that the server's imports (FastAPI, uvicorn) load only
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from aotlm.errors import AotlmError
@@ -50,6 +52,13 @@ from aotlm.runtime.trust import TrustPolicy
     default=None,
     help="The model name clients send (default: the bundle's name, from model.yaml).",
 )
+@click.option(
+    "--record-trace",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Append each served request to this JSONL traffic trace "
+    "(what `aotlm buckets plan --trace` and model.yaml's buckets.plan read).",
+)
 @bundle_source_options
 def serve(
     bundle_dir: str,
@@ -60,6 +69,7 @@ def serve(
     max_queued_requests: int,
     drain_timeout: float,
     served_model_name: str | None,
+    record_trace: Path | None,
     trust: TrustPolicy,
     require_signed: bool,
 ) -> None:
@@ -80,6 +90,7 @@ def serve(
             drain_timeout=drain_timeout,
             model_name=served_model_name,
             trust=trust,
+            record_trace=record_trace,
         )
     except AotlmError as e:
         raise click.ClickException(str(e)) from e

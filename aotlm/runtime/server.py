@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 import signal
 import threading
 import time
@@ -26,10 +27,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from aotlm.bundle import read_manifest
 from aotlm.errors import AotlmError, RequestError
+from aotlm.runtime.async_embedder import AsyncEmbedder
 from aotlm.runtime.async_engine import (
     AsyncEngine,
     ChoiceDelta,
@@ -39,6 +41,8 @@ from aotlm.runtime.async_engine import (
     RequestStream,
 )
 from aotlm.runtime.chat import chat_prompt_ids
+from aotlm.runtime.embedder import InputTooLongError
+from aotlm.runtime.embedding_protocol import EmbeddingRequest, embedding_response
 from aotlm.runtime.engine import Engine
 from aotlm.runtime.metrics import ServerMetrics
 from aotlm.runtime.protocol import (
@@ -55,9 +59,15 @@ from aotlm.runtime.protocol import (
 from aotlm.runtime.sampling_params import SamplingParams
 from aotlm.runtime.scheduler import QueueFullError
 from aotlm.runtime.tokenizer import BundleTokenizer
+from aotlm.runtime.trace_recorder import TraceRecorder
 from aotlm.runtime.trust import TrustPolicy
 
+log = logging.getLogger(__name__)
+
 OPEN_PATHS = frozenset({"/health", "/ready", "/metrics"})  # never behind the API key
+# Request bodies past this answer 413 before they are parsed: JSON parsing and tokenizing run
+# on the event loop, so a huge body would stall every other request.
+MAX_REQUEST_BYTES = 16 * 1024 * 1024
 _TYPE_TAGS = frozenset({"str", "int", "float", "bool", "dict", "list", "none"})
 
 
@@ -85,7 +95,15 @@ class APIError(Exception):
         }
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body, status_code=self.status, headers=self.headers)
+        return _AsciiJSONResponse(self.body, status_code=self.status, headers=self.headers)
+
+
+class _AsciiJSONResponse(JSONResponse):
+    """JSON with non-ASCII escaped: an error message that quotes client input (a model name)
+    may hold a lone surrogate from a `\\ud800` escape, which UTF-8 cannot encode."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode()
 
 
 def as_api_error(e: BaseException) -> APIError:
@@ -98,7 +116,9 @@ def as_api_error(e: BaseException) -> APIError:
         return APIError(400, str(e), param=getattr(e, "param", None))
     if isinstance(e, RequestFailedError):
         return APIError(500, str(e))
-    return APIError(500, f"internal error: {e!r}")
+    # A bug: the details go to the log, not to the client.
+    log.error("unexpected error while answering a request", exc_info=e)
+    return APIError(500, f"internal error ({type(e).__name__}); the server log has the details")
 
 
 class _ApiKeyMiddleware:
@@ -120,6 +140,36 @@ class _ApiKeyMiddleware:
         await self.app(scope, receive, send)
 
 
+class _BodyLimitMiddleware:
+    """413 for a request body over `limit` bytes: by its Content-Length before anything is
+    read, or as a chunked body streams in past the limit."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        message = f"the request body is larger than {self.limit} bytes"
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and (len(length) > 18 or int(length) > self.limit):
+            await APIError(413, message, code="request_too_large").response()(scope, receive, send)
+            return
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            received = await receive()
+            if received["type"] == "http.request":
+                seen += len(received.get("body", b""))
+                if seen > self.limit:
+                    raise HTTPException(413, message)  # FastAPI passes it on while reading
+            return received
+
+        await self.app(scope, limited, send)
+
+
 class _Job:
     """The engine requests of one HTTP request (one per prompt, `n` choices each)."""
 
@@ -130,10 +180,14 @@ class _Job:
         n: int,
         metrics: ServerMetrics,
         arrival: float,
+        trace: TraceRecorder | None = None,
     ) -> None:
         self.streams, self.n = streams, n
         self.timers = [metrics.timer(arrival) for _ in streams]
         self.prompt_tokens = sum(len(p) for p in prompts)
+        self.prompt_lens = [len(p) for p in prompts]
+        self.arrival, self.trace = arrival, trace
+        self.output_tokens = [[0] * n for _ in streams]  # per prompt, per choice
         self.cached = [0] * len(streams)
         self.finished = [0] * len(streams)
         self.completion_tokens = 0
@@ -149,6 +203,7 @@ class _Job:
                 self.cached[i] = out.num_cached_tokens
                 for c in out.choices:
                     self.completion_tokens += len(c.token_ids)
+                    self.output_tokens[i][c.index] += len(c.token_ids)
                     self.finished[i] += c.finish_reason is not None
                     yield i * self.n + c.index, c
         finally:
@@ -156,6 +211,9 @@ class _Job:
                 if not stream.done:  # neither finished nor failed: the client went away
                     stream.abort()
                     timer.on_abort(self.n - done)
+            if self.trace is not None:  # what ran, aborted choices included
+                for prompt_len, outputs in zip(self.prompt_lens, self.output_tokens, strict=True):
+                    self.trace.record(prompt_len, outputs, self.arrival)
 
 
 async def _merge(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
@@ -217,17 +275,39 @@ def _sse(events: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
 class _OpenAI:
     """The endpoints' logic, shared state in one place."""
 
-    def __init__(self, engine: AsyncEngine, model_name: str, max_queued: int | None) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine | AsyncEmbedder,
+        model_name: str,
+        max_queued: int | None,
+        trace: TraceRecorder | None = None,
+    ) -> None:
         self.engine, self.model_name, self.max_queued = engine, model_name, max_queued
         self.metrics = ServerMetrics(lambda: engine.stats)
+        self.trace = trace
+        self._reserved = 0  # prompts of requests being added, not yet in engine.num_queued
 
-    def ready_engine(self, model: str | None) -> Engine:
+    def ready_engine(self, model: str | None, route: str | None = None) -> Engine:
+        """The loaded engine (an `Embedder` for an encoder bundle), once the model name is
+        right and, given `route`, the model's kind serves that route."""
         if model is not None and model != self.model_name:
             raise APIError(
                 404,
                 f"the model `{model}` does not exist; this server serves `{self.model_name}`",
                 param="model",
                 code="model_not_found",
+            )
+        embeds = isinstance(self.engine, AsyncEmbedder)
+        if route is not None and embeds != (route == "/v1/embeddings"):
+            what = (
+                f"is an embedding model: it serves /v1/embeddings, not {route}"
+                if embeds
+                else "is not an embedding model: it generates text (/v1/completions, "
+                "/v1/chat/completions); /v1/embeddings needs a bundle built from an encoder "
+                "checkpoint (e.g. BertModel)"
+            )
+            raise APIError(
+                400, f"the model `{self.model_name}` {what}", param="model", code="wrong_model_kind"
             )
         if not self.engine.is_ready:
             raise EngineUnavailableError(self.engine.unavailable_reason())
@@ -260,33 +340,70 @@ class _OpenAI:
         return req.sampling_params(asked if asked is not None else min(default, room))
 
     async def submit(self, prompts: list[list[int]], params: list[SamplingParams]) -> _Job:
-        if self.max_queued is not None and self.engine.num_queued + len(prompts) > self.max_queued:
-            raise QueueFullError(f"the request queue is full ({self.max_queued}); retry later")
+        """Queue every prompt or none. The queue check counts the prompts of concurrent
+        requests that are still being added (`_reserved`), so the limit holds exactly."""
+        if self.max_queued is not None:
+            if len(prompts) > self.max_queued:
+                raise ParamError(
+                    "prompt",
+                    f"{len(prompts)} prompts in one request; this server queues at most "
+                    f"{self.max_queued}: split the batch",
+                )
+            if self.engine.num_queued + self._reserved + len(prompts) > self.max_queued:
+                raise QueueFullError(f"the request queue is full ({self.max_queued}); retry later")
         arrival = time.monotonic()
         streams: list[RequestStream] = []
+        pending = len(prompts)
+        self._reserved += pending
         try:
             for ids, p in zip(prompts, params, strict=True):
+                # add_request counts the prompt in num_queued before its first await
+                self._reserved, pending = self._reserved - 1, pending - 1
                 streams.append(await self.engine.add_request(ids, p))
         except BaseException:
+            self._reserved -= pending
             for s in streams:
                 s.abort()
             raise
-        return _Job(streams, prompts, params[0].n, self.metrics, arrival)
+        return _Job(streams, prompts, params[0].n, self.metrics, arrival, self.trace)
 
     async def completions(self, req: CompletionRequest, raw: Request) -> Response:
-        engine = self.ready_engine(req.model)
+        engine = self.ready_engine(req.model, "/v1/completions")
         tok = engine.tokenizer
         prompts = [tok.encode(p) if isinstance(p, str) else list(p) for p in req.prompts()]
         params = [self.params(req, len(p), engine.max_seq_len, 16, "prompt") for p in prompts]
         return await self.respond(req, raw, await self.submit(prompts, params), tok, chat=False)
 
     async def chat(self, req: ChatCompletionRequest, raw: Request) -> Response:
-        engine = self.ready_engine(req.model)
+        engine = self.ready_engine(req.model, "/v1/chat/completions")
         tok = engine.tokenizer
         msgs = req.message_dicts()
         ids = chat_prompt_ids(tok, msgs, add_generation_prompt=req.add_generation_prompt)
         params = self.params(req, len(ids), engine.max_seq_len, engine.max_seq_len, "messages")
         return await self.respond(req, raw, await self.submit([ids], [params]), tok, chat=True)
+
+    async def embeddings(self, req: EmbeddingRequest) -> Response:
+        """Tokenized and checked here; the embedder thread batches it with concurrent requests."""
+        embedder = self.ready_engine(req.model, "/v1/embeddings")
+        req.check_dimensions(embedder.dim)
+        truncate = embedder.truncation(req.truncate_prompt_tokens)
+        items = req.inputs()
+        try:
+            ids = [
+                embedder.token_ids(x, truncate, None if len(items) == 1 else i)
+                for i, x in enumerate(items)
+            ]
+        except InputTooLongError as e:
+            raise APIError(400, str(e), param="input", code="context_length_exceeded") from None
+        if self.max_queued is not None and self.engine.num_queued >= self.max_queued:
+            raise QueueFullError(f"the request queue is full ({self.max_queued}); retry later")
+        arrival = time.monotonic()
+        vectors = await self.engine.embed(ids)
+        tokens = sum(len(x) for x in ids)
+        self.metrics.prompt_tokens.inc(tokens)
+        self.metrics.e2e.observe(time.monotonic() - arrival)
+        body = embedding_response(vectors, req.encoding_format, self.model_name, tokens)
+        return JSONResponse(body)
 
     async def respond(
         self, req: SamplingRequest, raw: Request, job: _Job, tok: BundleTokenizer, chat: bool
@@ -354,6 +471,9 @@ def _validation_message(e: RequestValidationError) -> tuple[str, str | None]:
     """pydantic's errors as one line per field; a union's alternatives collapse into one."""
     by_field: dict[str, list[str]] = {}
     for err in e.errors():
+        if err.get("type") == "json_invalid":  # its loc is a character offset, not a field
+            why = (err.get("ctx") or {}).get("error", "cannot parse it")
+            return f"the body is not valid JSON: {why}", None
         path = []
         for part in (
             err.get("loc", ())[1:] if err.get("loc", ())[:1] == ("body",) else err.get("loc", ())
@@ -369,17 +489,22 @@ def _validation_message(e: RequestValidationError) -> tuple[str, str | None]:
 
 
 def create_app(
-    engine: AsyncEngine,
+    engine: AsyncEngine | AsyncEmbedder,
     *,
     model_name: str,
     api_key: str | None = None,
     max_queued: int | None = None,
+    trace: TraceRecorder | None = None,
+    max_request_bytes: int = MAX_REQUEST_BYTES,
 ) -> FastAPI:
     """The HTTP app over `engine`. `max_queued` bounds the requests waiting for their first
-    engine step (503 beyond it). Several apps may share one engine; each has its own metrics."""
-    api = _OpenAI(engine, model_name, max_queued)
+    engine step (503 beyond it). Several apps may share one engine; each has its own metrics.
+    `trace` records every completion and chat request it serves (`--record-trace`).
+    A body over `max_request_bytes` is refused with 413 before it is parsed."""
+    api = _OpenAI(engine, model_name, max_queued, trace)
     app = FastAPI(title="aotlm", docs_url=None, redoc_url=None)
-    if api_key:
+    app.add_middleware(_BodyLimitMiddleware, limit=max_request_bytes)
+    if api_key:  # added last, so it runs first: no body is read for a wrong key
         app.add_middleware(_ApiKeyMiddleware, api_key=api_key)
     app.state.api = api
 
@@ -429,6 +554,10 @@ def create_app(
     async def chat_completions(req: ChatCompletionRequest, raw: Request) -> Response:
         return await api.chat(req, raw)
 
+    @app.post("/v1/embeddings")
+    async def embeddings(req: EmbeddingRequest) -> Response:
+        return await api.embeddings(req)
+
     @app.post("/tokenize")
     async def tokenize(req: TokenizeRequest) -> dict[str, Any]:
         eng = api.ready_engine(req.model)
@@ -468,8 +597,11 @@ def run_server(
     drain_timeout: float = 30.0,
     model_name: str | None = None,
     trust: TrustPolicy | None = None,
+    record_trace: Path | str | None = None,
 ) -> None:
     """Load `bundle` in the background and serve it until SIGTERM / SIGINT.
+
+    `record_trace` appends one line per served sequence to that JSONL file (see trace_recorder).
 
     `/ready` answers 503 until the bundle is loaded and sealed. On SIGTERM uvicorn stops
     accepting connections and lets in-flight requests finish for up to `drain_timeout` seconds,
@@ -477,9 +609,18 @@ def run_server(
     """
     # The manifest's name (model.yaml `name`, default its stem) unless overridden; reading the
     # manifest also refuses a damaged bundle before the engine thread starts.
-    name = model_name or read_manifest(Path(bundle))[0]["name"]
-    engine = AsyncEngine.from_bundle(bundle, strict=strict, trust=trust)
-    app = create_app(engine, model_name=name, api_key=api_key, max_queued=max_queued_requests)
+    manifest = read_manifest(Path(bundle))[0]
+    name = model_name or manifest["name"]
+    trace = TraceRecorder(record_trace) if record_trace is not None else None
+    # An encoder bundle is served by the embedder (POST /v1/embeddings) instead of the engine.
+    engine: AsyncEngine | AsyncEmbedder
+    if manifest["model"].get("kind") == "encoder":
+        engine = AsyncEmbedder.from_bundle(bundle, strict=strict, trust=trust)
+    else:
+        engine = AsyncEngine.from_bundle(bundle, strict=strict, trust=trust)
+    app = create_app(
+        engine, model_name=name, api_key=api_key, max_queued=max_queued_requests, trace=trace
+    )
     config = uvicorn.Config(
         app, host=host, port=port, timeout_graceful_shutdown=drain_timeout, log_level="info"
     )

@@ -7,11 +7,28 @@ import json
 from tokenizers import Tokenizer
 
 from aotlm.bundle import Bundle
+from aotlm.errors import RequestError
+
+
+def valid_text(text: str) -> str:
+    """`text`, if it is valid Unicode. JSON can carry a lone surrogate (`"\\ud800"`) that the
+    (Rust) tokenizer refuses with a TypeError: that is the client's error, a RequestError (400)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise RequestError(
+            f"the text is not valid Unicode ({e.reason} at character {e.start})"
+        ) from None
+    return text
 
 
 class BundleTokenizer:
     def __init__(self, bundle: Bundle, eos_token_ids: tuple[int, ...] = ()) -> None:
         self._tok = Tokenizer.from_file(str(bundle.file("tokenizer/tokenizer.json")))
+        # tokenizer.json may pad and truncate (sentence-transformers exports pad and cut to 128):
+        # aotlm pads to its own buckets and checks lengths itself, so neither may apply here.
+        self._tok.no_padding()
+        self._tok.no_truncation()
         files = bundle.manifest["files"]
         self.config = (
             self._json(bundle, "tokenizer/tokenizer_config.json")
@@ -38,7 +55,7 @@ class BundleTokenizer:
         return data if isinstance(data, dict) else {}
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        return self._tok.encode(valid_text(text), add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)

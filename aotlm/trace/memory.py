@@ -71,6 +71,15 @@ def check_plan(target: Target, build: BuildConfig, plan: dict) -> None:
         return
     per_page = plan["kv_pool_bytes"] // max(1, build.kv_pages)
     peak = f", largest step {plan['peak_step']} {_gib(plan['peak_step_bytes'])}"
+    if build.kind == "encoder":  # no KV cache: only weights and the largest embed[S,B]
+        raise ConfigError(
+            f"{build.source.name}: memory plan for target {target.name}: needs "
+            f"{_gib(plan['total_bytes'])} (weights {_gib(plan['weights_bytes'])}"
+            f"{peak if plan['peak_step'] else ''}) but the device has {_gib(limit)} "
+            f"({plan['limit']}): shrink the largest sequence-length bucket "
+            f"({max(build.token_buckets)}) or batch bucket ({max(build.request_buckets)}), "
+            "or use a smaller dtype"
+        )
     raise ConfigError(
         f"{build.source.name}: memory plan for target {target.name}: needs {_gib(plan['total_bytes'])} "
         f"(weights {_gib(plan['weights_bytes'])}, KV page pool {_gib(plan['kv_pool_bytes'])} for "

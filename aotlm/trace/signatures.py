@@ -43,7 +43,8 @@ def head_aval(cfg: ModelConfig, build: BuildConfig) -> jax.ShapeDtypeStruct:
 
 
 def step_specs(cfg: ModelConfig, build: BuildConfig) -> list[StepSpec]:
-    """forward per token bucket, logits per (token, request) pair, sample per request bucket."""
+    """forward per token bucket, logits per (token, request) pair, sample and sample_penalized
+    per request bucket (the second also takes each row's tokens, i32[R, max_seq_len])."""
     params = abstract_params(cfg, build.dtype)
     kv = kv_pages_aval(cfg, build)
     r_max = max(build.request_buckets)
@@ -66,4 +67,7 @@ def step_specs(cfg: ModelConfig, build: BuildConfig) -> list[StepSpec]:
         f, i = _s((r,), F32), _s((r,), I32)
         args = (_s((r, cfg.vocab_size), F32), f, i, f, f, _s((r,), jnp.uint32), i)
         specs.append(StepSpec("sample", {"requests": r}, args))
+        history = _s((r, build.max_seq_len), I32)
+        penalties = (history, i, f, f, f)  # history, prompt_len, presence, frequency, repetition
+        specs.append(StepSpec("sample_penalized", {"requests": r}, args + penalties))
     return specs

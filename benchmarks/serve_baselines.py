@@ -1,0 +1,167 @@
+"""Baselines for benchmarks/serve.py, run on the same prompts once the server has stopped.
+
+- `transformers_generate`: what a Hugging Face user would do: `model.generate` over static batches
+  of `batch_size` prompts (left padding, attention mask), greedy, `max_new_tokens` = the largest
+  request of the batch, EOS ignored; only each request's own `max_tokens` count as useful output.
+  serve.py runs it in a fresh process (`python serve_baselines.py REQUESTS_JSON CHECKPOINT BATCH
+  THREADS` prints one JSON line), so no jax is loaded beside torch. PyTorch's OpenMP threads
+  degrade badly when the cores are oversubscribed, so serve.py times the first batch with 1 thread
+  and with one per core (torch's default) and runs every batch with the faster.
+- `engine_offline`: aotlm's engine in this process with no HTTP, every request added at once, so the
+  served numbers can be split into engine time and server/client overhead.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Request:
+    """One load-generator request: prompt token ids and the exact number of tokens to generate."""
+
+    prompt: list[int]
+    max_tokens: int
+
+
+def transformers_generate(
+    checkpoint: Path, requests: Sequence[Request], batch_size: int, threads: int
+) -> dict:
+    """Greedy `model.generate` over static batches; returns throughput and each request's tokens."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    torch.set_num_threads(threads)
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    pad_id = model.config.pad_token_id
+    if pad_id is None:  # padded positions are masked out: any id will do
+        pad_id = 0
+    config = copy.deepcopy(model.generation_config)
+    config.eos_token_id = None  # the served requests use ignore_eos: generate exactly N tokens
+    config.do_sample = False
+    config.pad_token_id = pad_id
+
+    def generate(batch: Sequence[Request]) -> list[list[int]]:
+        width = max(len(r.prompt) for r in batch)
+        ids = [[pad_id] * (width - len(r.prompt)) + r.prompt for r in batch]
+        mask = [[0] * (width - len(r.prompt)) + [1] * len(r.prompt) for r in batch]
+        config.max_new_tokens = max(r.max_tokens for r in batch)
+        with torch.inference_mode():
+            out = model.generate(
+                input_ids=torch.tensor(ids),
+                attention_mask=torch.tensor(mask),
+                generation_config=config,
+            )
+        return [out[i, width : width + r.max_tokens].tolist() for i, r in enumerate(batch)]
+
+    generate([Request(requests[0].prompt, 4)])  # warm-up, untimed
+    batches = [requests[i : i + batch_size] for i in range(0, len(requests), batch_size)]
+    token_ids: list[list[int]] = []
+    start, cpu = time.perf_counter(), time.process_time()
+    for batch in batches:
+        token_ids.extend(generate(batch))
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+    useful = sum(r.max_tokens for r in requests)
+    computed = sum(len(b) * max(r.max_tokens for r in b) for b in batches)
+    return {
+        "seconds": seconds,
+        "cpu_s": cpu,  # every thread of this process
+        "batches": len(batches),
+        "useful_output_tokens": useful,
+        "computed_output_tokens": computed,
+        "output_tok_s": useful / seconds,
+        "req_s": len(requests) / seconds,
+        "torch_threads": torch.get_num_threads(),
+        "token_ids": token_ids,
+    }
+
+
+class _TimedRunner:
+    """Forwards to a `ModelRunner`, adding up the wall time of `execute` (pack + device + fetch)
+    per token bucket."""
+
+    def __init__(self, runner) -> None:
+        self.runner = runner
+        self.by_bucket: dict[int, list[float]] = {}
+
+    def execute(self, chunks):
+        from aotlm.buckets import pick_bucket
+
+        bucket = pick_bucket(self.runner.token_buckets, sum(len(c.token_ids) for c in chunks))
+        start = time.perf_counter()
+        try:
+            return self.runner.execute(chunks)
+        finally:
+            self.by_bucket.setdefault(bucket, []).append(time.perf_counter() - start)
+
+    @property
+    def seconds(self) -> float:
+        return sum(sum(v) for v in self.by_bucket.values())
+
+
+def engine_offline(bundle: Path, requests: Sequence[Request], warmup: Request) -> dict:
+    """aotlm's engine without HTTP: all requests added at once, stepped until done.
+
+    `warmup` runs first, untimed; give it a prompt that shares no page with `requests`.
+    """
+    import jax
+
+    from aotlm.runtime.engine import Engine
+    from aotlm.runtime.sampling_params import SamplingParams
+
+    engine = Engine.from_bundle(bundle)
+    timed = _TimedRunner(engine.runner)
+    engine.runner = timed  # instrument this benchmark's own engine only
+
+    def params(r: Request) -> SamplingParams:
+        return SamplingParams(temperature=0.0, max_tokens=r.max_tokens, ignore_eos=True)
+
+    engine.generate([warmup.prompt], params(warmup))
+    timed.by_bucket.clear()
+    seqs = [engine.add_request(r.prompt, params(r))[0] for r in requests]
+    steps = 0
+    start, cpu = time.perf_counter(), time.process_time()
+    while engine.scheduler.has_unfinished:
+        engine.step()
+        steps += 1
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+    tokens = sum(r.max_tokens for r in requests)
+    return {
+        "seconds": seconds,
+        "cpu_s": cpu,  # every thread of this process (XLA's included)
+        "steps": steps,
+        "step_ms": 1e3 * seconds / steps,
+        "execute_ms": 1e3 * timed.seconds / steps,  # pack, device step(s), results to host
+        "host_ms": 1e3 * (seconds - timed.seconds) / steps,  # schedule, postprocess, detokenize
+        "execute_by_token_bucket": {
+            str(b): {"steps": len(v), "ms": 1e3 * sum(v) / len(v), "share": sum(v) / seconds}
+            for b, v in sorted(timed.by_bucket.items())
+        },
+        "output_tok_s": tokens / seconds,
+        "req_s": len(requests) / seconds,
+        "compiles_after_ready": engine.compiles_after_ready,
+        "backend": jax.default_backend(),
+        "token_ids": [list(s.output_token_ids) for s in seqs],
+        "texts": [engine.text(s) for s in seqs],
+    }
+
+
+def main(argv: Sequence[str]) -> None:
+    requests_json, checkpoint, batch_size, threads = argv
+    data = json.loads(Path(requests_json).read_text(encoding="utf-8"))
+    requests = [Request(r["prompt"], r["max_tokens"]) for r in data]
+    result = transformers_generate(Path(checkpoint), requests, int(batch_size), int(threads))
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

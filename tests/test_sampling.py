@@ -1,0 +1,93 @@
+"""The device sampler (aotlm/kernels/sampling.py): penalties against a numpy reference."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+from aotlm.kernels.sampling import apply_penalties, sample, sample_penalized
+
+V, S = 50, 24
+
+
+def penalties_reference(logits, history, prompt_len, presence, frequency, repetition):
+    """vLLM's apply_penalties written out row by row, token by token."""
+    out = logits.astype(np.float64).copy()
+    for r in range(out.shape[0]):
+        ids = [(pos, int(t)) for pos, t in enumerate(history[r]) if 0 <= t < V]
+        seen = {t for _, t in ids}
+        counts: dict[int, int] = {}
+        for pos, t in ids:
+            if pos >= prompt_len[r]:
+                counts[t] = counts.get(t, 0) + 1
+        for t in seen:
+            x = out[r, t]
+            out[r, t] = x / repetition[r] if x > 0 else x * repetition[r]
+        for t, n in counts.items():
+            out[r, t] -= frequency[r] * n + presence[r]
+    return out
+
+
+def random_inputs(rng: np.random.Generator, rows: int):
+    logits = rng.normal(0, 3, (rows, V)).astype(np.float32)
+    history = rng.integers(0, V, (rows, S)).astype(np.int32)
+    lengths = rng.integers(0, S + 1, rows)
+    prompt_len = np.minimum(rng.integers(0, S + 1, rows), lengths).astype(np.int32)
+    for r, n in enumerate(lengths):
+        history[r, n:] = rng.choice([-1, V, V + 7])  # padding: any id outside [0, V)
+    presence = rng.uniform(-2, 2, rows).astype(np.float32)
+    frequency = rng.uniform(-2, 2, rows).astype(np.float32)
+    repetition = rng.uniform(0.5, 2.5, rows).astype(np.float32)
+    return logits, history, prompt_len, presence, frequency, repetition
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_penalties_match_the_numpy_reference(seed):
+    args = random_inputs(np.random.default_rng(seed), rows=4)
+    ours = np.asarray(jax.jit(apply_penalties)(*args))
+    np.testing.assert_allclose(ours, penalties_reference(*args), rtol=1e-5, atol=1e-5)
+
+
+def test_greedy_takes_the_argmax_of_penalized_logits_and_logprobs_stay_raw():
+    rng = np.random.default_rng(7)
+    logits, history, prompt_len, presence, frequency, repetition = random_inputs(rng, rows=4)
+    rows = logits.shape[0]
+    plain = (
+        logits,
+        np.zeros(rows, np.float32),  # greedy
+        np.zeros(rows, np.int32),
+        np.ones(rows, np.float32),
+        np.zeros(rows, np.float32),
+        np.arange(rows, dtype=np.uint32),
+        np.zeros(rows, np.int32),
+    )
+    penalties = (history, prompt_len, presence, frequency, repetition)
+    tokens, logprob, _, _ = jax.jit(sample_penalized)(*plain, *penalties)
+    expected = penalties_reference(logits, *penalties).argmax(-1)
+    assert np.asarray(tokens).tolist() == expected.tolist()
+    raw = jax.nn.log_softmax(logits, axis=-1)
+    np.testing.assert_allclose(
+        np.asarray(logprob), np.asarray(raw)[np.arange(rows), expected], rtol=1e-6
+    )
+
+
+def test_neutral_penalties_give_exactly_what_sample_gives():
+    rng = np.random.default_rng(3)
+    logits, history, prompt_len, *_ = random_inputs(rng, rows=8)
+    temperature = np.array([0, 0.7, 1.0, 1.3, 0, 0.5, 2.0, 0.9], np.float32)
+    plain = (
+        logits,
+        temperature,
+        np.array([0, 5, 0, 10, 0, 0, 3, 0], np.int32),
+        np.array([1, 0.9, 0.8, 1, 1, 0.5, 1, 0.95], np.float32),
+        np.array([0, 0, 0.05, 0, 0, 0.1, 0, 0], np.float32),
+        rng.integers(0, 2**32, 8).astype(np.uint32),
+        rng.integers(0, 100, 8).astype(np.int32),
+    )
+    neutral = (history, prompt_len, np.zeros(8, np.float32), np.zeros(8, np.float32))
+    neutral += (np.ones(8, np.float32),)
+    a = jax.jit(sample)(*plain)
+    b = jax.jit(sample_penalized)(*plain, *neutral)
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
