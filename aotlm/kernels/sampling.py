@@ -50,6 +50,16 @@ def _sample_row(logits, temperature, top_k, top_p, min_p, seed, step):
     return jnp.where(temperature > 0, drawn, greedy)
 
 
+def _choose(logits, temperature, top_k, top_p, min_p, seed, step) -> jax.Array:
+    """Tokens for every row. An all-greedy batch (the common serving case) skips the sort, the
+    masks and the random draw; the result is the same argmax either way."""
+    return jax.lax.cond(
+        jnp.any(temperature > 0),
+        lambda: jax.vmap(_sample_row)(logits, temperature, top_k, top_p, min_p, seed, step),
+        lambda: jnp.argmax(logits, axis=-1).astype(jnp.int32),
+    )
+
+
 def _outputs(
     logits: jax.Array, tokens: jax.Array
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
@@ -77,7 +87,7 @@ def sample(
     distribution, top ids i32[R,20], top logprobs f32[R,20]).
     """
     logits = logits.astype(jnp.float32)
-    tokens = jax.vmap(_sample_row)(logits, temperature, top_k, top_p, min_p, seed, step)
+    tokens = _choose(logits, temperature, top_k, top_p, min_p, seed, step)
     return _outputs(logits, tokens)
 
 
@@ -139,5 +149,5 @@ def sample_penalized(
     """
     logits = logits.astype(jnp.float32)
     adjusted = apply_penalties(logits, history, prompt_len, presence, frequency, repetition)
-    tokens = jax.vmap(_sample_row)(adjusted, temperature, top_k, top_p, min_p, seed, step)
+    tokens = _choose(adjusted, temperature, top_k, top_p, min_p, seed, step)
     return _outputs(logits, tokens)
