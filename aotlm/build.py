@@ -25,11 +25,12 @@ from aotlm.errors import CheckpointError, ConfigError
 from aotlm.models import ModelConfig
 from aotlm.models.checkpoint import flatten_params
 from aotlm.models.registry import DECODER, ModelFamily, family_for_checkpoint
+from aotlm.models.sharding import check_mesh
 from aotlm.safetensors_io import serialize_safetensors
 from aotlm.trace.compile import compile_exported, memory_stats, serialize_compiled
-from aotlm.trace.export import aval_list, export_step, target_platforms
+from aotlm.trace.export import aval_list, export_step, shardings_entry, target_platforms
 from aotlm.trace.memory import check_plan, memory_plan, nbytes
-from aotlm.trace.signatures import StepSpec
+from aotlm.trace.signatures import StepSpec, params_avals
 from aotlm.trace.steps import DONATE_ARGNUMS
 from aotlm.trace.targets import COMPILED, STABLEHLO, Target, TargetPlan, plan_target
 
@@ -105,9 +106,15 @@ def source_version() -> str:
     return h.hexdigest()
 
 
-def _avals(args) -> dict:
+def _avals(spec: StepSpec) -> dict:
+    """What an export depends on besides the code: avals, and on a mesh their shardings."""
+    args = spec.args
     leaves = [[list(a.shape), str(a.dtype)] for a in jax.tree.leaves(args)]
-    return {"tree": str(jax.tree.structure(args)), "leaves": leaves}
+    out = {"tree": str(jax.tree.structure(args)), "leaves": leaves}
+    if spec.out_shardings is not None:
+        out["shardings"] = [str(a.sharding) for a in jax.tree.leaves(args)]
+        out["out_shardings"] = str(spec.out_shardings)
+    return out
 
 
 @dataclass
@@ -129,7 +136,11 @@ class _Builder:
     def __init__(
         self, family: ModelFamily, cfg, build: BuildConfig, plans, cache: BuildCache | None
     ):
-        self.fns = family.step_functions(cfg)
+        self.fns = (
+            family.sharded_step_functions(cfg, build.tp)  # type: ignore[misc]
+            if build.tp > 1
+            else family.step_functions(cfg)
+        )
         self.platforms = target_platforms(build.targets)
         self.plans = [p for p in plans if p.tier == COMPILED]
         self.cache = cache
@@ -154,7 +165,7 @@ class _Builder:
         start = time.perf_counter()
         donate = DONATE_ARGNUMS[spec.name]
         key = cache_key(
-            kind="export", name=spec.name, bucket=spec.bucket, avals=_avals(spec.args),
+            kind="export", name=spec.name, bucket=spec.bucket, avals=_avals(spec),
             donate=list(donate), **self.key_base,
         )  # fmt: skip
         export, _, n_exported = self._cached(
@@ -166,7 +177,7 @@ class _Builder:
         for plan in self.plans:
 
             def make(plan=plan):
-                compiled = compile_exported(exp, donate, plan.device)
+                compiled = compile_exported(exp, donate, plan.devices)
                 return serialize_compiled(compiled, exp), {"memory": memory_stats(compiled)}
 
             key = cache_key(
@@ -228,6 +239,8 @@ def _serving(build: BuildConfig, family: ModelFamily, platforms: tuple[str, ...]
             "kv_pages": build.kv_pages,
             "pages_per_seq": build.pages_per_seq,
         }
+    if build.tp > 1:  # absent: one device
+        serving["mesh"] = {"tp": build.tp}
     return serving
 
 
@@ -270,15 +283,22 @@ def build_bundle(
         )
     cfg = family.read_config(build.model)
     check_model_fits(build, cfg)
+    if build.tp > 1:
+        if family.sharded_step_functions is None:
+            raise ConfigError(
+                f"{build.source.name}: mesh: {family.name} models run on one device; remove mesh"
+            )
+        check_mesh(cfg, build.tp, f"{build.source.name}: mesh.tp")
     cache_root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     targets = [Target.parse(t) for t in build.targets]
     if compile_targets:
-        plans = [plan_target(t) for t in targets]
+        plans = [plan_target(t, build.tp) for t in targets]
     else:
         plans = [TargetPlan(t, STABLEHLO, "compiled tier not requested") for t in targets]
     specs = family.step_specs(cfg, build)
+    params_per_device = params_avals(cfg, build) if build.tp > 1 else None  # shards only
     resident = (
-        nbytes(family.abstract_params(cfg, build.dtype)),
+        nbytes(params_per_device or family.abstract_params(cfg, build.dtype)),
         family.kv_pool_bytes(cfg, build),
     )
     for plan in plans:  # fail before compiling anything when weights + KV alone do not fit
@@ -302,6 +322,7 @@ def build_bundle(
                 "donate_argnums": list(DONATE_ARGNUMS[s.spec.name]),
                 "in_avals": aval_list(s.exp.in_avals),
                 "out_avals": aval_list(s.exp.out_avals),
+                **shardings_entry(s.exp),
             }
         )
     manifest = {

@@ -36,6 +36,7 @@ _TOP_KEYS = (
     "kv_pages",
     "targets",
     "memory_gib",
+    "mesh",
 )
 _REQUIRED_TOP = ("model", "dtype", "max_seq_len", "buckets")
 _BUCKET_KEYS = ("tokens", "requests", "page_size")
@@ -70,6 +71,9 @@ class BuildConfig:
     # With `buckets: {plan: TRACE.jsonl, ...}`: the planner's result as sorted JSON (hashable,
     # like the rest), recorded in the manifest's buckets.plan. None for ladders given directly.
     bucket_plan: str | None = None
+    # `mesh: {tp: N}`: tensor-parallel degree, the model split over N devices
+    # (aotlm/models/sharding.py); 1: one device. Checked against the checkpoint by the build.
+    tp: int = 1
 
     @property
     def pages_per_seq(self) -> int:
@@ -135,7 +139,12 @@ def parse_build_config(data: dict, source: Path) -> BuildConfig:
         raise check.error("dtype", f"must be one of {', '.join(DTYPES)} (got {dtype!r})")
     max_seq_len = check.positive_int(data["max_seq_len"], "max_seq_len")
     model = _checkpoint_dir(check, data["model"], source.parent)
+    tp = _mesh_tp(check, data.get("mesh"))
     if _checkpoint_kind(model) == "encoder":
+        if tp > 1:
+            raise check.error(
+                "mesh", "the checkpoint is an encoder (embedding model): it runs on one device"
+            )
         return _encoder_config(check, data, source, model, name, dtype, max_seq_len)
 
     buckets = data["buckets"]
@@ -186,6 +195,7 @@ def parse_build_config(data: dict, source: Path) -> BuildConfig:
         targets=_targets(check, data.get("targets", list(DEFAULT_TARGETS))),
         memory_gib=_memory_gib(check, data.get("memory_gib")),
         bucket_plan=bucket_plan,
+        tp=tp,
     )
 
 
@@ -293,6 +303,16 @@ def _targets(check: _Checker, value: Any, key: str = "targets") -> tuple[str, ..
         if target in value[:i]:
             raise check.error(f"{key}[{i}]", f"duplicate target {target!r}")
     return tuple(value)
+
+
+def _mesh_tp(check: _Checker, value: Any) -> int:
+    """`mesh: {tp: N}` -> N (1 when absent). Whether the model splits N ways (heads,
+    intermediate size) is checked against the checkpoint by the build; whether N devices exist,
+    when the bundle is compiled or loaded."""
+    if value is None:
+        return 1
+    check.keys(value, "mesh", ("tp",), ("tp",))
+    return check.positive_int(value["tp"], "mesh.tp")
 
 
 def _memory_gib(check: _Checker, value: Any) -> float | None:

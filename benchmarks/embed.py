@@ -7,8 +7,10 @@ CPU: sort the sentences by length (longest first), cut them into batches of `bat
 each batch padded to its longest (truncated at max_seq_len), run transformers' BertModel, mean-pool
 over the attention mask, L2-normalize. aotlm gets the same sorted batches, one `Embedder.embed`
 call each (it tokenizes, pads to its (S, B) buckets and runs the bundle's executables). Both sides
-include tokenization; each number is the best of `--repeats` passes after a warm-up pass. Prints a
-table and writes benchmarks/results/embed.json.
+include tokenization. Each number is the best of `--repeats` passes after a warm-up pass, the two
+sides interleaved pass by pass (the CPU may be shared); "cpu ms" is the process's CPU time per
+sentence (all threads), less sensitive to other load than wall time. Prints a table and writes
+benchmarks/results/embed.json.
 """
 
 from __future__ import annotations
@@ -82,15 +84,68 @@ class TorchEncoder:
         return torch.nn.functional.normalize(pooled, dim=-1).numpy()
 
 
-def run(encode, batches: list[list[str]], repeats: int) -> tuple[float, np.ndarray]:
-    """(best seconds for all batches, the embeddings of the last pass)."""
-    out = np.concatenate([encode(b) for b in batches])  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = np.concatenate([encode(b) for b in batches])
-        best = min(best, time.perf_counter() - start)
-    return best, out
+def timed(encode, batches: list[list[str]]) -> tuple[float, float, np.ndarray]:
+    """(wall seconds, process CPU seconds, embeddings) of one pass over every batch."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    out = np.concatenate([encode(b) for b in batches])
+    return time.perf_counter() - wall, time.process_time() - cpu, out
+
+
+def compare(sides: dict, batches: list[list[str]], repeats: int) -> dict:
+    """name -> (best wall s, best CPU s, embeddings) over `repeats` passes after a warm-up, the
+    sides interleaved pass by pass so that both see the same machine."""
+    best: dict = {name: (float("inf"), float("inf"), None) for name in sides}
+    for i in range(repeats + 1):
+        for name, encode in sides.items():
+            wall, cpu, out = timed(encode, batches)
+            if i:  # pass 0 warms up
+                best[name] = (min(best[name][0], wall), min(best[name][1], cpu), out)
+    return best
+
+
+def measure(embedder: Embedder, torch_encoder, order: list[str], b: int, repeats: int) -> dict:
+    batches = [order[i : i + b] for i in range(0, len(order), b)]
+    sides = {"aot": lambda x: embedder.embed(x, truncate_prompt_tokens=-1), "torch": torch_encoder}
+    best = compare(sides, batches, repeats)
+    (aot_s, aot_cpu, ours), (pt_s, pt_cpu, ref) = best["aot"], best["torch"]
+    n = len(order)
+    return {
+        "batch_size": b,
+        "aot_sentences_per_s": n / aot_s,
+        "torch_sentences_per_s": n / pt_s,
+        "speedup": pt_s / aot_s,
+        "aot_cpu_ms_per_sentence": 1e3 * aot_cpu / n,
+        "torch_cpu_ms_per_sentence": 1e3 * pt_cpu / n,
+        "max_cosine_distance": float((1 - (ours * ref).sum(-1)).max()),
+    }
+
+
+def print_table(result: dict) -> None:
+    print(
+        f"model {result['model']}  backend {result['backend']}  jax {result['jax']}  "
+        f"torch {result['torch']} ({result['torch_threads']} threads, {result['cpus']} cpus, "
+        f"load average {result['load_average']:.1f})"
+    )
+    t = result["tokens"]
+    print(
+        f"{result['sentences']} sentences, {t['min']}-{t['max']} tokens (mean {t['mean']:.0f})   "
+        f"build {result['build_s']:.1f} s   ready {result['ready_s']:.2f} s ({result['tier']})   "
+        f"padding {result['padding']:.1%}"
+    )
+    head = ("batch", "aot sent/s", "torch sent/s", "aot/torch", "aot cpu ms", "torch cpu ms")
+    print("  ".join(f"{h:>12}" for h in (*head, "max cos dist")))
+    for r in result["rows"]:
+        cells = (
+            f"{r['batch_size']}",
+            f"{r['aot_sentences_per_s']:.1f}",
+            f"{r['torch_sentences_per_s']:.1f}",
+            f"{r['speedup']:.2f}",
+            f"{r['aot_cpu_ms_per_sentence']:.1f}",
+            f"{r['torch_cpu_ms_per_sentence']:.1f}",
+            f"{r['max_cosine_distance']:.2e}",
+        )
+        print("  ".join(f"{c:>12}" for c in cells))
+    print(f"compiles after ready: {result['compiles_after_ready']}")
 
 
 def main() -> None:
@@ -99,7 +154,7 @@ def main() -> None:
     ap.add_argument("--bundle", type=Path, default=None, help="Use this bundle; do not build.")
     ap.add_argument("--sentences", type=int, default=256)
     ap.add_argument("--batch-sizes", default="1,4,16,32")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/embed.json")
     args = ap.parse_args()
     ensure_checkpoint(args.yaml)
@@ -107,7 +162,7 @@ def main() -> None:
     sentences = corpus_sentences(args.sentences)
     with tempfile.TemporaryDirectory() as tmp:
         bundle = args.bundle or Path(tmp) / "bundle"
-        build_s = None
+        build_s = 0.0
         if args.bundle is None:
             t0 = time.perf_counter()
             build_bundle(cfg, bundle)
@@ -118,22 +173,8 @@ def main() -> None:
         torch_encoder = TorchEncoder(cfg.model, cfg.max_seq_len)
         lengths = [len(embedder.token_ids(s, embedder.max_seq_len)) for s in sentences]
         order = sorted(sentences, key=len, reverse=True)  # sentence-transformers sorts by length
-        rows = []
-        for b in (int(x) for x in args.batch_sizes.split(",")):
-            batches = [order[i : i + b] for i in range(0, len(order), b)]
-            aot_s, ours = run(
-                lambda x: embedder.embed(x, truncate_prompt_tokens=-1), batches, args.repeats
-            )
-            pt_s, ref = run(torch_encoder, batches, args.repeats)
-            rows.append(
-                {
-                    "batch_size": b,
-                    "aot_sentences_per_s": len(order) / aot_s,
-                    "torch_sentences_per_s": len(order) / pt_s,
-                    "speedup": pt_s / aot_s,
-                    "max_cosine_distance": float((1 - (ours * ref).sum(-1)).max()),
-                }
-            )
+        sizes = [int(x) for x in args.batch_sizes.split(",")]
+        rows = [measure(embedder, torch_encoder, order, b, args.repeats) for b in sizes]
         result = {
             "model": str(cfg.model.name),
             "backend": jax.default_backend(),
@@ -152,24 +193,7 @@ def main() -> None:
             "padding": 1 - embedder.real_tokens / max(1, embedder.padded_tokens),
             "rows": rows,
         }
-    print(
-        f"model {result['model']}  backend {result['backend']}  jax {result['jax']}  "
-        f"torch {result['torch']} ({result['torch_threads']} threads, {result['cpus']} cpus)"
-    )
-    print(
-        f"{len(sentences)} sentences, {min(lengths)}-{max(lengths)} tokens "
-        f"(mean {result['tokens']['mean']:.0f})   build {build_s or 0:.1f} s   ready {ready_s:.2f} s "
-        f"({result['tier']})   padding {result['padding']:.1%}"
-    )
-    print(
-        f"{'batch':>5} {'aot sent/s':>11} {'torch sent/s':>13} {'aot/torch':>10} {'max cos dist':>13}"
-    )
-    for r in rows:
-        print(
-            f"{r['batch_size']:>5} {r['aot_sentences_per_s']:>11.1f} {r['torch_sentences_per_s']:>13.1f} "
-            f"{r['speedup']:>10.2f} {r['max_cosine_distance']:>13.2e}"
-        )
-    print(f"compiles after ready: {result['compiles_after_ready']}")
+    print_table(result)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
 

@@ -99,7 +99,8 @@ class ServerLedger:
 
     accepted_requests: int = 0
     accepted_choices: int = 0
-    rejections: list[tuple[int, int]] = field(default_factory=list)  # (queued, prompts)
+    # (queued, prompts) -> how many times; a Counter, so that the ledger itself stays small
+    rejections: Counter = field(default_factory=Counter)
 
 
 def instrument(api: Any, max_queued: int) -> ServerLedger:
@@ -113,7 +114,7 @@ def instrument(api: Any, max_queued: int) -> ServerLedger:
         try:
             job = await submit(prompts, params)
         except QueueFullError:
-            ledger.rejections.append((queued, len(prompts)))
+            ledger.rejections[queued, len(prompts)] += 1
             raise
         ledger.accepted_requests += 1
         ledger.accepted_choices += len(prompts) * params[0].n

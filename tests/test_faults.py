@@ -218,13 +218,13 @@ def test_sigterm_mid_load_drains_every_request_then_exits_0(tiny_bundle):
 
 def test_sigterm_past_the_drain_timeout_cuts_the_rest_and_still_exits_0(tiny_bundle):
     port = _free_port()
-    proc = _start_server(tiny_bundle[0], port, "--drain-timeout", "1")
+    proc = _start_server(tiny_bundle[0], port, "--drain-timeout", "0.5")
     url = f"http://127.0.0.1:{port}"
     try:
 
         async def load() -> list[str]:
             async with httpx.AsyncClient(base_url=url, timeout=120) as http:
-                started = [asyncio.Event() for _ in range(16)]
+                started = [asyncio.Event() for _ in range(24)]
                 tasks = [asyncio.create_task(_long(http, i, e)) for i, e in enumerate(started)]
                 await asyncio.gather(*(e.wait() for e in started))
                 proc.send_signal(signal.SIGTERM)
@@ -232,7 +232,7 @@ def test_sigterm_past_the_drain_timeout_cuts_the_rest_and_still_exits_0(tiny_bun
 
         reasons = asyncio.run(load())
         assert proc.wait(20) == 0
-        assert "cut" in reasons, reasons  # 16 x 100 tokens do not fit in 1 s on this machine
+        assert "cut" in reasons, reasons  # 24 x 100 tokens, 4 at a time, take longer than 0.5 s
     finally:
         proc.kill()
         proc.wait()

@@ -472,3 +472,23 @@ def test_random_signature_documents_are_reported_broken_never_raised(doc):
 
     check = check_signatures("0" * 64, "tiny", {"abcdabcdabcdabcd": doc}, {})
     assert check.good is None and check.broken
+
+
+@given(index=JSON_VALUES | st.binary(max_size=40))
+@FAST
+@example(index={"manifests": [{"annotations": "x", "digest": "sha256:00"}]})
+@example(index={"manifests": [5]})
+@example(index={"manifests": [{"digest": "sha256:../../etc/passwd"}]})
+@example(index=b"[" * 50_000)
+def test_a_damaged_oci_layout_index_raises_only_registry_error(spec_dir, index):
+    """A directory registry travels on removable media: its index.json may hold anything."""
+    from aotlm.registry.errors import RegistryError
+    from aotlm.registry.layout_store import LayoutStore
+
+    root = spec_dir / "layout"
+    root.mkdir(exist_ok=True)
+    (root / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
+    raw = index if isinstance(index, bytes) else json.dumps(index).encode()
+    (root / "index.json").write_bytes(raw)
+    with contextlib.suppress(RegistryError):
+        assert LayoutStore(root).find_manifest("main") is None

@@ -70,8 +70,9 @@ def audit(
     # 503 only from a full queue: each rejection saw the queue at its limit. (A client that
     # gave up early may not have read its 503.)
     rejected = report.outcomes["rejected_503"]
-    assert rejected <= len(ledger.rejections) <= rejected + report.outcomes["disconnected"]
-    assert all(q + p > MAX_QUEUED for q, p in ledger.rejections), ledger.rejections[:5]
+    refused = sum(ledger.rejections.values())
+    assert rejected <= refused <= rejected + report.outcomes["disconnected"]
+    assert all(q + p > MAX_QUEUED for q, p in ledger.rejections), ledger.rejections
     _wait_idle(ae)
     finished = {r: v - before[r] for r, v in _finished(api).items()}
     # Every accepted choice ended, either finished or aborted because its client left.
@@ -123,8 +124,8 @@ def run_and_audit(ae: AsyncEngine, plan: LoadPlan, warmup: LoadPlan) -> dict[str
 def test_load_short(stress_engine):
     """~20-40 s: hundreds of concurrent clients, disconnects, and a queue that overflows."""
     plan = LoadPlan(requests=1200, concurrency=200, seed=1, deadline_s=240)
-    figures = run_and_audit(stress_engine, plan, LoadPlan(requests=60, concurrency=30))
-    assert figures["completed"] >= 100 and figures["rejected_503"] > 0
+    figures = run_and_audit(stress_engine, plan, LoadPlan(requests=200, concurrency=200))
+    assert figures["completed"] >= 50 and figures["rejected_503"] > 0
     assert figures["disconnected"] > 0 and figures["preemptions"] > 0
     assert figures["rss_growth_mib"] < 64
 
@@ -133,7 +134,7 @@ def test_load_short(stress_engine):
 def test_soak(stress_engine):
     """2-5 minutes of the same, with more clients: memory must plateau."""
     plan = LoadPlan(requests=50_000, concurrency=300, seed=2, duration_s=150, deadline_s=300)
-    figures = run_and_audit(stress_engine, plan, LoadPlan(requests=300, concurrency=100))
+    figures = run_and_audit(stress_engine, plan, LoadPlan(requests=900, concurrency=300))
     assert figures["completed"] >= 1000
     assert figures["rss_growth_mib"] < 64
     # a plateau: the second half of the run adds little to the first half's peak
@@ -193,6 +194,6 @@ def test_503_exactly_beyond_the_queue_limit(stress_engine, prompts):
         gate.set()
     assert taken == [200] * (MAX_QUEUED // prompts)
     assert over == [503] * 5
-    assert ledger.rejections == [(MAX_QUEUED, prompts)] * 5
+    assert ledger.rejections == {(MAX_QUEUED, prompts): 5}
     assert ledger.accepted_choices == MAX_QUEUED
     _wait_idle(ae)

@@ -172,7 +172,7 @@ def test_a_bundle_signed_by_a_trusted_key_loads_its_executables_elsewhere(small_
 
     b = _copy(small_bundle, tmp_path)
     key_path, pub_path, _ = generate_keypair(tmp_path / "keys" / "ci")
-    other_key, other_pub, _ = generate_keypair(tmp_path / "other" / "someone")
+    _, other_pub, _ = generate_keypair(tmp_path / "other" / "someone")
     sign_bundle(b, load_private_key(key_path.read_bytes(), str(key_path)))
     elsewhere = tmp_path / "other-machine"
     trusted, c1 = _load(b, trust=TrustPolicy("trusted-signed", elsewhere, trusted_keys=pub_path))

@@ -32,7 +32,11 @@ CHANGELOG: dict[int, tuple[str, str]] = {
         "`model.kind` is `decoder` or `encoder` (absent: decoder); an encoder bundle exports "
         "embed[S,B] per (tokens = sequence length, requests = batch) bucket, records "
         "`model.pooling` and `model.normalize`, and its `serving` has no page_size, kv_pages "
-        "or pages_per_seq (no KV cache).",
+        "or pages_per_seq (no KV cache). "
+        "A tensor-parallel bundle (model.yaml `mesh: {tp: N}`) records `serving.mesh` "
+        "({tp: N}; absent: one device), its exports carry their shardings over N devices "
+        "(each `functions[]` entry lists nr_devices, in_shardings and out_shardings) and its "
+        "compiled targets' fingerprints hold `mesh`.",
     ),
 }
 

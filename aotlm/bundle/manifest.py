@@ -178,6 +178,9 @@ def unpack_manifest(data: bytes) -> dict:
             "expected a positive int",
         )
     _field(serving, "dtype", str, "serving.")
+    if "mesh" in serving:  # a sharded bundle; absent: one device
+        tp = _field(_field(serving, "mesh", dict, "serving."), "tp", int, "serving.mesh.")
+        _expect(tp > 1, "serving.mesh.tp", "expected an int > 1")
     for key in ("tokens", "requests"):
         ladder = _field(m["buckets"], key, list, "buckets.")
         _expect(

@@ -1,7 +1,9 @@
 """Model families as pure functions over a params pytree, plus the HF checkpoint readers.
 
-Every supported architecture runs through ``aotlm.models.llama``; ``read_hf_config`` rejects the
-rest with a message listing ``SUPPORTED_ARCHITECTURES``.
+Decoders run through ``aotlm.models.llama`` (``read_hf_config`` rejects other decoders with a
+message listing ``SUPPORTED_ARCHITECTURES``); BERT encoders through ``aotlm.models.bert``.
+``aotlm.models.registry`` picks the family for a checkpoint or a bundle (build and loader use it),
+and its error lists every supported architecture.
 """
 
 from aotlm.models.checkpoint import flatten_params, load_checkpoint, unflatten_params

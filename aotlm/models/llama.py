@@ -14,11 +14,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import AbstractMesh
 
 from aotlm.kernels.attention import write_kv
 from aotlm.kernels.paged_attention_pallas import BlockSizes
 from aotlm.kernels.select import paged_attention
 from aotlm.models.config import ModelConfig
+from aotlm.models.sharding import shard_attention
 
 Params = dict[str, Any]
 
@@ -120,6 +122,7 @@ def forward(
     *,
     attention_impl: str = "auto",
     block_sizes: BlockSizes | None = None,
+    mesh: AbstractMesh | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """One step over a flat, padded batch of T tokens from up to R requests (internals.md).
 
@@ -128,7 +131,9 @@ def forward(
     k/v at ``slots`` and then attends over the token's request pages to positions <= its own.
     Returns (hidden [T, H] after the final norm, k_pages, v_pages). ``cfg`` is static.
     Attention is the Pallas kernel on TPU and the jnp reference elsewhere, chosen inside the graph
-    (``attention_impl="auto"``), so one multi-platform export carries both.
+    (``attention_impl="auto"``), so one multi-platform export carries both. ``mesh``: the
+    tensor-parallel mesh the arguments are sharded over (aotlm/models/sharding.py), which
+    decides how attention is split; None: one device.
     """
     inv_freq = jnp.asarray(rope_inv_freq(cfg))
     freqs = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]
@@ -137,6 +142,16 @@ def forward(
     scale = cfg.head_dim**-0.5
     eps = cfg.rms_norm_eps
 
+    def attend(q, k_pages, v_pages, positions, token_req, block_tables, index, impl=attention_impl):
+        return paged_attention(
+            q, k_pages, v_pages, positions, token_req, block_tables, scale,
+            layer=index, window=cfg.sliding_window, impl=impl,
+            block_sizes=block_sizes or BlockSizes(),
+        )  # fmt: skip
+
+    if mesh is not None:
+        attend = shard_attention(attend, cfg, mesh)
+
     def layer(carry, xs):
         x, k_pages, v_pages = carry
         lp, index = xs
@@ -144,11 +159,7 @@ def forward(
         k_pages, v_pages = write_kv(k_pages, v_pages, index, k, v, slots)
         # The whole cache plus the layer index: slicing a layer out first would copy it for the
         # TPU custom call.
-        attn = paged_attention(
-            q, k_pages, v_pages, positions, token_req, block_tables, scale,
-            layer=index, window=cfg.sliding_window, impl=attention_impl,
-            block_sizes=block_sizes or BlockSizes(),
-        )  # fmt: skip
+        attn = attend(q, k_pages, v_pages, positions, token_req, block_tables, index)
         x = x + attn.reshape(attn.shape[0], -1) @ lp["wo"]
         h = rms_norm(x, lp["mlp_norm"], eps)
         x = x + (jax.nn.silu(h @ lp["w_gate"]) * (h @ lp["w_up"])) @ lp["w_down"]

@@ -55,6 +55,13 @@ class ModelFamily:
     step_specs: Callable[[Any, BuildConfig], list[StepSpec]]  # every (function, bucket)
     kv_pool_bytes: Callable[[Any, BuildConfig], int]  # device bytes of the KV cache
     manifest_extra: Callable[[Any], dict] = field(default=lambda cfg: {})  # into model.*
+    # Claims a checkpoint whose architecture another family also lists (a Qwen3ForCausalLM
+    # exported by sentence-transformers with last-token pooling is an embedding model); the
+    # family without `detect` takes the rest.
+    detect: Callable[[Path], bool] | None = None
+    # (config, tp) -> step functions for a tensor-parallel mesh of tp devices (model.yaml
+    # `mesh: {tp: N}`, aotlm/models/sharding.py); None: the family runs on one device only.
+    sharded_step_functions: Callable[[Any, int], dict[str, Callable]] | None = None
 
 
 def _decoder_kv_bytes(cfg: ModelConfig, build: BuildConfig) -> int:
@@ -72,6 +79,7 @@ DECODERS = ModelFamily(
     step_functions=step_functions,
     step_specs=step_specs,
     kv_pool_bytes=_decoder_kv_bytes,
+    sharded_step_functions=step_functions,
 )
 
 BERT = ModelFamily(
@@ -89,7 +97,6 @@ BERT = ModelFamily(
 )
 
 FAMILIES: tuple[ModelFamily, ...] = (DECODERS, BERT)
-_BY_ARCHITECTURE = {arch: f for f in FAMILIES for arch in f.architectures}
 # config.json without `architectures`: its model_type names the family.
 _BY_MODEL_TYPE = {family: arch for arch, family in SUPPORTED_ARCHITECTURES.items()} | {
     "bert": "BertModel"
@@ -120,28 +127,33 @@ def checkpoint_architecture(checkpoint_dir: Path) -> str | None:
     return _BY_MODEL_TYPE.get(data.get("model_type"))  # type: ignore[arg-type]
 
 
-def family_for_architecture(arch: str | None, where: str) -> ModelFamily:
-    if arch not in _BY_ARCHITECTURE:
-        raise CheckpointError(
-            f"{where}: unsupported architecture {arch!r}; supported: {supported_architectures()}"
-        )
-    return _BY_ARCHITECTURE[arch]
+def _lookup(arch: str | None, checkpoint_dir: Path) -> ModelFamily | None:
+    """The family for `arch`: one whose `detect` claims the checkpoint, else the plain one."""
+    matches = [f for f in FAMILIES if arch in f.architectures]
+    claimed = [f for f in matches if f.detect is not None and f.detect(checkpoint_dir)]
+    plain = [f for f in matches if f.detect is None]
+    return (claimed or plain or [None])[0]
 
 
 def family_for_checkpoint(checkpoint_dir: Path) -> ModelFamily:
     """The family that builds `checkpoint_dir` (CheckpointError listing all when none does)."""
     arch = checkpoint_architecture(checkpoint_dir)
-    return family_for_architecture(arch, str(Path(checkpoint_dir) / "config.json"))
+    family = _lookup(arch, Path(checkpoint_dir))
+    if family is None:
+        raise CheckpointError(
+            f"{Path(checkpoint_dir) / 'config.json'}: unsupported architecture {arch!r}; "
+            f"supported: {supported_architectures()}"
+        )
+    return family
 
 
 def checkpoint_kind(checkpoint_dir: Path) -> str | None:
     """DECODER or ENCODER for a supported checkpoint; None when unreadable or unsupported
     (model.yaml validation uses it; the build then reports the problem in full)."""
     try:
-        arch = checkpoint_architecture(checkpoint_dir)
+        family = _lookup(checkpoint_architecture(checkpoint_dir), Path(checkpoint_dir))
     except CheckpointError:
         return None
-    family = _BY_ARCHITECTURE.get(arch)  # type: ignore[arg-type]
     return family.kind if family else None
 
 
@@ -152,11 +164,11 @@ def manifest_kind(manifest: dict) -> str:
 
 def family_for_manifest(manifest: dict, where: Path | str) -> ModelFamily:
     """The family that loads a bundle, by the architecture and kind its manifest records."""
-    arch = manifest["model"].get("architecture")
-    family = _BY_ARCHITECTURE.get(arch)
-    if family is None or family.kind != manifest_kind(manifest):
+    arch, kind = manifest["model"].get("architecture"), manifest_kind(manifest)
+    family = next((f for f in FAMILIES if arch in f.architectures and f.kind == kind), None)
+    if family is None:
         raise BundleError(
-            f"{where}: model architecture {arch!r} ({manifest_kind(manifest)}) is not one this "
+            f"{where}: model architecture {arch!r} ({kind}) is not one this "
             f"aotlm serves ({supported_architectures()}): upgrade aotlm or rebuild the bundle"
         )
     return family

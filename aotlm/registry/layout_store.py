@@ -66,9 +66,12 @@ class LayoutStore:
             return {"schemaVersion": 2, "manifests": []}
         try:
             index = json.loads(path.read_bytes())
-        except ValueError:
+        except (ValueError, RecursionError):
             index = None
-        if not isinstance(index, dict) or not isinstance(index.get("manifests"), list):
+        entries = index.get("manifests") if isinstance(index, dict) else None
+        if not isinstance(entries, list) or not all(  # removable media may carry anything
+            isinstance(e, dict) and isinstance(e.get("annotations") or {}, dict) for e in entries
+        ):
             raise RegistryError(f"{path}: not a valid OCI index; the layout is damaged")
         return index
 

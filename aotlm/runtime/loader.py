@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import export as jax_export
+from jax.sharding import Mesh, NamedSharding
 
 from aotlm.bundle import Bundle, open_bundle
 from aotlm.bundle.format import WEIGHTS_FILE
@@ -30,6 +31,14 @@ from aotlm.models.bert import EncoderConfig
 from aotlm.models.checkpoint import unflatten_params
 from aotlm.models.registry import DECODER, family_for_manifest
 from aotlm.runtime.compile_guard import CompileCounter
+from aotlm.runtime.placement import (
+    bundle_tp,
+    forward_shardings,
+    place_weights,
+    replicated,
+    serving_mesh,
+    sharded_zeros,
+)
 from aotlm.runtime.trust import TrustPolicy
 from aotlm.safetensors_io import read_safetensors
 from aotlm.trace.compile import compile_exported, load_compiled
@@ -56,6 +65,12 @@ class LoadedBundle:
     counter: CompileCounter
     # seconds per phase, plus "tier" ("compiled" or "stablehlo") and "tier_reason" (why not compiled)
     timings: dict[str, float | str] = field(default_factory=dict)
+    mesh: Mesh | None = None  # a sharded bundle's mesh (serving.mesh); None: one device
+
+    @property
+    def input_sharding(self) -> NamedSharding | None:
+        """Where host inputs go (`jax.device_put(x, input_sharding)`): replicated on the mesh."""
+        return replicated(self.mesh)
 
     @property
     def tier(self) -> str:
@@ -114,7 +129,7 @@ def choose_compiled_target(bundle: Bundle, trust: TrustPolicy) -> tuple[dict | N
     }
     if not candidates:
         return None, f"the bundle has no compiled executables for {platform}"
-    local = local_fingerprint()
+    local = local_fingerprint(bundle_tp(bundle))
     diffs = {}
     for name, entry in sorted(candidates.items()):
         diffs[name] = fingerprint_diff(entry["fingerprint"], local)
@@ -125,7 +140,9 @@ def choose_compiled_target(bundle: Bundle, trust: TrustPolicy) -> tuple[dict | N
     return None, f"fingerprint of target {name} does not match this process: {'; '.join(diff)}"
 
 
-def _load_compiled(bundle: Bundle, entry: dict) -> dict[BucketKey, jax.stages.Compiled]:
+def _load_compiled(
+    bundle: Bundle, entry: dict, devices: list
+) -> dict[BucketKey, jax.stages.Compiled]:
     """Deserialize every executable of a checked compiled target, a few at a time.
 
     The pytree structures come from the exports: one per function name, since every bucket of a
@@ -147,7 +164,6 @@ def _load_compiled(bundle: Bundle, entry: dict) -> dict[BucketKey, jax.stages.Co
     missing = sorted(set(functions) - {key for key, _, _ in jobs})
     if missing:
         raise BundleError(f"{bundle.path}: compiled tier lacks {missing}: rebuild it")
-    devices = jax.devices()[:1]  # the exported graphs are single-device until a mesh is added
 
     def load(job):
         key, rel, exp = job
@@ -182,16 +198,26 @@ def load_bundle(
     t0 = time.perf_counter()
     bundle = open_bundle(path)
     _check_platform(bundle)
+    mesh = serving_mesh(bundle)  # None: one device; refused when this process has too few
     t1 = time.perf_counter()
     family = family_for_manifest(bundle.manifest, bundle.path)
     model = family.config_from_dict(bundle.manifest["model"]["config"])
-    params = jax.device_put(unflatten_params(read_safetensors(bundle.file(WEIGHTS_FILE))))
+    kv_sharding = None
+    if mesh is None:
+        params = jax.device_put(unflatten_params(read_safetensors(bundle.file(WEIGHTS_FILE))))
+    else:  # each device gets its shards, as the forward export lays them out
+        forward = next(f for f in bundle.manifest["functions"] if f["name"] == "forward")
+        shardings, kv_sharding = forward_shardings(_deserialize_export(bundle, forward), mesh)
+        params = place_weights(bundle.file(WEIGHTS_FILE), shardings)
     t2 = time.perf_counter()
     entry, reason = choose_compiled_target(bundle, trust)
     executables = None
     if entry is not None:
         try:
-            executables = _load_compiled(bundle, entry)
+            # the default device, or the mesh's devices in the mesh's order (the executables'
+            # logical device i runs on devices[i])
+            devices = jax.devices()[:1] if mesh is None else list(mesh.devices.flat)
+            executables = _load_compiled(bundle, entry, devices)
         except BundleError:
             raise
         except Exception as e:  # checked and still unloadable: compile instead, say so
@@ -211,8 +237,13 @@ def load_bundle(
             model.head_dim,
         )
         # device_put of host zeros: no compile (jnp.zeros would compile a broadcast)
-        k_pages = jax.device_put(np.zeros(shape, jnp.dtype(serving["dtype"])))
-        v_pages = jax.device_put(np.zeros(shape, jnp.dtype(serving["dtype"])))
+        dtype = jnp.dtype(serving["dtype"])
+        if kv_sharding is None:
+            k_pages = jax.device_put(np.zeros(shape, dtype))
+            v_pages = jax.device_put(np.zeros(shape, dtype))
+        else:
+            k_pages = sharded_zeros(shape, dtype, kv_sharding)
+            v_pages = sharded_zeros(shape, dtype, kv_sharding)
     t3 = time.perf_counter()
     timings = {
         "verify_s": t1 - t0,
@@ -224,4 +255,6 @@ def load_bundle(
     }
     if tier == "stablehlo":
         timings["compile_s"] = t3 - t2
-    return LoadedBundle(bundle, model, executables, params, k_pages, v_pages, counter, timings)
+    return LoadedBundle(
+        bundle, model, executables, params, k_pages, v_pages, counter, timings, mesh
+    )

@@ -36,6 +36,8 @@ class ModelRunner:
         self.head = lm_head(loaded.model, loaded.params)
         self.k_pages = loaded.k_pages
         self.v_pages = loaded.v_pages
+        # Host inputs: the default device, or replicated on a sharded bundle's mesh.
+        self.inputs = loaded.input_sharding
         s = loaded.serving
         self.page_size = s["page_size"]
         self.pages_per_seq = s["pages_per_seq"]
@@ -75,11 +77,11 @@ class ModelRunner:
             self.params,
             self.k_pages,
             self.v_pages,
-            *jax.device_put(step.forward),
+            *jax.device_put(step.forward, self.inputs),
         )
         if not step.sample_chunks:
             return None
-        rows = jax.device_put(step.rows)
+        rows = jax.device_put(step.rows, self.inputs)
         return self._call("logits", (step.tokens, step.requests), self.head, hidden, rows)
 
     def compute_logits(self, chunks: Sequence[ChunkInput]) -> np.ndarray:
@@ -102,10 +104,10 @@ class ModelRunner:
         if logits is None:
             return {}
         if step.penalties is None:
-            args = jax.device_put(step.sampling)
+            args = jax.device_put(step.sampling, self.inputs)
             out = self._call("sample", (step.requests,), logits, *args)
         else:
-            args = jax.device_put(step.sampling + step.penalties)
+            args = jax.device_put(step.sampling + step.penalties, self.inputs)
             out = self._call("sample_penalized", (step.requests,), logits, *args)
         tokens, logprobs, top_ids, top_lps = (np.asarray(x) for x in out)
         return {

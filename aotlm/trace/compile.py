@@ -6,12 +6,16 @@ both call `compile_exported` on the *deserialized* export with the donation rest
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 from jax import export as jax_export
 from jax.experimental import serialize_executable
-from jax.sharding import SingleDeviceSharding
+from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
+from jax.sharding import PartitionSpec as P
+
+from aotlm.models.sharding import device_mesh
 
 MEMORY_FIELDS = {
     "argument": "argument_size_in_bytes",
@@ -23,14 +27,29 @@ MEMORY_FIELDS = {
 
 
 def compile_exported(
-    exp: jax_export.Exported, donate: tuple[int, ...], device: Any = None
+    exp: jax_export.Exported, donate: tuple[int, ...], devices: Sequence[Any] = ()
 ) -> jax.stages.Compiled:
-    """`jax.jit(exp.call, donate_argnums=...)`, compiled for the default device or for `device`
-    (a device of this process, or of a deviceless TPU topology)."""
-    sharding = None if device is None else SingleDeviceSharding(device)
-    structs = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding) for a in exp.in_avals]
+    """`jax.jit(exp.call, donate_argnums=...)`, compiled for the default device or for
+    `devices[0]` (of this process, or of a deviceless TPU topology); an export sharded over a
+    mesh of N devices (`exp.nr_devices`) for that mesh over the first N of `devices` (default:
+    this process's), with the shardings the export carries."""
+    n = exp.nr_devices
+    if n > 1:
+        shardings = mesh_in_shardings(exp, device_mesh(n, devices or jax.devices()))
+    else:
+        shardings = [SingleDeviceSharding(devices[0]) if devices else None] * len(exp.in_avals)
+    structs = [
+        jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
+        for a, s in zip(exp.in_avals, shardings, strict=True)
+    ]
     args, kwargs = jax.tree.unflatten(exp.in_tree, structs)
     return jax.jit(exp.call, donate_argnums=donate).lower(*args, **kwargs).compile()
+
+
+def mesh_in_shardings(exp: jax_export.Exported, mesh: Mesh) -> list[NamedSharding]:
+    """A sharded export's input shardings on `mesh`. An argument the function does not use
+    (forward's lm_head) is exported with no sharding: it is replicated, like the rest."""
+    return [s or NamedSharding(mesh, P()) for s in exp.in_shardings_jax(mesh)]
 
 
 def serialize_compiled(compiled: jax.stages.Compiled, exp: jax_export.Exported) -> bytes:

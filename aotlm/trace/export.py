@@ -18,10 +18,25 @@ def target_platforms(targets: tuple[str, ...]) -> tuple[str, ...]:
 
 
 def export_step(fn: Callable, spec: StepSpec, platforms: tuple[str, ...]) -> jax_export.Exported:
-    jitted = jax.jit(fn, donate_argnums=DONATE_ARGNUMS[spec.name])
+    """On a mesh, the export carries its input shardings (from ``spec.args``) and outputs'
+    (``spec.out_shardings``); it is traced against an abstract mesh, so no devices are needed."""
+    kwargs = {} if spec.out_shardings is None else {"out_shardings": spec.out_shardings}
+    jitted = jax.jit(fn, donate_argnums=DONATE_ARGNUMS[spec.name], **kwargs)
     return jax_export.export(jitted, platforms=platforms)(*spec.args)
 
 
 def aval_list(avals) -> list[list]:
     """[[shape, dtype], ...] for the manifest (readable without deserializing the export)."""
     return [[list(a.shape), str(a.dtype)] for a in avals]
+
+
+def shardings_entry(exp: jax_export.Exported) -> dict:
+    """A sharded export's device count and per-argument HLO shardings, for the manifest
+    (`{devices=[1,1,4]<=[4]}`: split 4 ways on the last axis); {} for one device."""
+    if exp.nr_devices == 1:
+        return {}
+    return {
+        "nr_devices": exp.nr_devices,
+        "in_shardings": [str(s) for s in exp.in_shardings_hlo],
+        "out_shardings": [str(s) for s in exp.out_shardings_hlo],
+    }

@@ -19,12 +19,18 @@ from aotlm.errors import ConfigError
 from aotlm.trace.targets import Target
 
 GiB = 1 << 30
-# Device memory per chip (the exported graphs run on one chip until a mesh shards them).
+# Device memory per chip; every number of a plan is per device (on a mesh: one device's shards).
 TPU_HBM_GIB = {"v4": 32, "v5e": 16, "v5p": 95, "v6e": 32, "tpu7x": 192}
 
 
 def nbytes(tree) -> int:
-    return sum(math.prod(a.shape) * a.dtype.itemsize for a in jax.tree.leaves(tree))
+    """Bytes on one device: a leaf with a sharding (on a mesh) counts its shard only."""
+    return sum(math.prod(_device_shape(a)) * a.dtype.itemsize for a in jax.tree.leaves(tree))
+
+
+def _device_shape(a) -> tuple[int, ...]:
+    sharding = getattr(a, "sharding", None)
+    return a.shape if sharding is None else sharding.shard_shape(a.shape)
 
 
 def device_limit(target: Target, memory_gib: float | None) -> tuple[int | None, str]:

@@ -7,9 +7,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding
 
 from aotlm.config import BuildConfig
 from aotlm.models import ModelConfig, abstract_params
+from aotlm.models.sharding import REPLICATED, abstract_mesh, kv_spec, param_specs, with_shardings
 
 I32 = jnp.int32
 F32 = jnp.float32
@@ -21,7 +23,8 @@ class StepSpec:
 
     name: str
     bucket: dict[str, int]
-    args: tuple[Any, ...]
+    args: tuple[Any, ...]  # ShapeDtypeStructs; on a mesh each carries its NamedSharding
+    out_shardings: Any = None  # on a mesh: the outputs' NamedShardings; None: one device
 
     @property
     def file(self) -> str:
@@ -29,13 +32,38 @@ class StepSpec:
         return f"exported/{self.name}_{suffix}.jaxexp"
 
 
-def _s(shape: tuple[int, ...], dtype) -> jax.ShapeDtypeStruct:
-    return jax.ShapeDtypeStruct(shape, dtype)
+def _s(shape: tuple[int, ...], dtype, sharding: NamedSharding | None = None):
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
 
 
 def kv_pages_aval(cfg: ModelConfig, build: BuildConfig) -> jax.ShapeDtypeStruct:
+    """One KV page pool; on a mesh (``mesh: {tp: N}``) with its sharding over the KV heads."""
     shape = (cfg.num_layers, build.kv_pages, build.page_size, cfg.num_kv_heads, cfg.head_dim)
-    return _s(shape, jnp.dtype(build.dtype))
+    sharding = None
+    if build.tp > 1:
+        sharding = NamedSharding(abstract_mesh(build.tp), kv_spec(cfg, build.tp))
+    return _s(shape, jnp.dtype(build.dtype), sharding)
+
+
+def params_avals(cfg: ModelConfig, build: BuildConfig) -> dict:
+    """The abstract params; on a mesh each carries its sharding (Megatron layout)."""
+    params = abstract_params(cfg, build.dtype)
+    if build.tp > 1:
+        return with_shardings(params, param_specs(cfg, build.tp), abstract_mesh(build.tp))
+    return params
+
+
+def _on_mesh(spec: StepSpec, tp: int) -> StepSpec:
+    """``spec`` on a mesh: the inputs without a sharding yet (all but forward's params and KV
+    pages) and the outputs (but forward's KV pages, updated in place) replicated."""
+    replicated = NamedSharding(abstract_mesh(tp), REPLICATED)
+
+    def place(a: jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:
+        return a if a.sharding is not None else _s(a.shape, a.dtype, replicated)
+
+    args = jax.tree.map(place, spec.args)
+    out = (replicated, args[1].sharding, args[2].sharding) if spec.name == "forward" else replicated
+    return StepSpec(spec.name, spec.bucket, args, out)
 
 
 def head_aval(cfg: ModelConfig, build: BuildConfig) -> jax.ShapeDtypeStruct:
@@ -45,7 +73,7 @@ def head_aval(cfg: ModelConfig, build: BuildConfig) -> jax.ShapeDtypeStruct:
 def step_specs(cfg: ModelConfig, build: BuildConfig) -> list[StepSpec]:
     """forward per token bucket, logits per (token, request) pair, sample and sample_penalized
     per request bucket (the second also takes each row's tokens, i32[R, max_seq_len])."""
-    params = abstract_params(cfg, build.dtype)
+    params = params_avals(cfg, build)
     kv = kv_pages_aval(cfg, build)
     r_max = max(build.request_buckets)
     dt = jnp.dtype(build.dtype)
@@ -70,4 +98,6 @@ def step_specs(cfg: ModelConfig, build: BuildConfig) -> list[StepSpec]:
         history = _s((r, build.max_seq_len), I32)
         penalties = (history, i, f, f, f)  # history, prompt_len, presence, frequency, repetition
         specs.append(StepSpec("sample_penalized", {"requests": r}, args + penalties))
+    if build.tp > 1:
+        return [_on_mesh(spec, build.tp) for spec in specs]
     return specs

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from aotlm.kernels.sampling import sample, sample_penalized
 from aotlm.models import ModelConfig, forward
+from aotlm.models.sharding import abstract_mesh
 
 
 def logits_step(head: jax.Array, hidden: jax.Array, rows: jax.Array) -> jax.Array:
@@ -24,10 +25,14 @@ def logits_step(head: jax.Array, hidden: jax.Array, rows: jax.Array) -> jax.Arra
     return jnp.einsum("rh,vh->rv", picked, head, preferred_element_type=jnp.float32)
 
 
-def step_functions(cfg: ModelConfig) -> dict[str, Callable]:
-    """The step functions for one model config, keyed by the names the manifest uses."""
+def step_functions(cfg: ModelConfig, tp: int = 1) -> dict[str, Callable]:
+    """The step functions for one model config, keyed by the names the manifest uses.
+
+    ``tp`` > 1: for a tensor-parallel mesh (aotlm/models/sharding.py). The arguments' shardings
+    come with the traced signatures; only forward's attention needs to know the mesh.
+    """
     return {
-        "forward": functools.partial(forward, cfg),
+        "forward": functools.partial(forward, cfg, mesh=abstract_mesh(tp) if tp > 1 else None),
         "logits": logits_step,
         "sample": sample,
         "sample_penalized": sample_penalized,

@@ -58,7 +58,9 @@ class TargetPlan:
     target: Target
     tier: str  # COMPILED or STABLEHLO
     reason: str = ""  # why STABLEHLO, or how it is compiled
-    device: Any = None  # the device executables are compiled for (None: stablehlo only)
+    # The devices executables are compiled for: the first, or a mesh of the first tp (a sharded
+    # build); empty: stablehlo only.
+    devices: tuple[Any, ...] = ()
     fingerprint: dict = field(default_factory=dict)
 
 
@@ -114,8 +116,14 @@ def fingerprint(devices: list[Any]) -> dict:
     }
 
 
-def local_fingerprint() -> dict:
-    return fingerprint(jax.devices())
+def local_fingerprint(tp: int = 1) -> dict:
+    """This process's fingerprint, for executables of a bundle sharded over `tp` devices."""
+    return fingerprint(jax.devices()) | mesh_fingerprint(tp)
+
+
+def mesh_fingerprint(tp: int) -> dict:
+    """The mesh executables are compiled for (absent for one device, as before meshes)."""
+    return {"mesh": {"tp": tp}} if tp > 1 else {}
 
 
 def fingerprint_diff(recorded: dict, local: dict) -> list[str]:
@@ -136,8 +144,8 @@ def _deviceless_tpu(target: Target) -> TargetPlan:
     except Exception as e:  # no libtpu, or a topology libtpu does not know
         reason = f"no TPU compiler here ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
         return TargetPlan(target, STABLEHLO, reason + "install the `tpu` extra to compile it")
-    devices = list(topo.devices)
-    return TargetPlan(target, COMPILED, "deviceless TPU compile", devices[0], fingerprint(devices))
+    devices = tuple(topo.devices)
+    return TargetPlan(target, COMPILED, "deviceless TPU compile", devices, fingerprint(devices))
 
 
 def local_platform() -> str:
@@ -146,17 +154,42 @@ def local_platform() -> str:
     return "cuda" if backend == "gpu" else backend
 
 
-def plan_target(target: Target) -> TargetPlan:
-    """The tier `target` gets when built in this process, with the reason."""
+def plan_target(target: Target, tp: int = 1) -> TargetPlan:
+    """The tier `target` gets when built in this process, with the reason; `tp` > 1: for
+    executables sharded over a mesh of that many devices."""
+    plan = _plan_target(target)
+    if tp == 1 or plan.tier != COMPILED:
+        return plan
+    if len(plan.devices) < tp:
+        where = f"topology {target.topology}" if target.topology else "this build process"
+        hint = (
+            f" (on CPU: start the build with XLA_FLAGS=--xla_force_host_platform_device_count={tp})"
+            if target.platform == "cpu"
+            else ""
+        )
+        return TargetPlan(
+            target,
+            STABLEHLO,
+            f"mesh tp={tp} needs {tp} {target.platform} devices and {where} has "
+            f"{len(plan.devices)}: serving compiles the StableHLO at startup; for the compiled "
+            f"tier build where {tp} devices are visible{hint}",
+        )
+    plan.fingerprint |= mesh_fingerprint(tp)
+    plan.reason += f", mesh of {tp} devices"
+    return plan
+
+
+def _plan_target(target: Target) -> TargetPlan:
     local = local_platform()
     if target.platform == local and local != "tpu":
-        return TargetPlan(target, COMPILED, f"local {local}", jax.devices()[0], local_fingerprint())
+        devices = tuple(jax.devices())
+        return TargetPlan(target, COMPILED, f"local {local}", devices, local_fingerprint())
     if target.platform == "tpu":
         if local == "tpu":
-            devices = jax.devices()
+            devices = tuple(jax.devices())
             if device_topology(devices) != _topology_dims(target):
                 return _deviceless_tpu(target)
-            return TargetPlan(target, COMPILED, "local tpu", devices[0], local_fingerprint())
+            return TargetPlan(target, COMPILED, "local tpu", devices, local_fingerprint())
         return _deviceless_tpu(target)
     return TargetPlan(
         target,

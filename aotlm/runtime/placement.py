@@ -1,0 +1,91 @@
+"""Put a sharded bundle (manifest `serving.mesh`) onto this process's devices.
+
+The layout is the one the exports carry (aotlm/models/sharding.py wrote it at build time): the
+loader reads it back from the forward export, so a bundle is served as it was built whatever
+this aotlm's own layout code says. Weights go tensor by tensor from the mmapped safetensors
+file, each device receiving only its shard, so no device (and no host buffer beyond one shard)
+ever holds the whole model; KV pools are created shard by shard too. Transfers only: nothing
+here compiles.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import jax
+import numpy as np
+from jax import export as jax_export
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from aotlm.bundle import Bundle
+from aotlm.errors import BundleError
+from aotlm.models.checkpoint import flatten_params, unflatten_params
+from aotlm.models.sharding import device_mesh
+from aotlm.safetensors_io import SafetensorsFile
+from aotlm.trace.compile import mesh_in_shardings
+
+
+def bundle_tp(bundle: Bundle) -> int:
+    """The bundle's tensor-parallel degree (1: built for one device)."""
+    return int(bundle.manifest["serving"].get("mesh", {}).get("tp", 1))
+
+
+def serving_mesh(bundle: Bundle) -> Mesh | None:
+    """The mesh over this process's first tp devices; None for a one-device bundle."""
+    tp = bundle_tp(bundle)
+    if tp == 1:
+        return None
+    devices = jax.devices()
+    if len(devices) < tp:
+        platform = devices[0].platform
+        hint = (
+            f" (on CPU: start the process with XLA_FLAGS=--xla_force_host_platform_device_count={tp})"
+            if platform == "cpu"
+            else ""
+        )
+        raise BundleError(
+            f"{bundle.path}: the bundle is sharded over a mesh of tp={tp} devices (model.yaml "
+            f"mesh: {{tp: {tp}}}) but this process sees {len(devices)} {platform} device(s): "
+            f"serve it where {tp} devices are visible{hint}, or rebuild it with a smaller mesh"
+        )
+    return device_mesh(tp, devices)
+
+
+def replicated(mesh: Mesh | None) -> NamedSharding | None:
+    """Where the runner's host inputs go: replicated on the mesh (None: the default device)."""
+    return None if mesh is None else NamedSharding(mesh, P())
+
+
+def forward_shardings(exp: jax_export.Exported, mesh: Mesh) -> tuple[dict, NamedSharding]:
+    """({flat param name: sharding}, KV pages sharding) from an export of forward(params,
+    k_pages, v_pages, ...), placed on `mesh`."""
+    (params, k_pages, *_), _ = jax.tree.unflatten(exp.in_tree, mesh_in_shardings(exp, mesh))
+    return flatten_params(params), k_pages
+
+
+def place_weights(path: Path, shardings: Mapping[str, NamedSharding]) -> dict:
+    """The params pytree, each tensor read from the mmapped file and split as `shardings` says."""
+    out = {}
+    with SafetensorsFile(path) as f:
+        if set(f.keys()) != set(shardings):
+            raise BundleError(
+                f"{path}: tensors {sorted(set(f.keys()) ^ set(shardings))} do not match the "
+                "forward export's arguments: rebuild the bundle"
+            )
+        for name in f:
+            view = f.get(name)  # read-only view of the mapping; each shard is copied out of it
+            out[name] = jax.make_array_from_callback(
+                view.shape, shardings[name], lambda index, view=view: np.array(view[index])
+            )
+    return unflatten_params(out)
+
+
+def sharded_zeros(shape: tuple[int, ...], dtype: np.dtype, sharding: NamedSharding) -> jax.Array:
+    """Zeros laid out as `sharding`, each device's shard made on the host separately."""
+    return jax.make_array_from_callback(
+        shape,
+        sharding,
+        lambda index: np.zeros(sharding.shard_shape(shape), dtype),
+    )

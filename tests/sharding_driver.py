@@ -1,0 +1,103 @@
+"""Build and serve one checkpoint at several tensor-parallel degrees, in a process that sees 8
+fake CPU devices; print one JSON line per bundle for tests/test_sharding.py.
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/sharding_driver.py SPEC.json
+
+SPEC: {"checkpoint", "out", "tps": [1, 4, 8], "prompts": [[ids]], "max_tokens", "stablehlo_tp"}.
+Each bundle: last-position logits of every prompt (a fresh KV cache per prompt), then greedy
+tokens of all prompts together (continuous batching), on a strict engine. `stablehlo_tp` also
+serves that bundle with allow_pickle=never, so both tiers run sharded.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from collections import Counter
+from pathlib import Path
+
+import jax
+import yaml
+
+from aotlm.build import build_bundle
+from aotlm.bundle import read_manifest
+from aotlm.config import load_build_config
+from aotlm.runtime.batch import ChunkInput
+from aotlm.runtime.engine import Engine
+from aotlm.runtime.sampling_params import SamplingParams
+from aotlm.runtime.trust import TrustPolicy
+
+BUCKETS = {"tokens": [32], "requests": [4], "page_size": 16}
+# Communication ops in an XLA HLO dump (the per-layer scan body appears once).
+COLLECTIVE = re.compile(
+    r"= \S+ (all-reduce|all-gather|all-to-all|collective-permute|reduce-scatter)\("
+)
+
+
+def last_logits(engine: Engine, prompt: list[int]) -> list[float]:
+    runner = engine.runner
+    table = list(range(1, 1 + runner.pages_per_seq))
+    chunk = max(runner.token_buckets)
+    for start in range(0, len(prompt), chunk):
+        piece = prompt[start : start + chunk]
+        last = start + len(piece) == len(prompt)
+        logits = runner.compute_logits([ChunkInput(piece, start, table, samples=last)])
+    return logits[0].tolist()
+
+
+def serve(bundle: Path, spec: dict, trust: TrustPolicy | None = None) -> dict:
+    engine = Engine.from_bundle(bundle, strict=True, trust=trust)
+    logits = [last_logits(engine, p) for p in spec["prompts"]]
+    params = SamplingParams(temperature=0.0, max_tokens=spec["max_tokens"], ignore_eos=True)
+    results = engine.generate(spec["prompts"], params)
+    loaded = engine.loaded
+    forward_hlo = loaded.executables[("forward", (BUCKETS["tokens"][-1],))].as_text()
+    return {
+        "tier": loaded.tier,
+        "tier_reason": loaded.timings["tier_reason"],
+        "tokens": [list(r[0].token_ids) for r in results],
+        "logits": logits,
+        "compiles_after_ready": engine.compiles_after_ready,
+        "mesh_devices": 1 if loaded.mesh is None else loaded.mesh.devices.size,
+        "weight_shards": _shards(loaded.params["layers"]["wq"]),
+        "kv_shards": _shards(engine.runner.k_pages),
+        "collectives": dict(Counter(COLLECTIVE.findall(forward_hlo))),
+    }
+
+
+def _shards(x: jax.Array) -> list[list[int]]:
+    return sorted({tuple(s.data.shape) for s in x.addressable_shards})
+
+
+def main(spec_path: str) -> None:
+    spec = json.loads(Path(spec_path).read_text())
+    out = Path(spec["out"])
+    for tp in spec["tps"]:
+        yaml_path = out / f"tp{tp}.yaml"
+        model = {"model": spec["checkpoint"], "dtype": "float32", "max_seq_len": 64}
+        model |= {"buckets": BUCKETS, "targets": ["cpu"]}
+        if tp > 1:
+            model["mesh"] = {"tp": tp}
+        yaml_path.write_text(yaml.safe_dump(model))
+        bundle = out / f"tp{tp}"
+        result = build_bundle(load_build_config(yaml_path), bundle)
+        manifest = read_manifest(bundle)[0]
+        report = {
+            "tp": tp,
+            "build_tier": result.targets["cpu"]["tier"],
+            "memory_plan": result.targets["cpu"]["memory_plan"],
+            "serving_mesh": manifest["serving"].get("mesh"),
+            "fingerprint_mesh": manifest["compiled"]["cpu"]["fingerprint"].get("mesh"),
+            "nr_devices": sorted({f.get("nr_devices", 1) for f in manifest["functions"]}),
+            **serve(bundle, spec),
+        }
+        print(json.dumps(report), flush=True)
+        if tp == spec.get("stablehlo_tp"):
+            report = serve(bundle, spec, TrustPolicy(allow_pickle="never"))
+            print(json.dumps({"tp": tp, "build_tier": "stablehlo", **report}), flush=True)
+
+
+if __name__ == "__main__":
+    assert len(jax.devices()) == 8, "set XLA_FLAGS=--xla_force_host_platform_device_count=8"
+    main(sys.argv[1])
