@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import jaxlib
 from jax import export as jax_export
 
@@ -22,6 +23,7 @@ from aotlm.bundle.format import FORMAT_NAME, WEIGHTS_FILE
 from aotlm.cache import BuildCache, LocalRegistry, cache_key, default_cache_dir
 from aotlm.config import BuildConfig
 from aotlm.errors import CheckpointError, ConfigError
+from aotlm.kernels.paged_attention_pallas import BlockSizes
 from aotlm.models import ModelConfig
 from aotlm.models.checkpoint import flatten_params
 from aotlm.models.registry import DECODER, ModelFamily, family_for_checkpoint
@@ -141,6 +143,11 @@ class _Builder:
             if build.tp > 1
             else family.step_functions(cfg)
         )
+        if "forward" in self.fns and build.attention_blocks != (None, None):
+            # The kernel's block sizes are static arguments of the traced forward.
+            self.fns["forward"] = functools.partial(
+                self.fns["forward"], block_sizes=BlockSizes(*build.attention_blocks)
+            )
         self.platforms = target_platforms(build.targets)
         self.plans = [p for p in plans if p.tier == COMPILED]
         self.cache = cache
@@ -150,6 +157,7 @@ class _Builder:
             "jax": jax.__version__,
             "jaxlib": jaxlib.__version__,
             "source": source_version(),
+            "attention_blocks": list(build.attention_blocks),
         }
 
     def _cached(self, key: str, make: Callable[[], tuple[bytes, dict]]):
@@ -242,6 +250,29 @@ def _serving(build: BuildConfig, family: ModelFamily, platforms: tuple[str, ...]
     if build.tp > 1:  # absent: one device
         serving["mesh"] = {"tp": build.tp}
     return serving
+
+
+def _attention(build: BuildConfig, cfg, family: ModelFamily) -> dict:
+    """The attention kernel and its resolved block sizes (decoders): what a TPU target runs."""
+    if family.kind != DECODER:
+        return {}
+    try:
+        blocks = BlockSizes(*build.attention_blocks).resolve(
+            group=cfg.num_heads // cfg.num_kv_heads,
+            page_size=build.page_size,
+            pages_per_seq=build.pages_per_seq,
+            kv_row_bytes=cfg.num_kv_heads * cfg.head_dim * jnp.dtype(build.dtype).itemsize,
+            q_dtype=build.dtype,
+        )
+    except ValueError as e:
+        raise ConfigError(f"{build.source.name}: attention: {e}") from None
+    return {
+        "attention": {
+            "impl": "pallas on tpu, jnp reference elsewhere",
+            "kernel": "aotlm_ragged_paged_attention",
+            "block_sizes": blocks.as_dict(),
+        }
+    }
 
 
 def _buckets(build: BuildConfig) -> dict:
@@ -338,7 +369,7 @@ def build_bundle(
             "config": cfg.to_dict(),
             **family.manifest_extra(cfg),
         },
-        "serving": _serving(build, family, builder.platforms),
+        "serving": _serving(build, family, builder.platforms) | _attention(build, cfg, family),
         "buckets": _buckets(build),
         "functions": functions,
         "compiled": compiled,

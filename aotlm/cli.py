@@ -251,6 +251,12 @@ def inspect(bundle_dir: Path, as_json: bool) -> None:
             + (f" mesh=tp:{s['mesh']['tp']}" if "mesh" in s else "")
         )
         click.echo(f"buckets   tokens={m['buckets']['tokens']} requests={m['buckets']['requests']}")
+        if "attention" in s:
+            blocks = s["attention"]["block_sizes"]
+            click.echo(
+                f"attention {s['attention']['kernel']} block_queries={blocks['queries']} "
+                f"block_kv_pages={blocks['kv_pages']} (TPU)"
+            )
     if "plan" in m["buckets"]:
         click.echo(_plan_line(m["buckets"]["plan"]))
     fn_rows = [[n, str(c)] for n, c in counts.items()] + [

@@ -37,6 +37,7 @@ _TOP_KEYS = (
     "targets",
     "memory_gib",
     "mesh",
+    "attention",
 )
 _REQUIRED_TOP = ("model", "dtype", "max_seq_len", "buckets")
 _BUCKET_KEYS = ("tokens", "requests", "page_size")
@@ -74,6 +75,10 @@ class BuildConfig:
     # `mesh: {tp: N}`: tensor-parallel degree, the model split over N devices
     # (aotlm/models/sharding.py); 1: one device. Checked against the checkpoint by the build.
     tp: int = 1
+    # `attention: {block_queries: N, block_kv_pages: M}`: the Pallas kernel's block sizes (query
+    # tokens per block, KV pages per block), tuned per target; None picks the kernel's default.
+    # The resolved sizes are recorded in the manifest's serving.attention.
+    attention_blocks: tuple[int | None, int | None] = (None, None)
 
     @property
     def pages_per_seq(self) -> int:
@@ -196,6 +201,7 @@ def parse_build_config(data: dict, source: Path) -> BuildConfig:
         memory_gib=_memory_gib(check, data.get("memory_gib")),
         bucket_plan=bucket_plan,
         tp=tp,
+        attention_blocks=_attention_blocks(check, data.get("attention")),
     )
 
 
@@ -313,6 +319,18 @@ def _mesh_tp(check: _Checker, value: Any) -> int:
         return 1
     check.keys(value, "mesh", ("tp",), ("tp",))
     return check.positive_int(value["tp"], "mesh.tp")
+
+
+def _attention_blocks(check: _Checker, value: Any) -> tuple[int | None, int | None]:
+    """`attention: {block_queries, block_kv_pages}` (both optional) -> the kernel's block sizes."""
+    if value is None:
+        return (None, None)
+    keys = ("block_queries", "block_kv_pages")
+    check.keys(value, "attention", keys, ())
+    return tuple(  # type: ignore[return-value]
+        None if value.get(k) is None else check.positive_int(value[k], f"attention.{k}")
+        for k in keys
+    )
 
 
 def _memory_gib(check: _Checker, value: Any) -> float | None:

@@ -159,7 +159,10 @@ def test_a_bundle_built_elsewhere_is_not_trusted_by_default(small_bundle, tmp_pa
     assert loaded.tier == "stablehlo"
     assert "was not built on this machine" in loaded.timings["tier_reason"]
     signed, counter2 = _load(small_bundle, trust=TrustPolicy("trusted-signed"))
-    assert signed.tier == "stablehlo" and "not signed by a trusted key" in signed.timings["tier_reason"]
+    assert (
+        signed.tier == "stablehlo"
+        and "not signed by a trusted key" in signed.timings["tier_reason"]
+    )
     counter.close()
     counter2.close()
     with pytest.raises(ValueError, match="allow_pickle"):
