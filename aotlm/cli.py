@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
 from collections import Counter
@@ -10,33 +9,8 @@ from pathlib import Path
 
 import click
 
-from aotlm.errors import AotlmError
+from aotlm.cli_util import errors_to_exit, human, table
 from aotlm.runtime.source import bundle_source_options, resolve_source
-
-
-def _errors_to_exit(fn):
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except AotlmError as e:
-            raise click.ClickException(str(e)) from e
-
-    return wrapper
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
-def _table(rows: list[list[str]], header: list[str]) -> str:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True))  # noqa: E731
-    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
 
 
 @click.group()
@@ -81,7 +55,7 @@ def main() -> None:
     help="Write the portable StableHLO tier only (no executables).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-@_errors_to_exit
+@errors_to_exit
 def build(
     model_yaml: Path,
     out_dir: Path,
@@ -132,34 +106,34 @@ def build(
         acc[0] += 1
         acc[1] += f["size"]
         acc[2] += f["seconds"]
-    rows = [[n, str(c), _human(b), f"{s:.2f}"] for n, (c, b, s) in per_fn.items()]
+    rows = [[n, str(c), human(b), f"{s:.2f}"] for n, (c, b, s) in per_fn.items()]
     rows.append(
         [
             "total",
             str(len(result.functions)),
-            _human(result.total_bytes) + " (bundle)",
+            human(result.total_bytes) + " (bundle)",
             f"{result.seconds:.2f}",
         ]
     )
-    click.echo(_table(rows, ["function", "graphs", "export size", "build s"]))
-    click.echo("\n" + _targets_table(result.targets))
+    click.echo(table(rows, ["function", "graphs", "export size", "build s"]))
+    click.echo("\n" + _targetstable(result.targets))
     click.echo(
         f"\nexported {result.exported}, compiled {result.compiled}, from cache {result.cached}"
     )
     click.echo(f"bundle {result.out_dir}  sha256:{result.digest}")
 
 
-def _targets_table(targets: dict) -> str:
+def _targetstable(targets: dict) -> str:
     """One row per target: tier, memory plan against the device limit, and why."""
     rows = []
     for name, t in targets.items():
         plan = t.get("memory_plan") or {}
         limit = plan.get("limit_bytes")
-        memory = _human(plan.get("total_bytes", 0)) + (
-            f" / {_human(limit)}" if limit is not None else " (no limit)"
+        memory = human(plan.get("total_bytes", 0)) + (
+            f" / {human(limit)}" if limit is not None else " (no limit)"
         )
         rows.append([name, t["tier"], memory, t.get("reason", "")])
-    return _table(rows, ["target", "tier", "memory plan", "why"])
+    return table(rows, ["target", "tier", "memory plan", "why"])
 
 
 def _plan_line(plan: dict) -> str:
@@ -200,7 +174,7 @@ def _build_progress():
 @main.command()
 @click.argument("bundle_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest summary as JSON.")
-@_errors_to_exit
+@errors_to_exit
 def inspect(bundle_dir: Path, as_json: bool) -> None:
     """Show a bundle's model, buckets, functions, files and digest."""
     from aotlm.bundle import read_manifest
@@ -262,15 +236,15 @@ def inspect(bundle_dir: Path, as_json: bool) -> None:
     fn_rows = [[n, str(c)] for n, c in counts.items()] + [
         ["total", str(summary["total_functions"])]
     ]
-    click.echo("\n" + _table(fn_rows, ["function", "graphs"]))
+    click.echo("\n" + table(fn_rows, ["function", "graphs"]))
     if summary["targets"]:
-        click.echo("\n" + _targets_table(summary["targets"]))
+        click.echo("\n" + _targetstable(summary["targets"]))
         for target, plan in ((t, e["memory_plan"]) for t, e in summary["targets"].items()):
             parts = [
-                f"weights {_human(plan['weights_bytes'])}",
-                f"KV pool {_human(plan['kv_pool_bytes'])}",
-                f"code {_human(plan['code_bytes'])}",
-                f"peak step {_human(plan['peak_step_bytes'])} {plan['peak_step'] or '(not analyzed)'}",
+                f"weights {human(plan['weights_bytes'])}",
+                f"KV pool {human(plan['kv_pool_bytes'])}",
+                f"code {human(plan['code_bytes'])}",
+                f"peak step {human(plan['peak_step_bytes'])} {plan['peak_step'] or '(not analyzed)'}",
             ]
             click.echo(f"memory    {target}: {', '.join(parts)}; limit: {plan['limit']}")
     for target, fp in summary["fingerprints"].items():
@@ -278,14 +252,14 @@ def inspect(bundle_dir: Path, as_json: bool) -> None:
             f"{k}={fp[k]}" for k in ("platform", "device_kind", "device_count", "jax")
         )
         click.echo(f"compiled  {target}: {shown}")
-    file_rows = [[p, _human(n)] for p, n in summary["files"].items()]
-    file_rows.append(["total", _human(summary["total_bytes"])])
-    click.echo("\n" + _table(file_rows, ["file", "size"]))
+    file_rows = [[p, human(n)] for p, n in summary["files"].items()]
+    file_rows.append(["total", human(summary["total_bytes"])])
+    click.echo("\n" + table(file_rows, ["file", "size"]))
 
 
 @main.command()
 @click.argument("bundle_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@_errors_to_exit
+@errors_to_exit
 def verify(bundle_dir: Path) -> None:
     """Check a bundle's format version, manifest digest and every file's sha256."""
     from aotlm.bundle import open_bundle
@@ -297,7 +271,7 @@ def verify(bundle_dir: Path) -> None:
 @main.command("tiny-checkpoint")
 @click.argument("out_dir", type=click.Path(path_type=Path))
 @click.option("--seed", default=0, show_default=True, help="Seed for the random weights.")
-@_errors_to_exit
+@errors_to_exit
 def tiny_checkpoint(out_dir: Path, seed: int) -> None:
     """Create the small local Llama checkpoint the embedded default builds from (no network)."""
     from aotlm.tiny import make_tiny_checkpoint
@@ -325,7 +299,7 @@ def tiny_checkpoint(out_dir: Path, seed: int) -> None:
     help='Print {"text", "token_ids", "compiles_after_ready"} per prompt.',
 )
 @bundle_source_options
-@_errors_to_exit
+@errors_to_exit
 def generate(
     bundle_dir,
     prompts,

@@ -6,25 +6,13 @@ bucket commands grow without growing it; only parsing and printing live here.
 
 from __future__ import annotations
 
-import functools
 import json
 from pathlib import Path
 
 import click
 
 from aotlm.buckets.planner import DEFAULT_ROW_COST, LadderScore, Plan, plan_from_trace
-from aotlm.errors import AotlmError
-
-
-def _errors_to_exit(fn):
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except AotlmError as e:
-            raise click.ClickException(str(e)) from e
-
-    return wrapper
+from aotlm.cli_util import errors_to_exit
 
 
 @click.group()
@@ -83,7 +71,7 @@ def buckets() -> None:
     help="Make planned token buckets multiples of this (8 or 128 suit TPU tiles).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
-@_errors_to_exit
+@errors_to_exit
 def plan(
     trace_path: Path,
     max_graphs: int,

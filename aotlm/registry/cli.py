@@ -6,7 +6,6 @@ a one-line message with exit code 1. Heavy imports happen inside the commands.
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
 from collections.abc import Callable
@@ -15,29 +14,10 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from aotlm.errors import AotlmError
+from aotlm.cli_util import errors_to_exit, human
 
 if TYPE_CHECKING:  # importing aotlm.registry loads httpx and cryptography: only inside commands
     from aotlm.registry.store import RegistryOptions
-
-
-def _errors_to_exit(fn: Callable[..., Any]) -> Callable[..., Any]:
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except AotlmError as e:
-            raise click.ClickException(str(e)) from e
-
-    return wrapper
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
 
 
 def _registry_options(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -77,7 +57,7 @@ def _options(insecure: bool, username: str | None, password_stdin: bool) -> Regi
 )
 @_registry_options
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
-@_errors_to_exit
+@errors_to_exit
 def push(
     bundle_dir, ref, tags, source_revision, insecure, username, password_stdin, as_json
 ) -> None:
@@ -94,7 +74,7 @@ def push(
     also = f" (+ {', '.join(r.tags[1:])})" if len(r.tags) > 1 else ""
     click.echo(f"pushed   {r.pinned.location}:{r.tags[0]}{also}")
     click.echo(
-        f"blobs    {r.blobs_uploaded} uploaded ({_human(r.bytes_uploaded)}), "
+        f"blobs    {r.blobs_uploaded} uploaded ({human(r.bytes_uploaded)}), "
         f"{r.blobs_present} already there"
     )
     click.echo(f"signed   {', '.join(r.signatures) or '(unsigned)'}")
@@ -120,7 +100,7 @@ def push(
 @click.option("--require-signed", is_flag=True, help="Refuse bundles not signed by a trusted key.")
 @_registry_options
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
-@_errors_to_exit
+@errors_to_exit
 def pull(
     ref, out_dir, trusted_keys, require_signed, insecure, username, password_stdin, as_json
 ) -> None:
@@ -153,7 +133,7 @@ def pull(
     type=click.Path(allow_dash=True, path_type=Path),
     help="Ed25519 private key (PEM, from `aotlm keygen`); '-' reads it from stdin.",
 )
-@_errors_to_exit
+@errors_to_exit
 def sign(bundle_dir: Path, key_path: Path) -> None:
     """Verify BUNDLE_DIR and write signatures/<keyid>.sig over its digest and name."""
     from aotlm.registry.signing import key_id, load_private_key, sign_bundle
@@ -166,7 +146,7 @@ def sign(bundle_dir: Path, key_path: Path) -> None:
 
 @click.command()
 @click.argument("prefix", type=click.Path(path_type=Path))
-@_errors_to_exit
+@errors_to_exit
 def keygen(prefix: Path) -> None:
     """Create an Ed25519 keypair: PREFIX.key (private, mode 0600) and PREFIX.pub (to trust)."""
     from aotlm.registry import generate_keypair
@@ -188,7 +168,7 @@ def keygen(prefix: Path) -> None:
 @click.option("--insecure", is_flag=True, help="Plain http even for non-loopback registries.")
 @click.option("--exit-code", is_flag=True, help="Exit with status 1 when the bundles differ.")
 @click.option("--json", "as_json", is_flag=True, help="Print the differences as JSON.")
-@_errors_to_exit
+@errors_to_exit
 def diff(
     a: str, b: str, cache_dir: Path | None, insecure: bool, exit_code: bool, as_json: bool
 ) -> None:
