@@ -1,4 +1,4 @@
-"""Run one engine step through the sealed executables. No jax.jit here: only Compiled calls.
+"""Run one engine step through the sealed executables: only Compiled calls, never tracing.
 
 Host arrays go to the device with jax.device_put (a transfer, never a compile); results come back
 with np.asarray on the outputs (a transfer too).
