@@ -1,4 +1,5 @@
-"""The Pallas TPU attention kernel (run in Pallas' TPU interpreter) against the jnp reference.
+"""The fast attention paths against the jnp reference: the Pallas TPU kernel (run in Pallas' TPU
+interpreter) and the blocked jnp path that every other platform runs.
 
 Every case draws a fresh ragged batch: prefill chunks and decode tokens of several requests in one
 call, pages scattered over the pool, tokens in shuffled order and padding tokens as the runner
@@ -17,21 +18,23 @@ import pytest
 from jax import export as jax_export
 
 from aotlm.kernels.attention import paged_attention_ref
+from aotlm.kernels.attention_blocked import paged_attention_blocked
 from aotlm.kernels.paged_attention_pallas import BlockSizes
 from aotlm.kernels.select import paged_attention
 
 SMALL = BlockSizes(queries=None, kv_pages=2)  # few pages per block keeps interpreting fast
 
 
-def ragged_batch(seed, *, head_dim, heads, kv_heads, page_size, dtype=jnp.float32, layers=None):
+def ragged_batch(
+    seed, *, head_dim, heads, kv_heads, page_size, dtype=jnp.float32, layers=None,
+    pages_per_seq=4, num_requests=4,
+):  # fmt: skip
     """A random mixed prefill/decode batch; returns (args, scale) in the reference's order."""
     rng = np.random.default_rng(seed)
-    pages_per_seq = 4
-    num_requests = 4
     chunks = []  # (start position, length) per request: two prefill chunks, two decode tokens
     for r in range(num_requests):
         length = int(rng.integers(2, 20)) if r % 2 == 0 else 1
-        start = int(rng.integers(0, min(pages_per_seq * page_size, 160) - length))
+        start = int(rng.integers(0, min(pages_per_seq * page_size, 40 * pages_per_seq) - length))
         chunks.append((start, length))
     num_pages = 1 + num_requests * pages_per_seq
     free = rng.permutation(np.arange(1, num_pages))
@@ -186,3 +189,79 @@ def test_deviceless_compile_for_v5e():
     avals = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated) for a in args]
     lowered = jax.jit(exported.call).trace(*avals).lower(lowering_platforms=("tpu",))
     assert "tpu_custom_call" in lowered.compile().as_text()
+
+
+# --- the blocked jnp path (every platform but TPU) ---------------------------------------------
+
+
+def blocked(args, scale, **kwargs):
+    return run(lambda *a: paged_attention_blocked(*a, scale, **kwargs), *args)
+
+
+@pytest.mark.parametrize(("head_dim", "heads", "kv_heads", "page_size", "dtype"), CASES)
+@pytest.mark.parametrize(("query_block", "chunk_pages"), [(1, 1), (8, 2), (4, 3)])
+def test_blocked_matches_reference(
+    head_dim, heads, kv_heads, page_size, dtype, query_block, chunk_pages
+):
+    seed = zlib.crc32(repr((head_dim, heads, kv_heads, page_size, query_block)).encode())
+    args, scale = ragged_batch(
+        seed, head_dim=head_dim, heads=heads, kv_heads=kv_heads, page_size=page_size, dtype=dtype,
+        pages_per_seq=7, num_requests=6,
+    )  # fmt: skip
+    out = blocked(args, scale, query_block=query_block, chunk_pages=chunk_pages)
+    assert out.shape == args[0].shape and out.dtype == dtype
+    assert_close(out, reference(args, scale), dtype)
+
+
+@pytest.mark.parametrize("window", [1, 17, 40])
+@pytest.mark.parametrize("query_block", [1, 8])
+def test_blocked_sliding_window(window, query_block):
+    args, scale = ragged_batch(
+        200 + window, head_dim=64, heads=4, kv_heads=2, page_size=16, pages_per_seq=8
+    )
+    out = blocked(args, scale, window=window, query_block=query_block, chunk_pages=1)
+    assert_close(out, reference(args, scale, window=window), jnp.float32)
+
+
+@pytest.mark.parametrize("query_block", [1, 8])
+def test_blocked_layer_indexed_cache_and_garbage(query_block):
+    """The [L, ...] cache with a traced layer; NaN in every slot no token can see stays out."""
+    args, scale = ragged_batch(
+        31, head_dim=64, heads=8, kv_heads=2, page_size=16, layers=3, pages_per_seq=6
+    )
+    q, k, v, positions, token_req, tables = args
+    visible = np.zeros(k.shape[1:3], bool)
+    for pos, req in zip(np.asarray(positions), np.asarray(token_req), strict=True):
+        for j in range(pos + 1):
+            visible[tables[req, j // 16], j % 16] = True
+    hide = jnp.asarray(~visible)[None, :, :, None, None]
+    clean = reference((q, k[2], v[2], positions, token_req, tables), scale)
+    k, v = jnp.where(hide, jnp.nan, k), jnp.where(hide, jnp.nan, v)
+    out = run(
+        lambda *a, layer: paged_attention_blocked(*a, scale, layer=layer, query_block=query_block),
+        q, k, v, positions, token_req, tables, layer=jnp.int32(2),
+    )  # fmt: skip
+    assert_close(out, clean, jnp.float32)
+
+
+@pytest.mark.parametrize("query_block", [1, 8])
+def test_blocked_token_ignores_other_requests_context(query_block):
+    """Extending another request's context (more KV chunks walked) leaves a token's output
+    bit-for-bit unchanged: what greedy batch independence needs from attention."""
+    args, scale = ragged_batch(5, head_dim=64, heads=4, kv_heads=2, page_size=16, pages_per_seq=8)
+    q, k, v, positions, token_req, tables = args
+    mine = np.asarray(token_req) == 1
+    base = blocked(args, scale, query_block=query_block, chunk_pages=1)
+    longer = np.where(mine, positions, np.maximum(positions, 120)).astype(np.int32)
+    tables = jnp.asarray(np.where(tables == 0, 1, tables))  # every page a real one
+    out = blocked(
+        (q, k, v, jnp.asarray(longer), token_req, tables),
+        scale, query_block=query_block, chunk_pages=1,
+    )  # fmt: skip
+    np.testing.assert_array_equal(np.asarray(out)[mine], np.asarray(base)[mine])
+
+
+def test_auto_on_cpu_is_the_blocked_path():
+    args, scale = ragged_batch(9, head_dim=64, heads=4, kv_heads=2, page_size=16, pages_per_seq=6)
+    auto = run(lambda *a: paged_attention(*a, scale), *args)
+    np.testing.assert_array_equal(np.asarray(auto), np.asarray(blocked(args, scale)))

@@ -32,10 +32,10 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from aotlm.kernels.work_items import BLOCK, HI, KV_HI, KV_LO, LO, MAX_POS, REQ, cdiv, work_items
+
 MASK = float(jnp.finfo(jnp.float32).min)  # as the reference: a fully masked row stays finite
 LANES = 128
-# Rows of the per-item metadata table the kernel reads from SMEM.
-BLOCK, REQ, LO, HI, KV_LO, KV_HI, MAX_POS = range(7)
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ class BlockSizes:
         """
         sublanes = 8 * (4 // jnp.dtype(q_dtype).itemsize)
         unit = sublanes // math.gcd(group, sublanes)
-        queries = self.queries or unit * _cdiv(_cdiv(64, group), unit)
+        queries = self.queries or unit * cdiv(cdiv(64, group), unit)
         if queries < 1 or (queries * group) % sublanes:
             raise ValueError(
                 f"block_sizes.queries={queries} times {group} query heads per KV head must be a "
@@ -79,45 +79,6 @@ class BlockSizes:
 
 
 DEFAULT_BLOCK_SIZES = BlockSizes()
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def _work_items(positions, token_req, num_requests, bq, kv_tokens, window):
-    """Sort tokens by request and cut them into (query block, request) work items.
-
-    Returns (order, padded sorted positions [T_pad], meta i32[7, W]) with W static.
-    """
-    num_tokens = positions.shape[0]
-    t_pad = _cdiv(num_tokens, bq) * bq
-    num_items = min(t_pad // bq + min(num_requests, num_tokens) - 1, t_pad)
-    order = jnp.argsort(token_req, stable=True)
-    req = jnp.pad(token_req[order], (0, t_pad - num_tokens), mode="edge")
-    pos = jnp.pad(positions[order], (0, t_pad - num_tokens), mode="edge")
-    row = jnp.arange(t_pad, dtype=jnp.int32)
-    starts = (row % bq == 0) | (req != jnp.roll(req, 1))
-    item_of_row = jnp.cumsum(starts.astype(jnp.int32)) - 1
-    first = jnp.nonzero(starts, size=num_items, fill_value=t_pad)[0].astype(jnp.int32)
-    valid = first < t_pad
-    block = jnp.minimum(first, t_pad - 1) // bq
-    end = jnp.minimum(jnp.append(first[1:], t_pad), (block + 1) * bq)
-    max_pos = jax.ops.segment_max(pos, item_of_row, num_items)
-    min_pos = jax.ops.segment_min(pos, item_of_row, num_items)
-    lo_key = jnp.zeros_like(min_pos) if window is None else jnp.maximum(min_pos - window + 1, 0)
-    meta = jnp.stack(
-        [
-            block,
-            req[jnp.minimum(first, t_pad - 1)],
-            first - block * bq,
-            end - block * bq,
-            jnp.where(valid, lo_key // kv_tokens, 0),
-            jnp.where(valid, max_pos // kv_tokens + 1, 0),
-            jnp.where(valid, max_pos, 0),
-        ]
-    ).astype(jnp.int32)
-    return order, pos, meta
 
 
 def _head_rows(buf, head: int) -> jax.Array:
@@ -254,7 +215,7 @@ def paged_attention_pallas(
     if window is not None and window < 1:
         raise ValueError(f"window must be >= 1 (got {window})")
     kv_tokens = kv_pages * page_size
-    order, pos, meta = _work_items(positions, token_req, num_requests, bq, kv_tokens, window)
+    order, pos, meta, _ = work_items(positions, token_req, num_requests, bq, kv_tokens, window)
     t_pad, rows = pos.shape[0], bq * group
     qs = jnp.pad(q[order], ((0, t_pad - num_tokens), (0, 0), (0, 0)))
     qs = qs.reshape(t_pad, num_kv, group, head_dim).transpose(1, 0, 2, 3)

@@ -2,8 +2,8 @@
 
 Why inside the graph: a bundle exported for ``("cpu", "tpu")`` is one StableHLO module per bucket,
 and the loading platform must find its own implementation in it. ``impl="auto"`` binds one small
-primitive whose lowering is registered per platform (the Pallas kernel for ``tpu``, the jnp
-reference for every other platform); a multi-platform lowering emits both under a switch on the
+primitive whose lowering is registered per platform (the Pallas kernel for ``tpu``, the blocked
+jnp path for every other platform); a multi-platform lowering emits both under a switch on the
 platform index that jax resolves when the module is compiled.
 
 Why not ``jax.lax.platform_dependent``: in jax 0.10.2 it lowers every branch for *all* platforms of
@@ -13,7 +13,7 @@ only its own platform, which is exactly what is needed. Public extension API onl
 ``jax.extend.core.Primitive`` and ``jax.interpreters.mlir.register_lowering`` / ``lower_fun``.
 The primitive has no batching or differentiation rules (inference only).
 
-GPU: no kernel; CUDA runs the reference. A Pallas Mosaic GPU kernel is the right kind
+GPU: no kernel; CUDA runs the blocked jnp path (aotlm/kernels/attention_blocked.py). A Pallas Mosaic GPU kernel is the right kind
 (``mosaic_gpu_v2`` is on jax.export's list of custom calls with a compatibility guarantee;
 Pallas' Triton lowering, ``__gpu$xla.gpu.triton``, is explicitly not, so a bundle carrying it
 could break with any jaxlib), but Mosaic GPU targets Hopper (sm_90a) only, needs its own
@@ -33,14 +33,15 @@ from jax.extend.core import Primitive
 from jax.interpreters import mlir
 
 from aotlm.kernels.attention import paged_attention_ref
+from aotlm.kernels.attention_blocked import paged_attention_blocked
 from aotlm.kernels.paged_attention_pallas import (
     DEFAULT_BLOCK_SIZES,
     BlockSizes,
     paged_attention_pallas,
 )
 
-Impl = Literal["auto", "reference", "pallas", "interpret"]
-IMPLS: tuple[str, ...] = ("auto", "reference", "pallas", "interpret")
+Impl = Literal["auto", "reference", "blocked", "pallas", "interpret"]
+IMPLS: tuple[str, ...] = ("auto", "reference", "blocked", "pallas", "interpret")
 
 
 def _reference(q, k_pages, v_pages, positions, token_req, block_tables, layer, *, scale, window):
@@ -49,6 +50,13 @@ def _reference(q, k_pages, v_pages, positions, token_req, block_tables, layer, *
     return paged_attention_ref(
         q, k_pages, v_pages, positions, token_req, block_tables, scale, window
     )
+
+
+def _blocked(q, k_pages, v_pages, positions, token_req, block_tables, layer, *, scale, window):
+    return paged_attention_blocked(
+        q, k_pages, v_pages, positions, token_req, block_tables, scale,
+        window=window, layer=layer if k_pages.ndim == 5 else None,
+    )  # fmt: skip
 
 
 def _kernel(
@@ -73,7 +81,7 @@ _by_platform_p.def_abstract_eval(lambda q, *_, **__: jax.core.ShapedArray(q.shap
 mlir.register_lowering(
     _by_platform_p,
     lambda ctx, *a, block_sizes, **p: mlir.lower_fun(
-        functools.partial(_reference, **p), multiple_results=False
+        functools.partial(_blocked, **p), multiple_results=False
     )(ctx, *a),
 )
 mlir.register_lowering(
@@ -105,8 +113,8 @@ def paged_attention(
     ``[L, num_pages, S, KV, D]`` with ``layer`` (pass the whole cache inside a layer scan: the
     kernel DMAs pages of that layer directly, instead of XLA copying the layer out first).
 
-    impl: "auto" (Pallas kernel on TPU, reference elsewhere, chosen per platform inside the
-    graph), "reference", "pallas" (TPU only), or "interpret" (the kernel in Pallas' TPU
+    impl: "auto" (Pallas kernel on TPU, the blocked jnp path elsewhere, chosen per platform
+    inside the graph), "reference", "blocked", "pallas" (TPU only), or "interpret" (the kernel in Pallas' TPU
     interpreter; tests on CPU). ``block_sizes`` only affects the kernel.
     """
     if impl not in IMPLS:
@@ -118,6 +126,8 @@ def paged_attention(
     params = {"scale": float(scale), "window": window}
     if impl == "reference":
         return _reference(*args, **params)
+    if impl == "blocked":
+        return _blocked(*args, **params)
     if impl == "pallas":
         return _kernel(*args, **params, block_sizes=block_sizes)
     if impl == "interpret":

@@ -1,0 +1,165 @@
+"""Paged attention in plain jnp, fast enough to serve with: the path every non-TPU platform runs.
+
+Same contract as ``paged_attention_ref`` (its twin, and what the tests hold it to). The reference
+gathers every request page for every *token* (``T * P * S`` keys), which made a 256-token prefill
+step on CPU ~40x slower than the matmuls around it. This path does the work the Pallas kernel does,
+in XLA ops:
+
+- Keys are gathered once per work item (a run of one request's tokens inside one query block,
+  ``aotlm/kernels/work_items.py``), not once per token: a prefill chunk re-reads its pages
+  ``T / query_block`` times instead of ``T`` times.
+- The KV positions are walked in chunks of a few pages by a ``while_loop`` with an online
+  softmax, and the loop stops at the longest context in the step (starts at the first page any
+  token's window can see). A decode step at context 200 of a 2048-token model reads ~200 keys
+  per token, not 2048. Chunks past a token's own position are masked, and leave its running
+  max, sum and output bit-for-bit unchanged, so a token's result does not depend on the
+  contexts of the other requests in its step.
+- With a query block of 1 the items are the tokens themselves (no sort, no regrouping): the
+  decode-sized steps' shape.
+
+Numerics follow the reference: scores and softmax statistics in float32, probabilities cast to
+v's dtype before the value product, masked scores at float32 min so no row can become NaN.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from aotlm.kernels.work_items import BLOCK, HI, KV_HI, KV_LO, LO, MAX_POS, REQ, cdiv, work_items
+
+MASK = float(jnp.finfo(jnp.float32).min)
+# Keys per step of the KV loop. Measured on XLA:CPU (benchmarks/attention.py): 32-64 keys keep
+# a chunk's scores and values in cache; 512 was 2-3x slower per key.
+CHUNK_KEYS = 32
+
+
+def default_query_block(num_tokens: int) -> int:
+    """Query tokens per work item for a T-token step (a static choice per token bucket).
+
+    1 for decode-sized steps (each token is its own request: larger blocks only add masked
+    rows); 8 above that, where a prefill chunk's tokens share their pages (measured best of 1, 4,
+    8, 16 at T = 64 and 256 on XLA:CPU).
+    """
+    return 1 if num_tokens <= 16 else 8
+
+
+def paged_attention_blocked(
+    q: jax.Array,
+    k_pages: jax.Array,
+    v_pages: jax.Array,
+    positions: jax.Array,
+    token_req: jax.Array,
+    block_tables: jax.Array,
+    scale: float,
+    *,
+    window: int | None = None,
+    layer: jax.Array | int | None = None,
+    query_block: int | None = None,
+    chunk_pages: int | None = None,
+) -> jax.Array:
+    """``paged_attention_ref``'s contract. k_pages/v_pages: one layer ``[N, S, KV, D]`` or the
+    whole cache ``[L, N, S, KV, D]`` with ``layer`` (gathered from directly: no layer copy)."""
+    if k_pages.ndim == 4:
+        k_pages, v_pages, layer = k_pages[None], v_pages[None], 0
+    elif layer is None:
+        raise ValueError("a [L, num_pages, S, KV, D] cache needs layer=")
+    if window is not None and window < 1:
+        raise ValueError(f"window must be >= 1 (got {window})")
+    num_tokens, num_heads, head_dim = q.shape
+    page_size, kv_heads = k_pages.shape[2], k_pages.shape[3]
+    num_requests, pages_per_seq = block_tables.shape
+    group = num_heads // kv_heads
+    bq = query_block or default_query_block(num_tokens)
+    chunk = min(chunk_pages or max(1, CHUNK_KEYS // page_size), pages_per_seq)
+    chunk_keys = chunk * page_size
+    # Pad the page tables to whole chunks with the trash page: its key positions lie past every
+    # position, so it is always masked.
+    tables = jnp.pad(
+        block_tables, ((0, 0), (0, cdiv(pages_per_seq, chunk) * chunk - pages_per_seq))
+    )
+    qg = q.reshape(num_tokens, kv_heads, group, head_dim)
+    if bq == 1:
+        lo_key = jnp.zeros_like(positions) if window is None else positions - window + 1
+        bounds = (jnp.min(jnp.maximum(lo_key, 0)) // chunk_keys, jnp.max(positions) // chunk_keys)
+        out = _attend(
+            qg[:, None], positions[:, None], positions, tables[token_req], k_pages, v_pages, layer,
+            bounds, chunk, scale, window,
+        )  # fmt: skip
+        return out.reshape(num_tokens, num_heads, head_dim).astype(q.dtype)
+    items = work_items(positions, token_req, num_requests, bq, chunk_keys, window)
+    meta, t_pad = items.meta, items.pos.shape[0]
+    valid = meta[LO] < meta[HI]
+    bounds = (
+        jnp.min(jnp.where(valid, meta[KV_LO], jnp.iinfo(jnp.int32).max)),
+        jnp.max(meta[KV_HI]) - 1,
+    )
+    q_sorted = jnp.pad(qg[items.order], ((0, t_pad - num_tokens), (0, 0), (0, 0), (0, 0)))
+    blocks = q_sorted.reshape(t_pad // bq, bq, kv_heads, group, head_dim)
+    out = _attend(
+        blocks[meta[BLOCK]], items.pos.reshape(-1, bq)[meta[BLOCK]], meta[MAX_POS],
+        tables[meta[REQ]],
+        k_pages, v_pages, layer, bounds, chunk, scale, window,
+    )  # fmt: skip
+    # Each token's row: its item's output at its offset in the query block.
+    sorted_row = (
+        jnp.zeros_like(items.order)
+        .at[items.order]
+        .set(jnp.arange(num_tokens, dtype=items.order.dtype))
+    )
+    out = out[items.item_of_row[sorted_row], sorted_row % bq]
+    return out.reshape(num_tokens, num_heads, head_dim).astype(q.dtype)
+
+
+def _attend(q, pos, item_max, pages, k_pages, v_pages, layer, bounds, chunk, scale, window):
+    """Online-softmax attention of W items over their request's pages, chunk by chunk.
+
+    q: [W, B, KV, G, D] (B query rows per item); pos: i32[W, B]; item_max: i32[W], the largest
+    position of the item's own rows (its request has written every slot up to it); pages: i32[W, P'] (P' a multiple
+    of ``chunk``); bounds: the first and last chunk index to visit (traced scalars).
+    Returns float32 [W, B, KV, G, D].
+    """
+    items, rows, kv_heads, group, head_dim = q.shape
+    page_size = k_pages.shape[2]
+    chunk_keys = chunk * page_size
+    first, last = bounds
+
+    def body(carry):
+        c, m, total, acc = carry
+        ids = jax.lax.dynamic_slice_in_dim(pages, c * chunk, chunk, axis=1)  # [W, chunk]
+        keys = k_pages[layer, ids].reshape(items, chunk_keys, kv_heads, head_dim)
+        values = v_pages[layer, ids].reshape(items, chunk_keys, kv_heads, head_dim)
+        s = jnp.einsum(
+            "wbkgd,wskd->wkgbs", q, keys.astype(q.dtype), preferred_element_type=jnp.float32
+        )
+        s = s * jnp.float32(scale)
+        key_pos = c * chunk_keys + jnp.arange(chunk_keys, dtype=jnp.int32)
+        visible = key_pos[None, None, :] <= pos[:, :, None]  # [W, B, chunk_keys]
+        if window is not None:
+            visible &= key_pos[None, None, :] > pos[:, :, None] - window
+        s = jnp.where(visible[:, None, None], s, MASK)
+        m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+        alpha = jnp.exp(m - m_new)
+        p = jnp.exp(s - m_new[..., None])
+        total = total * alpha + jnp.sum(p, axis=-1)
+        # Zero the values past the item's last position: stale slots of a reused page (or the
+        # trash page) may hold inf/NaN, and 0 * NaN would leak into this item's rows.
+        written = key_pos[None, :] <= item_max[:, None]  # [W, chunk_keys]
+        values = jnp.where(written[:, :, None, None], values, jnp.zeros((), values.dtype))
+        pv = jnp.einsum(
+            "wkgbs,wskd->wkgbd", p.astype(values.dtype), values, preferred_element_type=jnp.float32
+        )
+        return c + 1, m_new, total, acc * alpha[..., None] + pv
+
+    stats = (items, kv_heads, group, rows)
+    init = (
+        first,
+        jnp.full(stats, MASK, jnp.float32),
+        jnp.zeros(stats, jnp.float32),
+        jnp.zeros((*stats, head_dim), jnp.float32),
+    )
+    _, _, total, acc = jax.lax.while_loop(lambda carry: carry[0] <= last, body, init)
+    # total >= 1 once any chunk ran (the row max contributes exp(0)); `last >= first` always holds
+    # for real tokens, the guard only keeps an impossible empty loop finite.
+    out = acc / jnp.maximum(total, 1e-30)[..., None]
+    return out.transpose(0, 3, 1, 2, 4)
