@@ -1,11 +1,14 @@
 """Serving benchmark: `aotlm serve` under load vs Hugging Face `transformers` generation.
 
-    .venv/bin/python benchmarks/serve.py [--requests 64] [--concurrency 16] [--bundle DIR] [--port P]
+    .venv/bin/python benchmarks/serve.py [--requests 64] [--concurrency 16] [--bundle DIR]
+        [--client raw|openai] [--port P]
 
 Starts `aotlm serve` on 127.0.0.1 (on --bundle, or on a bundle built into a temp dir from the tiny
-checkpoint with a larger bucket set, BENCH_YAML below) and drives it with the official `openai`
-client (`max_retries=0`, streaming, greedy, `ignore_eos` so every request generates exactly its
-`max_tokens`) from `--concurrency` client tasks that each send the next request as soon as the last
+checkpoint with a larger bucket set, BENCH_YAML below) and drives it with streaming completions
+(greedy, `ignore_eos` so every request generates exactly its `max_tokens`) sent by httpx with the
+SSE lines parsed by json.loads (`--client openai`: the official client, `max_retries=0`, which
+costs ~3x the client CPU per chunk; on a 2-core machine that CPU is taken from the server) from
+`--concurrency` client tasks that each send the next request as soon as the last
 one finished (closed loop). Prompts are token ids: windows of the tokenized corpus that ships in
 aotlm/data/, at distinct seeded offsets, after BOS. Workloads:
 
@@ -192,47 +195,86 @@ def scrape(base: str) -> dict[str, float]:
 # --- the load generator ----------------------------------------------------------------------
 
 
-async def _one(client: AsyncOpenAI, model: str, req: Request) -> Result:
-    start = time.perf_counter()
-    stream = await client.completions.create(
-        model=model,
-        prompt=req.prompt,
-        max_tokens=req.max_tokens,
-        temperature=0.0,
-        stream=True,
-        stream_options={"include_usage": True},
-        extra_body={"ignore_eos": True},
+def _body(model: str, req: Request) -> dict:
+    return {
+        "model": model,
+        "prompt": req.prompt,
+        "max_tokens": req.max_tokens,
+        "temperature": 0.0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "ignore_eos": True,
+    }
+
+
+def _result(start: float, times: list[float], text: list[str], usage: dict) -> Result:
+    end = time.perf_counter()
+    details = usage.get("prompt_tokens_details") or {}
+    return Result(
+        ttft=times[0] - start,
+        itl=np.diff(times).tolist(),
+        e2e=end - start,
+        output_tokens=usage["completion_tokens"],
+        cached_tokens=details.get("cached_tokens") or 0,
+        text="".join(text),
     )
+
+
+async def _one_openai(client: AsyncOpenAI, model: str, req: Request) -> Result:
+    body = _body(model, req)
+    extra = {"ignore_eos": body.pop("ignore_eos")}
+    start = time.perf_counter()
+    stream = await client.completions.create(**body, extra_body=extra)
     times, text, usage = [], [], None
     async for chunk in stream:
         if chunk.choices:  # one chunk per generated token (its text may be held back: "")
             times.append(time.perf_counter())
             text.append(chunk.choices[0].text)
         usage = chunk.usage or usage
-    end = time.perf_counter()
-    details = usage.prompt_tokens_details
-    return Result(
-        ttft=times[0] - start,
-        itl=np.diff(times).tolist(),
-        e2e=end - start,
-        output_tokens=usage.completion_tokens,
-        cached_tokens=(details.cached_tokens or 0) if details else 0,
-        text="".join(text),
-    )
+    return _result(start, times, text, usage.model_dump())
+
+
+async def _one_raw(client: httpx.AsyncClient, model: str, req: Request) -> Result:
+    """The same request over plain httpx, parsing the SSE lines with json.loads: a fraction of
+    the openai client's CPU per chunk, which matters when client and server share 2 cores."""
+    start = time.perf_counter()
+    times, text, usage = [], [], None
+    async with client.stream("POST", "/v1/completions", json=_body(model, req)) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk["choices"]:
+                times.append(time.perf_counter())
+                text.append(chunk["choices"][0]["text"])
+            usage = chunk.get("usage") or usage
+    return _result(start, times, text, usage)
 
 
 async def _closed_loop(
-    base: str, model: str, requests: Sequence[Request], concurrency: int, lead: bool = False
+    base: str,
+    model: str,
+    requests: Sequence[Request],
+    concurrency: int,
+    lead: bool = False,
+    client_kind: str = "raw",
 ) -> tuple[list[Result], float]:
     """`concurrency` tasks send the requests in order, each the next one as soon as its last one
     finished. With `lead`, the first request runs alone before the others start."""
-    client = AsyncOpenAI(base_url=f"{base}/v1", api_key="bench", max_retries=0, timeout=600)
+    if client_kind == "openai":
+        client = AsyncOpenAI(base_url=f"{base}/v1", api_key="bench", max_retries=0, timeout=600)
+        one = _one_openai
+    else:
+        limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+        client = httpx.AsyncClient(base_url=base, timeout=600, limits=limits)
+        one = _one_raw
     todo = iter(enumerate(requests))
     results: list[Result | None] = [None] * len(requests)
 
     async def worker(count: int | None = None) -> None:
         for n, (i, req) in enumerate(todo, 1):  # one event loop: the shared iterator needs no lock
-            results[i] = await _one(client, model, req)
+            results[i] = await one(client, model, req)
             if n == count:
                 return
 
@@ -241,7 +283,7 @@ async def _closed_loop(
         await worker(count=1)
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     wall = time.perf_counter() - start
-    await client.close()
+    await (client.close() if client_kind == "openai" else client.aclose())
     return results, wall
 
 
@@ -259,10 +301,11 @@ def note(message: str) -> None:
 
 
 def run_workload(
-    base: str, pid: int, model: str, requests: Sequence[Request], concurrency: int, lead: bool
+    base: str, pid: int, model: str, requests: Sequence[Request], args, lead: bool
 ) -> dict:
     before, server_cpu, client_cpu = scrape(base), cpu_seconds(pid), time.process_time()
-    results, wall = asyncio.run(_closed_loop(base, model, requests, concurrency, lead))
+    loop = _closed_loop(base, model, requests, args.concurrency, lead, args.client)
+    results, wall = asyncio.run(loop)
     after = scrape(base)
     delta = {k: after[k] - before.get(k, 0.0) for k in after}
     summary = summarize(requests, results, wall, delta)
@@ -313,6 +356,13 @@ def parse_args() -> argparse.Namespace:
         "--checkpoint", type=Path, default=CHECKPOINT, help="The bundle's HF checkpoint."
     )
     ap.add_argument("--port", type=int, default=0, help="Server port (default: a free one).")
+    ap.add_argument(
+        "--client",
+        choices=("raw", "openai"),
+        default="raw",
+        help="Load generator: httpx + json.loads (default: light, so the client takes less of "
+        "the cores the server runs on) or the official openai client.",
+    )
     ap.add_argument("--seed", type=int, default=0, help="Seed of prompt and output lengths.")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/serve.json")
     return ap.parse_args()
@@ -322,13 +372,13 @@ def serve_workloads(
     args, log: Path, bundle: Path, model: str, workloads: dict, warmup: Request
 ) -> dict:
     with served(bundle, args.port or free_port(), log) as (base, ready_s, pid):
-        asyncio.run(_closed_loop(base, model, [warmup] * 2, 2))  # untimed
+        asyncio.run(_closed_loop(base, model, [warmup] * 2, 2, client_kind=args.client))
         note(f"serving {bundle} on {base} (ready in {ready_s:.1f} s)")
         results = {}
         for n, reqs in workloads.items():
             note(f"  {n}: {len(reqs)} requests at concurrency {args.concurrency}")
             lead = n.startswith("prefix")
-            results[n] = run_workload(base, pid, model, reqs, args.concurrency, lead)
+            results[n] = run_workload(base, pid, model, reqs, args, lead)
         compiles = scrape(base).get("aotlm:compiles_after_ready", float("nan"))
     return {"ready_s": ready_s, "workloads": results, "compiles_after_ready": compiles}
 

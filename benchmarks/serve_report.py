@@ -37,6 +37,7 @@ def make_report(args, manifest, digest, load_avg, served_run, offline, hf) -> di
         "buckets": manifest["buckets"],
         "max_seq_len": manifest["serving"]["max_seq_len"],
         "concurrency": args.concurrency,
+        "client": args.client,
         "seed": args.seed,
         "load_avg": [load_avg, os.getloadavg()[0]],
         "cpus": os.cpu_count(),

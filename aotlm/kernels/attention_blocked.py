@@ -29,9 +29,9 @@ import jax.numpy as jnp
 from aotlm.kernels.work_items import BLOCK, HI, KV_HI, KV_LO, LO, MAX_POS, REQ, cdiv, work_items
 
 MASK = float(jnp.finfo(jnp.float32).min)
-# Keys per step of the KV loop. Measured on XLA:CPU (benchmarks/attention.py): 32-64 keys keep
+# Keys per step of the KV loop. Measured on XLA:CPU (benchmarks/attention.py): 32-128 keys keep
 # a chunk's scores and values in cache; 512 was 2-3x slower per key.
-CHUNK_KEYS = 32
+CHUNK_KEYS = 64
 
 
 def default_query_block(num_tokens: int) -> int:
@@ -115,24 +115,30 @@ def _attend(q, pos, item_max, pages, k_pages, v_pages, layer, bounds, chunk, sca
     """Online-softmax attention of W items over their request's pages, chunk by chunk.
 
     q: [W, B, KV, G, D] (B query rows per item); pos: i32[W, B]; item_max: i32[W], the largest
-    position of the item's own rows (its request has written every slot up to it); pages: i32[W, P'] (P' a multiple
-    of ``chunk``); bounds: the first and last chunk index to visit (traced scalars).
-    Returns float32 [W, B, KV, G, D].
+    position of the item's own rows (its request has written every slot up to it); pages:
+    i32[W, P'] (P' a multiple of ``chunk``); bounds: the first and last chunk index to visit
+    (traced scalars). Returns float32 [W, B, KV, G, D].
+
+    Layouts are chosen so both products are plain batched matmuls with the query rows as the
+    left operand: ``[G*B, D] @ [D, keys]`` then ``[G*B, keys] @ [keys, D]`` per (item, KV head),
+    the key transpose fused into the page gather. With keys on the left instead, XLA:CPU ran the
+    decode-shaped product (G*B = 2 columns) 5x slower.
     """
     items, rows, kv_heads, group, head_dim = q.shape
     page_size = k_pages.shape[2]
     chunk_keys = chunk * page_size
     first, last = bounds
+    q = q.transpose(0, 2, 3, 1, 4).reshape(items, kv_heads, group * rows, head_dim)
+    batch = ((0, 1), (0, 1))
 
     def body(carry):
         c, m, total, acc = carry
         ids = jax.lax.dynamic_slice_in_dim(pages, c * chunk, chunk, axis=1)  # [W, chunk]
         keys = k_pages[layer, ids].reshape(items, chunk_keys, kv_heads, head_dim)
         values = v_pages[layer, ids].reshape(items, chunk_keys, kv_heads, head_dim)
-        s = jnp.einsum(
-            "wbkgd,wskd->wkgbs", q, keys.astype(q.dtype), preferred_element_type=jnp.float32
-        )
-        s = s * jnp.float32(scale)
+        keys = keys.astype(q.dtype).transpose(0, 2, 3, 1)  # [W, KV, D, keys]
+        s = jax.lax.dot_general(q, keys, (((3,), (2,)), batch), preferred_element_type=jnp.float32)
+        s = s.reshape(items, kv_heads, group, rows, chunk_keys) * jnp.float32(scale)
         key_pos = c * chunk_keys + jnp.arange(chunk_keys, dtype=jnp.int32)
         visible = key_pos[None, None, :] <= pos[:, :, None]  # [W, B, chunk_keys]
         if window is not None:
@@ -146,9 +152,12 @@ def _attend(q, pos, item_max, pages, k_pages, v_pages, layer, bounds, chunk, sca
         # trash page) may hold inf/NaN, and 0 * NaN would leak into this item's rows.
         written = key_pos[None, :] <= item_max[:, None]  # [W, chunk_keys]
         values = jnp.where(written[:, :, None, None], values, jnp.zeros((), values.dtype))
-        pv = jnp.einsum(
-            "wkgbs,wskd->wkgbd", p.astype(values.dtype), values, preferred_element_type=jnp.float32
+        values = values.transpose(0, 2, 1, 3)  # [W, KV, keys, D]
+        p = p.astype(values.dtype).reshape(items, kv_heads, group * rows, chunk_keys)
+        pv = jax.lax.dot_general(
+            p, values, (((3,), (2,)), batch), preferred_element_type=jnp.float32
         )
+        pv = pv.reshape(items, kv_heads, group, rows, head_dim)
         return c + 1, m_new, total, acc * alpha[..., None] + pv
 
     stats = (items, kv_heads, group, rows)

@@ -149,6 +149,22 @@ class RequestStream:
             self._loop.call_soon_threadsafe(fn, *args)
 
 
+def _put_all(outputs: Seq[tuple[RequestStream, RequestOutput]]) -> None:
+    """Deliver one step's outputs with one wake-up per event loop, not one per request (each
+    wake-up is a write to the loop's self-pipe and a GIL hand-over to the loop thread)."""
+    by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+    for stream, out in outputs:
+        by_loop.setdefault(stream._loop, []).append((stream._queue, out))
+    for loop, items in by_loop.items():
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody listens any more
+            loop.call_soon_threadsafe(_put_items, items)
+
+
+def _put_items(items: list) -> None:
+    for queue, out in items:
+        queue.put_nowait(out)
+
+
 @dataclass
 class _Add:
     stream: RequestStream
@@ -409,15 +425,17 @@ class AsyncEngine:
         by_request: dict[str, list[Sequence]] = {}
         for seq in updated:
             by_request.setdefault(seq.request_id, []).append(seq)
+        outputs = []
         for rid, seqs in by_request.items():
             tracked = self._requests.get(rid)
             if tracked is None:
                 continue
             out = self._output(engine, tracked, seqs, now)
-            tracked.stream._put(out)
+            outputs.append((tracked.stream, out))
             if out.finished:
                 del self._requests[rid]
                 self._release(engine, tracked)
+        _put_all(outputs)
         return True
 
     def _output(

@@ -34,6 +34,7 @@ class ChunkInput:
     # With penalties: the sequence's tokens so far (prompt then output) and the prompt's length.
     history: Sequence[int] = ()
     prompt_len: int = 0
+    num_top: int = 0  # top alternatives (with logprobs) to return for the sampled token
 
     @property
     def penalized(self) -> bool:

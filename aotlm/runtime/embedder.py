@@ -1,8 +1,8 @@
 """The host side of an encoder bundle: tokenize, plan (S, B) buckets, pad, run embed[S,B], unpad.
 
 Like the decoder runner, it calls only the bundle's sealed executables, under
-`jax.no_tracing(True)`, with host arrays moved by `jax.device_put`: nothing compiles after the
-bundle is loaded. Inputs are sorted longest first and cut into calls by `plan_batches`, which
+`jax.no_tracing(True)`, with host arrays passed as numpy (the executable transfers them): nothing
+compiles after the bundle is loaded. Inputs are sorted longest first and cut into calls by `plan_batches`, which
 minimises padded tokens plus a fixed cost per call; results come back in input order.
 
 Padding rows and padding positions carry attention_mask 0: attention and mean pooling ignore
@@ -215,8 +215,7 @@ class Embedder:
             mask[r, : len(inputs[i])] = 1
         exe = self.loaded.executables[(EMBED, (call.seq_len, call.batch))]
         with jax.no_tracing(True):
-            args = jax.device_put((ids, mask, np.zeros_like(ids)))
-            pooled = np.asarray(exe(self.loaded.params, *args))
+            pooled = np.asarray(exe(self.loaded.params, ids, mask, np.zeros_like(ids)))
         if self.strict:
             self.counter.check()
         self.real_tokens += int(mask.sum())

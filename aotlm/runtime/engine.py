@@ -22,7 +22,7 @@ from aotlm.runtime.runner import ModelRunner
 from aotlm.runtime.sampling_params import SamplingParams
 from aotlm.runtime.scheduler import ScheduledChunk, Scheduler
 from aotlm.runtime.sequence import Sequence, make_sequences
-from aotlm.runtime.tokenizer import BundleTokenizer
+from aotlm.runtime.tokenizer import BundleTokenizer, Detokenizer
 from aotlm.runtime.trust import TrustPolicy
 
 
@@ -77,7 +77,7 @@ class Engine:
             eos_token_ids=self.tokenizer.eos_token_ids,
         )
         self._ids = itertools.count()
-        self._texts: dict[int, str] = {}
+        self._texts: dict[int, Detokenizer] = {}
 
     @classmethod
     def from_bundle(cls, path: Path | str, *, trust: TrustPolicy | None = None, **kwargs) -> Engine:
@@ -125,6 +125,7 @@ class Engine:
             min_p=p.min_p,
             seed=c.seq.seed,
             step=c.seq.num_output_tokens,
+            num_top=p.logprobs or 0,
             **self._penalties(c),
         )
 
@@ -161,17 +162,22 @@ class Engine:
         return updated
 
     def _apply_stop_strings(self, seq: Sequence) -> None:
-        text = self.tokenizer.decode(seq.output_token_ids)
-        for stop in seq.params.stop:
-            at = text.find(stop)
-            if at >= 0:
-                text = text[:at]
-                if not seq.is_finished:
-                    self.scheduler.finish(seq, "stop", stop_reason=stop)
-        self._texts[seq.seq_id] = text
+        detok = self._texts.get(seq.seq_id)
+        if detok is None:
+            detok = self._texts[seq.seq_id] = self.tokenizer.detokenizer()
+        ids, stops = seq.output_token_ids, seq.params.stop
+        text = detok.finish(ids) if seq.is_finished else detok.update(ids)
+        if not any(stop in text for stop in stops):
+            return
+        text = detok.finish(ids)  # cut the exact text at the earliest stop string
+        at, stop = min((text.find(s), s) for s in stops if s in text)
+        if not seq.is_finished:
+            self.scheduler.finish(seq, "stop", stop_reason=stop)
+        detok.text = text[:at]
 
     def text(self, seq: Sequence) -> str:
-        return self._texts.get(seq.seq_id, "")
+        detok = self._texts.get(seq.seq_id)
+        return "" if detok is None else detok.text
 
     def release(self, seq: Sequence) -> None:
         """Forget a finished or aborted sequence's text (a server calls this once it sent it)."""
@@ -187,12 +193,14 @@ class Engine:
         return [[self._completion(s) for s in seqs] for seqs in requests]
 
     def _completion(self, seq: Sequence) -> Completion:
+        text = self.text(seq)
+        self.release(seq)
         return Completion(
             request_id=seq.request_id,
             index=seq.index,
             prompt_token_ids=seq.prompt_token_ids,
             token_ids=tuple(seq.output_token_ids),
-            text=self._texts.pop(seq.seq_id, ""),
+            text=text,
             finish_reason=seq.finish_reason,
             logprobs=tuple(seq.output_logprobs),
         )

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import export as jax_export
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 
 from aotlm.bundle import Bundle, open_bundle
 from aotlm.bundle.format import WEIGHTS_FILE
@@ -35,7 +35,6 @@ from aotlm.runtime.placement import (
     bundle_tp,
     forward_shardings,
     place_weights,
-    replicated,
     serving_mesh,
     sharded_zeros,
 )
@@ -66,11 +65,6 @@ class LoadedBundle:
     # seconds per phase, plus "tier" ("compiled" or "stablehlo") and "tier_reason" (why not compiled)
     timings: dict[str, float | str] = field(default_factory=dict)
     mesh: Mesh | None = None  # a sharded bundle's mesh (serving.mesh); None: one device
-
-    @property
-    def input_sharding(self) -> NamedSharding | None:
-        """Where host inputs go (`jax.device_put(x, input_sharding)`): replicated on the mesh."""
-        return replicated(self.mesh)
 
     @property
     def tier(self) -> str:

@@ -17,7 +17,6 @@ import jax
 import numpy as np
 from jax import export as jax_export
 from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from aotlm.bundle import Bundle
 from aotlm.errors import BundleError
@@ -51,11 +50,6 @@ def serving_mesh(bundle: Bundle) -> Mesh | None:
             f"serve it where {tp} devices are visible{hint}, or rebuild it with a smaller mesh"
         )
     return device_mesh(tp, devices)
-
-
-def replicated(mesh: Mesh | None) -> NamedSharding | None:
-    """Where the runner's host inputs go: replicated on the mesh (None: the default device)."""
-    return None if mesh is None else NamedSharding(mesh, P())
 
 
 def forward_shardings(exp: jax_export.Exported, mesh: Mesh) -> tuple[dict, NamedSharding]:

@@ -1,7 +1,9 @@
 """Run one engine step through the sealed executables: only Compiled calls, never tracing.
 
-Host arrays go to the device with jax.device_put (a transfer, never a compile); results come back
-with np.asarray on the outputs (a transfer too).
+Host inputs are passed to the executables as numpy arrays: the executable transfers them to its
+own input shardings (never a compile), ~4x cheaper per array than a separate jax.device_put
+(measured ~50 us per small array on CPU, which added up to ~0.5 ms per step). Results come back with
+np.asarray on the outputs (a transfer too).
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from aotlm.runtime.loader import LoadedBundle
 
 @dataclass(frozen=True)
 class Sampled:
-    """The token sampled for one chunk, with its logprob and the top-20 alternatives."""
+    """The token sampled for one chunk, its logprob, and the best alternatives the chunk asked for
+    (``ChunkInput.num_top`` of the device's top 20)."""
 
     token_id: int
     logprob: float
@@ -36,8 +39,6 @@ class ModelRunner:
         self.head = lm_head(loaded.model, loaded.params)
         self.k_pages = loaded.k_pages
         self.v_pages = loaded.v_pages
-        # Host inputs: the default device, or replicated on a sharded bundle's mesh.
-        self.inputs = loaded.input_sharding
         s = loaded.serving
         self.page_size = s["page_size"]
         self.pages_per_seq = s["pages_per_seq"]
@@ -77,12 +78,11 @@ class ModelRunner:
             self.params,
             self.k_pages,
             self.v_pages,
-            *jax.device_put(step.forward, self.inputs),
+            *step.forward,
         )
         if not step.sample_chunks:
             return None
-        rows = jax.device_put(step.rows, self.inputs)
-        return self._call("logits", (step.tokens, step.requests), self.head, hidden, rows)
+        return self._call("logits", (step.tokens, step.requests), self.head, hidden, step.rows)
 
     def compute_logits(self, chunks: Sequence[ChunkInput]) -> np.ndarray:
         """f32 logits [sampling chunks, V] (for oracle checks and scoring); updates the KV cache."""
@@ -104,18 +104,18 @@ class ModelRunner:
         if logits is None:
             return {}
         if step.penalties is None:
-            args = jax.device_put(step.sampling, self.inputs)
-            out = self._call("sample", (step.requests,), logits, *args)
+            out = self._call("sample", (step.requests,), logits, *step.sampling)
         else:
-            args = jax.device_put(step.sampling + step.penalties, self.inputs)
-            out = self._call("sample_penalized", (step.requests,), logits, *args)
-        tokens, logprobs, top_ids, top_lps = (np.asarray(x) for x in out)
-        return {
-            chunk: Sampled(
-                int(tokens[row]),
-                float(logprobs[row]),
-                tuple(int(t) for t in top_ids[row]),
-                tuple(float(v) for v in top_lps[row]),
+            out = self._call(
+                "sample_penalized", (step.requests,), logits, *step.sampling, *step.penalties
             )
-            for row, chunk in enumerate(step.sample_chunks)
-        }
+        tokens, logprobs, top_ids, top_lps = (np.asarray(x) for x in out)
+        tokens, logprobs = tokens.tolist(), logprobs.tolist()
+        result = {}
+        for row, index in enumerate(step.sample_chunks):
+            k = chunks[index].num_top  # the alternatives this request asked for (usually none)
+            result[index] = Sampled(
+                tokens[row], logprobs[row], tuple(top_ids[row, :k].tolist()),
+                tuple(top_lps[row, :k].tolist()),
+            )  # fmt: skip
+        return result
