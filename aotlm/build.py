@@ -144,10 +144,13 @@ class _Builder:
             else family.step_functions(cfg)
         )
         if "forward" in self.fns and build.attention_blocks != (None, None):
-            # The kernel's block sizes are static arguments of the traced forward.
-            self.fns["forward"] = functools.partial(
-                self.fns["forward"], block_sizes=BlockSizes(*build.attention_blocks)
-            )
+            # The kernel's block sizes are static arguments of the traced forward (and of the
+            # forward inside decode).
+            blocks = BlockSizes(*build.attention_blocks)
+            for name in ("forward", "decode"):
+                self.fns[name] = functools.partial(self.fns[name], block_sizes=blocks)
+        if "decode" in self.fns:
+            self.fns["decode"] = functools.partial(self.fns["decode"], max_steps=build.decode_steps)
         self.platforms = target_platforms(build.targets)
         self.plans = [p for p in plans if p.tier == COMPILED]
         self.cache = cache
@@ -159,6 +162,7 @@ class _Builder:
             "source": source_version(),
             "attention_blocks": list(build.attention_blocks),
         }
+        self.decode_steps = build.decode_steps
 
     def _cached(self, key: str, make: Callable[[], tuple[bytes, dict]]):
         hit = self.cache.get(key) if self.cache else None
@@ -172,9 +176,11 @@ class _Builder:
     def step(self, spec: StepSpec) -> _Step:
         start = time.perf_counter()
         donate = DONATE_ARGNUMS[spec.name]
+        # decode's steps per call shape only decode graphs (its outputs are [K, R])
+        steps = {"decode_steps": self.decode_steps} if spec.name == "decode" else {}
         key = cache_key(
             kind="export", name=spec.name, bucket=spec.bucket, avals=_avals(spec),
-            donate=list(donate), **self.key_base,
+            donate=list(donate), **self.key_base, **steps,
         )  # fmt: skip
         export, _, n_exported = self._cached(
             key,
@@ -246,6 +252,7 @@ def _serving(build: BuildConfig, family: ModelFamily, platforms: tuple[str, ...]
             "page_size": build.page_size,
             "kv_pages": build.kv_pages,
             "pages_per_seq": build.pages_per_seq,
+            "decode_steps": build.decode_steps,
         }
     if build.tp > 1:  # absent: one device
         serving["mesh"] = {"tp": build.tp}
@@ -268,7 +275,7 @@ def _attention(build: BuildConfig, cfg, family: ModelFamily) -> dict:
         raise ConfigError(f"{build.source.name}: attention: {e}") from None
     return {
         "attention": {
-            "impl": "pallas on tpu, jnp reference elsewhere",
+            "impl": "pallas on tpu, blocked jnp elsewhere",
             "kernel": "aotlm_ragged_paged_attention",
             "block_sizes": blocks.as_dict(),
         }

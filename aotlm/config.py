@@ -23,6 +23,7 @@ from aotlm.errors import ConfigError
 
 DTYPES = ("float32", "bfloat16")
 MAX_PAGE_SIZE = 1024
+MAX_DECODE_STEPS = 64
 MAX_YAML_VALUES = 100_000  # a model.yaml holds dozens; a bomb of aliases holds billions
 DEFAULT_TARGETS = ("cpu",)
 # Topologies as jax's get_topology_desc names them: v5e:2x2, v6e:2x2, v5p:2x2x1, tpu7x:2x2x1.
@@ -38,6 +39,7 @@ _TOP_KEYS = (
     "memory_gib",
     "mesh",
     "attention",
+    "decode_steps",
 )
 _REQUIRED_TOP = ("model", "dtype", "max_seq_len", "buckets")
 _BUCKET_KEYS = ("tokens", "requests", "page_size")
@@ -79,6 +81,9 @@ class BuildConfig:
     # tokens per block, KV pages per block), tuned per target; None picks the kernel's default.
     # The resolved sizes are recorded in the manifest's serving.attention.
     attention_blocks: tuple[int | None, int | None] = (None, None)
+    # `decode_steps: K` (decoders): also build decode[R], which runs up to K decode steps in one
+    # device call when every running sequence is decoding and none waits; 1: no such graphs.
+    decode_steps: int = 1
 
     @property
     def pages_per_seq(self) -> int:
@@ -202,6 +207,7 @@ def parse_build_config(data: dict, source: Path) -> BuildConfig:
         bucket_plan=bucket_plan,
         tp=tp,
         attention_blocks=_attention_blocks(check, data.get("attention")),
+        decode_steps=_decode_steps(check, data.get("decode_steps", 1)),
     )
 
 
@@ -231,12 +237,12 @@ def _encoder_config(
     """An encoder (embedding model): `buckets.tokens` are sequence lengths, the largest being
     max_seq_len (a sequence runs whole in one graph), `buckets.requests` batch sizes; no KV."""
     buckets = data["buckets"]
-    for key, given in (("kv_pages", data), ("buckets.page_size", buckets)):
+    for key, given in (("kv_pages", data), ("decode_steps", data), ("buckets.page_size", buckets)):
         if isinstance(given, Mapping) and key.rsplit(".", 1)[-1] in given:
             raise check.error(
                 key,
-                "the checkpoint is an encoder (embedding model): it keeps no KV cache, so this "
-                "key does not apply; remove it",
+                "the checkpoint is an encoder (embedding model): it keeps no KV cache and "
+                "generates no tokens, so this key does not apply; remove it",
             )
     check.keys(buckets, "buckets", ("tokens", "requests"), ("tokens", "requests"))
     tokens = ladder_from_spec(buckets["tokens"], check.where("buckets.tokens"))
@@ -331,6 +337,13 @@ def _attention_blocks(check: _Checker, value: Any) -> tuple[int | None, int | No
         None if value.get(k) is None else check.positive_int(value[k], f"attention.{k}")
         for k in keys
     )
+
+
+def _decode_steps(check: _Checker, value: Any) -> int:
+    steps = check.positive_int(value, "decode_steps")
+    if steps > MAX_DECODE_STEPS:
+        raise check.error("decode_steps", f"must be between 1 and {MAX_DECODE_STEPS} (got {steps})")
+    return steps
 
 
 def _memory_gib(check: _Checker, value: Any) -> float | None:

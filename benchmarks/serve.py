@@ -71,6 +71,7 @@ buckets:
   page_size: 16
 targets: [cpu]
 name: tiny-llama-serve
+decode_steps: 8
 """
 PREFIX_TOKENS = 208  # 13 full pages of 16: all of it can be shared
 PREFIX_OUTPUT = 16

@@ -86,22 +86,28 @@ def transformers_generate(
 
 
 class _TimedRunner:
-    """Forwards to a `ModelRunner`, adding up the wall time of `execute` (pack + device + fetch)
-    per token bucket."""
+    """Forwards to a `ModelRunner`, adding up the wall time of its device calls (pack + device +
+    fetch) per token bucket, and of multi-step decode calls under "decode"."""
 
     def __init__(self, runner) -> None:
         self.runner = runner
-        self.by_bucket: dict[int, list[float]] = {}
+        self.by_bucket: dict[int | str, list[float]] = {}
+
+    def _timed(self, key: int | str, call):
+        start = time.perf_counter()
+        try:
+            return call()
+        finally:
+            self.by_bucket.setdefault(key, []).append(time.perf_counter() - start)
 
     def execute(self, chunks):
         from aotlm.buckets import pick_bucket
 
         bucket = pick_bucket(self.runner.token_buckets, sum(len(c.token_ids) for c in chunks))
-        start = time.perf_counter()
-        try:
-            return self.runner.execute(chunks)
-        finally:
-            self.by_bucket.setdefault(bucket, []).append(time.perf_counter() - start)
+        return self._timed(bucket, lambda: self.runner.execute(chunks))
+
+    def execute_decode(self, chunks, limits, num_steps):
+        return self._timed("decode", lambda: self.runner.execute_decode(chunks, limits, num_steps))
 
     @property
     def seconds(self) -> float:
@@ -144,7 +150,7 @@ def engine_offline(bundle: Path, requests: Sequence[Request], warmup: Request) -
         "host_ms": 1e3 * (seconds - timed.seconds) / steps,  # schedule, postprocess, detokenize
         "execute_by_token_bucket": {
             str(b): {"steps": len(v), "ms": 1e3 * sum(v) / len(v), "share": sum(v) / seconds}
-            for b, v in sorted(timed.by_bucket.items())
+            for b, v in sorted(timed.by_bucket.items(), key=lambda kv: str(kv[0]).zfill(8))
         },
         "output_tok_s": tokens / seconds,
         "req_s": len(requests) / seconds,

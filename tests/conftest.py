@@ -34,7 +34,9 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_yaml(tiny_checkpoint, tmp_path_factory) -> Path:
-    return write_model_yaml(tmp_path_factory.mktemp("spec"), tiny_checkpoint)
+    """The shared tiny model.yaml: small buckets and multi-step decode (decode_steps: 4), so every
+    server and engine test also runs the decode[R] path whenever all requests are decoding."""
+    return write_model_yaml(tmp_path_factory.mktemp("spec"), tiny_checkpoint, decode_steps=4)
 
 
 @pytest.fixture(scope="session")

@@ -102,6 +102,8 @@ def test_optional_keys_and_ladder_forms(write) -> None:
     assert cfg.pages_per_seq == 32  # ceil(1000 / 32)
     assert cfg.kv_pages == 500
     assert cfg.targets == ("cpu", "cuda", "tpu:v5e:2x2", "tpu:v5p:2x2x1")
+    assert cfg.decode_steps == 1  # absent: one decode step per call, no decode graphs
+    assert load_build_config(write(edited(decode_steps=8))).decode_steps == 8
 
 
 def test_memory_gib_is_optional(write) -> None:
@@ -135,6 +137,7 @@ def test_shipped_tiny_llama_yaml(tmp_path: Path) -> None:
     assert cfg.token_buckets == (16, 32, 64, 128)
     assert cfg.request_buckets == (1, 2, 4, 8)
     assert cfg.targets == ("cpu",)
+    assert cfg.decode_steps == 8
 
 
 BAD = [
@@ -178,6 +181,9 @@ BAD = [
     (edited(memory_gib=True), "memory_gib: expected a number of GiB, got True"),
     (edited(memory_gib=0), "memory_gib: must be a positive number of GiB (got 0)"),
     (edited(memory_gib=-1.5), "memory_gib: must be a positive number of GiB (got -1.5)"),
+    (edited(decode_steps=0), "decode_steps: must be positive (got 0)"),
+    (edited(decode_steps=65), "decode_steps: must be between 1 and 64 (got 65)"),
+    (edited(decode_steps="8"), "decode_steps: expected an integer, got '8'"),
     (edited(model=3), "model: expected a string, got 3"),
     (edited(model="nowhere"), "model: checkpoint directory "),
 ]

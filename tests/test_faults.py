@@ -44,15 +44,22 @@ def _idle(ae: AsyncEngine) -> None:
 def _inject(ae: AsyncEngine, error: Exception, when) -> threading.Event:
     """Make the runner raise `error` once, on the first step where `when(chunks)` holds."""
     runner = ae.engine.runner
-    execute, fired = runner.execute, threading.Event()
+    execute, execute_decode, fired = runner.execute, runner.execute_decode, threading.Event()
 
-    def flaky(chunks):
+    def fire(chunks):
         if not fired.is_set() and when(chunks):
             fired.set()
             raise error
+
+    def flaky(chunks):
+        fire(chunks)
         return execute(chunks)
 
-    runner.execute = flaky
+    def flaky_decode(chunks, limits, num_steps):  # multi-step decodes fail the same way
+        fire(chunks)
+        return execute_decode(chunks, limits, num_steps)
+
+    runner.execute, runner.execute_decode = flaky, flaky_decode
     return fired
 
 

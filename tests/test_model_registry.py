@@ -74,6 +74,7 @@ def test_encoder_yaml_has_sequence_and_batch_ladders_and_no_kv(tmp_path):
             "buckets.page_size: the checkpoint is an encoder .* no KV cache",
         ),
         ({"kv_pages": 100}, "kv_pages: the checkpoint is an encoder"),
+        ({"decode_steps": 4}, "decode_steps: the checkpoint is an encoder .* generates no tokens"),
         (
             {"buckets": {"tokens": [16], "requests": [1]}},
             r"buckets.tokens\[0\]: .* must equal max_seq_len \(32\) \(got 16\)",

@@ -46,6 +46,7 @@ def test_graph_count_formula() -> None:
     assert graph_count(1, 1) == 4
     assert graph_count(3, 3) == 3 + 9 + 2 * 3
     assert graph_count(19, 1) == 40
+    assert graph_count(3, 3, decode_steps=8) == graph_count(3, 3) + 3
     assert full_model_graphs(8, 7) == 8
     assert full_model_graphs(8, 7, partitioned=False) == 56
 
@@ -54,8 +55,9 @@ def test_graph_count_matches_what_a_build_exports(tiny_bundle) -> None:
     _, result = tiny_bundle
     tokens, requests = (16, 32, 64), (1, 2, 4)  # tests/bundle_factory.py SMALL_BUCKETS
     per_name = Counter(f["name"] for f in result.functions)
-    assert len(result.functions) == graph_count(len(tokens), len(requests))
-    assert per_name == {"forward": 3, "logits": 9, "sample": 3, "sample_penalized": 3}
+    # the shared tiny bundle has decode_steps: 4 (tests/conftest.py)
+    assert len(result.functions) == graph_count(len(tokens), len(requests), decode_steps=4)
+    assert per_name == {"forward": 3, "logits": 9, "sample": 3, "sample_penalized": 3, "decode": 3}
     assert per_name["forward"] == full_model_graphs(len(tokens), len(requests))
 
 

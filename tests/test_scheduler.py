@@ -62,6 +62,25 @@ class FakeDevice:
                 sampled[seq.seq_id] = Sample(next_token(seq.all_token_ids[:end]), -0.5)
         return sampled
 
+    def decode(self, out: SchedulerOutput) -> dict[int, list[Sample]]:
+        """A multi-step decode: each sequence runs `steps` decode steps, feeding its tokens back."""
+        sampled = {}
+        for chunk, steps in zip(out.chunks, out.steps, strict=True):
+            seq, tokens, samples = chunk.seq, list(chunk.seq.all_token_ids), []
+            for k in range(steps):
+                pos = chunk.start + k
+                assert pos == len(tokens) - 1 and pos // self.page_size < len(seq.block_table)
+                self.kv[self._slot(seq, pos)] = tokens[pos]
+                for p in range(pos + 1):
+                    assert self.kv.get(self._slot(seq, p)) == tokens[p], f"seq {seq.seq_id} pos {p}"
+                samples.append(Sample(next_token(tokens), -0.5))
+                tokens.append(samples[-1].token_id)
+            sampled[seq.seq_id] = samples
+        return sampled
+
+    def _slot(self, seq: Sequence, pos: int) -> int:
+        return seq.block_table[pos // self.page_size] * self.page_size + pos % self.page_size
+
 
 def make_scheduler(num_pages=64, tokens=16, seqs=4, max_seq_len=64, **kwargs) -> Scheduler:
     bm = BlockManager(num_pages=num_pages, page_size=PAGE)
@@ -75,19 +94,34 @@ def seq_of(seq_id: int, prompt: list[int], **params) -> Sequence:
 
 
 def run_to_completion(
-    sched: Scheduler, device: FakeDevice | None = None, max_steps: int = 10_000
+    sched: Scheduler,
+    device: FakeDevice | None = None,
+    max_steps: int = 10_000,
+    decode_steps: int = 1,
 ) -> list[SchedulerOutput]:
     device = device or FakeDevice(sched.bm.page_size)
     outputs = []
     for _ in range(max_steps):
         if not sched.has_unfinished:
             return outputs
-        out = sched.schedule()
-        check_step(sched, out)
-        sched.postprocess(out, device.step(out))
+        outputs.append(one_step(sched, device, decode_steps))
         sched.bm.check_invariants()
-        outputs.append(out)
     raise AssertionError("requests did not finish")
+
+
+def one_step(sched: Scheduler, device: FakeDevice, decode_steps: int = 1) -> SchedulerOutput:
+    """A multi-step decode when the scheduler offers one, else a normal step."""
+    out = sched.schedule_decode(decode_steps)
+    if out is not None:
+        assert all(c.samples and len(c.token_ids) == 1 for c in out.chunks)
+        assert min(out.steps) >= 1 and max(out.steps) <= decode_steps
+        check_step(sched, out)
+        sched.postprocess_decode(out, device.decode(out))
+        return out
+    out = sched.schedule()
+    check_step(sched, out)
+    sched.postprocess(out, device.step(out))
+    return out
 
 
 def check_step(sched: Scheduler, out: SchedulerOutput) -> None:
@@ -361,6 +395,7 @@ def test_a_sequence_scheduled_this_step_is_never_preempted():
 @pytest.mark.parametrize("seed", range(16))
 def test_random_workloads_respect_budgets_and_all_finish(seed):
     rng = random.Random(seed)
+    decode_steps = rng.choice([1, 1, 3, 8])  # multi-step decodes must give the same tokens
     max_seq_len = rng.choice([24, 48, 64])
     sched = make_scheduler(
         num_pages=max_seq_len // PAGE + 1 + rng.randint(0, 20),
@@ -387,12 +422,80 @@ def test_random_workloads_respect_budgets_and_all_finish(seed):
                 expected[s.seq_id] = expected_output(prompt, n)
         if every and rng.random() < 0.03:
             sched.abort(rng.choice(every).request_id)
-        out = sched.schedule()
-        check_step(sched, out)
-        sched.postprocess(out, device.step(out))
-    run_to_completion(sched, device)
+        one_step(sched, device, decode_steps)
+    run_to_completion(sched, device, decode_steps=decode_steps)
     for s in every:
         assert s.is_finished
         if s.finish_reason != "abort":
             assert s.output_token_ids == expected[s.seq_id]
+    assert sched.bm.num_used_pages == 0
+
+
+# ---- multi-step decode ------------------------------------------------------------------------
+
+
+def decoding(sched: Scheduler, *seqs: Sequence) -> FakeDevice:
+    """Add `seqs` and run normal steps until every one has finished its prefill."""
+    sched.add(*seqs)
+    device = FakeDevice(PAGE)
+    while sched.waiting or any(s.num_uncomputed_tokens != 1 for s in sched.running):
+        out = sched.schedule()
+        sched.postprocess(out, device.step(out))
+    return device
+
+
+def test_multi_step_decode_runs_only_when_everyone_decodes_and_nobody_waits():
+    sched = make_scheduler(seqs=2)
+    a, b = seq_of(1, [1, 2, 3], max_tokens=20), seq_of(2, [4, 5], max_tokens=20)
+    assert sched.schedule_decode(8) is None  # nothing running
+    device = decoding(sched, a, b)
+    assert sched.schedule_decode(1) is None  # one step per call asked
+    waiting = seq_of(3, [1, 2], max_tokens=5)
+    sched.add(waiting)
+    assert sched.schedule_decode(8) is None  # it must be admitted first: normal steps
+    sched.abort(waiting.request_id)
+    out = sched.schedule_decode(8)
+    assert out is not None and out.steps == [8, 8]
+    assert [c.start for c in out.chunks] == [a.num_tokens - 1, b.num_tokens - 1]
+    assert len(a.block_table) == sched.bm.pages_for(a.num_tokens - 1 + 8)  # pages for 8 steps
+    sched.postprocess_decode(out, device.decode(out))
+    assert a.output_token_ids == expected_output([1, 2, 3], 9)
+    assert b.output_token_ids == expected_output([4, 5], 9)
+    sched.bm.check_invariants()
+
+    penalized = make_scheduler()
+    decoding(penalized, seq_of(4, [1, 2], max_tokens=9, presence_penalty=0.5))
+    assert penalized.schedule_decode(8) is None  # its token history changes every step
+
+
+def test_multi_step_decode_stops_at_max_tokens_max_seq_len_and_stop_tokens():
+    sched = make_scheduler(max_seq_len=16, eos_token_ids=[EOS])
+    short = seq_of(1, [1, 2], max_tokens=4)  # 1 token from its prefill, 3 left
+    edge = seq_of(2, list(range(1, 13)), max_tokens=50)  # 13 tokens after prefill: 3 to go
+    stop_at = expected_output([7, 8], 4)[2]
+    stopped = seq_of(3, [7, 8], max_tokens=50, stop_token_ids=(stop_at,))
+    device = decoding(sched, short, edge, stopped)
+    out = sched.schedule_decode(8)
+    assert out.steps == [3, 3, 8]
+    seen = []
+    sched.postprocess_decode(out, device.decode(out), on_token=lambda s: seen.append(s.seq_id))
+    assert short.finish_reason == "length" and short.num_output_tokens == 4
+    assert edge.finish_reason == "length" and edge.num_tokens == 16
+    assert stopped.finish_reason == "stop" and stopped.stop_reason == stop_at
+    assert stopped.output_token_ids == expected_output([7, 8], 3)  # the rest was dropped
+    assert seen.count(3) == 2  # on_token ran for each token of the burst kept, then it ended
+    assert not sched.has_unfinished and sched.bm.num_used_pages == 0
+
+
+def test_multi_step_decode_leaves_single_steps_when_pages_run_short():
+    """Both bursts need 3 more pages each and 3 are free: normal steps (which preempt as they
+    must) run instead, and everything still finishes with the right tokens."""
+    sched = make_scheduler(num_pages=1 + 16 // PAGE + 1, max_seq_len=16, seqs=2)
+    a, b = seq_of(1, [1, 2, 3], max_tokens=12), seq_of(2, [9, 9, 9], max_tokens=12)
+    device = decoding(sched, a, b)
+    assert sched.bm.num_free_pages == 3
+    assert sched.schedule_decode(12) is None
+    run_to_completion(sched, device, decode_steps=12)
+    assert a.output_token_ids == expected_output([1, 2, 3], 12)
+    assert b.output_token_ids == expected_output([9, 9, 9], 12)
     assert sched.bm.num_used_pages == 0

@@ -39,10 +39,13 @@ DEFAULT_ROW_COST = 0.1
 MIN_GRAPHS = 4  # one forward, one logits, one sample, one sample_penalized
 
 
-def graph_count(num_token_buckets: int, num_request_buckets: int) -> int:
+def graph_count(num_token_buckets: int, num_request_buckets: int, decode_steps: int = 1) -> int:
     """Graphs a partitioned build exports: forward[T] + logits[T, R] + sample[R] and
-    sample_penalized[R] (every bundle can serve penalties, so both samplers are always built)."""
-    return num_token_buckets * (1 + num_request_buckets) + 2 * num_request_buckets
+    sample_penalized[R] (every bundle can serve penalties, so both samplers are always built),
+    plus decode[R] with ``decode_steps`` > 1. The planner's ``max_graphs`` budget counts the
+    first four (decode graphs come on top: one per request bucket)."""
+    decode = num_request_buckets if decode_steps > 1 else 0
+    return num_token_buckets * (1 + num_request_buckets) + 2 * num_request_buckets + decode
 
 
 def full_model_graphs(

@@ -7,7 +7,7 @@ written by a newer aotlm: the error says which one, so the user upgrades aotlm o
 from __future__ import annotations
 
 FORMAT_NAME = "aotlm-bundle"
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 
 # version -> (date, what changed). Add a line for every change a reader can observe.
 CHANGELOG: dict[int, tuple[str, str]] = {
@@ -37,6 +37,15 @@ CHANGELOG: dict[int, tuple[str, str]] = {
         "({tp: N}; absent: one device), its exports carry their shardings over N devices "
         "(each `functions[]` entry lists nr_devices, in_shardings and out_shardings) and its "
         "compiled targets' fingerprints hold `mesh`.",
+    ),
+    4: (
+        "2026-11-23",
+        "Decoders record `serving.decode_steps` (K; absent: 1) and, when K > 1, export "
+        "decode[R] per request bucket: up to K decode steps of R sequences in one call "
+        "(forward, LM head, sample, token fed back), returning i32/f32[K, R] tokens and logprobs "
+        "and [K, R, 20] top alternatives. On CPU and GPU, forward's attention is the blocked "
+        "jnp path (same contract as the reference). Version 3 bundles still load and serve "
+        "one step per call.",
     ),
 }
 

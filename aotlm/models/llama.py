@@ -130,7 +130,7 @@ def forward(
     k_pages, v_pages: [L, num_pages, S, KV, D] (donate them). Each layer first writes the tokens'
     k/v at ``slots`` and then attends over the token's request pages to positions <= its own.
     Returns (hidden [T, H] after the final norm, k_pages, v_pages). ``cfg`` is static.
-    Attention is the Pallas kernel on TPU and the jnp reference elsewhere, chosen inside the graph
+    Attention is the Pallas kernel on TPU and the blocked jnp path elsewhere, chosen inside the graph
     (``attention_impl="auto"``), so one multi-platform export carries both. ``mesh``: the
     tensor-parallel mesh the arguments are sharded over (aotlm/models/sharding.py), which
     decides how attention is split; None: one device.

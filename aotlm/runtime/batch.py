@@ -97,27 +97,33 @@ def pack_step(
     r_bucket = pick_bucket(request_ladder, max(1, len(rows)), kind="request")
     pad = r_bucket - len(rows)
     picked = [chunks[i] for i in sample_chunks]
+    return StepArrays(
+        tokens=t_bucket,
+        requests=r_bucket,
+        forward=(tokens, positions, slots, token_req, tables),
+        rows=np.asarray(rows + [0] * pad, np.int32),
+        sampling=sampling_columns(picked, r_bucket),
+        sample_chunks=tuple(sample_chunks),
+        real_tokens=n,
+        penalties=_penalties(picked, r_bucket, max_seq_len),
+    )
+
+
+def sampling_columns(picked: Sequence[ChunkInput], rows: int) -> tuple[np.ndarray, ...]:
+    """temperature, top_k, top_p, min_p, seed, step of the sampling chunks, padded to ``rows``
+    with greedy rows."""
+    pad = rows - len(picked)
 
     def col(attr: str, dtype) -> np.ndarray:
         return np.asarray([getattr(c, attr) for c in picked] + [0] * pad, dtype)
 
-    sampling = (
+    return (
         col("temperature", np.float32),
         col("top_k", np.int32),
         np.asarray([c.top_p for c in picked] + [1.0] * pad, np.float32),
         col("min_p", np.float32),
         np.asarray([c.seed & 0xFFFFFFFF for c in picked] + [0] * pad, np.uint32),
         col("step", np.int32),
-    )
-    return StepArrays(
-        tokens=t_bucket,
-        requests=r_bucket,
-        forward=(tokens, positions, slots, token_req, tables),
-        rows=np.asarray(rows + [0] * pad, np.int32),
-        sampling=sampling,
-        sample_chunks=tuple(sample_chunks),
-        real_tokens=n,
-        penalties=_penalties(picked, r_bucket, max_seq_len),
     )
 
 

@@ -20,7 +20,7 @@ from aotlm.runtime.block_manager import BlockManager
 from aotlm.runtime.loader import LoadedBundle, load_bundle
 from aotlm.runtime.runner import ModelRunner
 from aotlm.runtime.sampling_params import SamplingParams
-from aotlm.runtime.scheduler import ScheduledChunk, Scheduler
+from aotlm.runtime.scheduler import ScheduledChunk, Scheduler, SchedulerOutput
 from aotlm.runtime.sequence import Sequence, make_sequences
 from aotlm.runtime.tokenizer import BundleTokenizer, Detokenizer
 from aotlm.runtime.trust import TrustPolicy
@@ -57,14 +57,28 @@ def _require_decoder(kind: str, path: Path | str) -> None:
 
 class Engine:
     def __init__(
-        self, loaded: LoadedBundle, *, max_waiting: int | None = None, strict: bool = False
+        self,
+        loaded: LoadedBundle,
+        *,
+        max_waiting: int | None = None,
+        strict: bool = False,
+        decode_steps: int | None = None,
     ):
+        """decode_steps: the most decode steps per device call (at most the bundle's
+        serving.decode_steps, its default; 1 runs one step per call)."""
         _require_decoder(loaded.kind, loaded.bundle.path)
         self.loaded = loaded
         self.counter = loaded.counter
         self.strict = strict
         self.tokenizer = BundleTokenizer(loaded.bundle, tuple(loaded.model.eos_token_ids))
         self.runner = ModelRunner(loaded)
+        built = self.runner.decode_steps
+        if decode_steps is not None and not 1 <= decode_steps <= built:
+            raise BundleError(
+                f"{loaded.bundle.path}: decode_steps={decode_steps}, but this bundle runs 1..{built} "
+                "decode steps per call (model.yaml decode_steps); rebuild it for more"
+            )
+        self.decode_steps = built if decode_steps is None else decode_steps
         s = loaded.serving
         self.max_seq_len = s["max_seq_len"]
         self.block_manager = BlockManager(s["kv_pages"], s["page_size"])
@@ -145,21 +159,38 @@ class Engine:
 
     def step(self) -> list[Sequence]:
         """One engine step; returns the sequences that got a token (finished ones included)."""
+        out = self.scheduler.schedule_decode(self.decode_steps)
+        if out is not None:
+            return self._multi_step(out)
         out = self.scheduler.schedule()
         if out.is_empty:
             return []
-        try:
-            with jax.no_tracing(True):
-                sampled = self.runner.execute([self._chunk_input(c) for c in out.chunks])
-        except Exception as e:  # only these requests ran: the caller fails them, not all
-            raise StepFailedError(e, frozenset(c.seq.request_id for c in out.chunks)) from e
-        if self.strict:
-            self.counter.check()
+        sampled = self._run(out, lambda chunks: self.runner.execute(chunks))
         by_seq = {out.chunks[i].seq.seq_id: s for i, s in sampled.items()}
         updated = self.scheduler.postprocess(out, by_seq)
         for seq in updated:
             self._apply_stop_strings(seq)
         return updated
+
+    def _multi_step(self, out: SchedulerOutput) -> list[Sequence]:
+        """Up to decode_steps decode steps of every running sequence in one device call."""
+        limits = [c.start + n - 1 for c, n in zip(out.chunks, out.steps, strict=True)]
+        sampled = self._run(
+            out, lambda chunks: self.runner.execute_decode(chunks, limits, max(out.steps))
+        )
+        by_seq = {out.chunks[i].seq.seq_id: s for i, s in sampled.items()}
+        return self.scheduler.postprocess_decode(out, by_seq, self._apply_stop_strings)
+
+    def _run(self, out: SchedulerOutput, call):
+        """The device call for `out`'s chunks, sealed: no tracing, compiles checked if strict."""
+        try:
+            with jax.no_tracing(True):
+                result = call([self._chunk_input(c) for c in out.chunks])
+        except Exception as e:  # only these requests ran: the caller fails them, not all
+            raise StepFailedError(e, frozenset(c.seq.request_id for c in out.chunks)) from e
+        if self.strict:
+            self.counter.check()
+        return result
 
     def _apply_stop_strings(self, seq: Sequence) -> None:
         detok = self._texts.get(seq.seq_id)

@@ -76,7 +76,8 @@ class ServerMetrics:
         )
         self.itl = Histogram(
             "aotlm:inter_token_latency_seconds",
-            "Between consecutive token outputs of a request.",
+            "Between consecutive tokens of a request (k tokens that arrive together after an "
+            "interval, from a multi-step decode, count as k intervals of interval / k).",
             buckets=_LATENCY,
             registry=r,
         )
@@ -116,7 +117,9 @@ class RequestTimer:
             if self.last is None:
                 m.ttft.observe(out.time - self.arrival)
             else:
-                m.itl.observe(out.time - self.last)
+                burst = max(len(c.token_ids) for c in out.choices)
+                for _ in range(burst):
+                    m.itl.observe((out.time - self.last) / burst)
             self.last = out.time
             m.generation_tokens.inc(new_tokens)
         for c in out.choices:

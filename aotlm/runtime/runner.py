@@ -15,8 +15,9 @@ from dataclasses import dataclass
 import jax
 import numpy as np
 
+from aotlm.buckets import pick_bucket
 from aotlm.models import lm_head
-from aotlm.runtime.batch import ChunkInput, StepArrays, pack_step
+from aotlm.runtime.batch import ChunkInput, StepArrays, pack_step, sampling_columns
 from aotlm.runtime.loader import LoadedBundle
 
 
@@ -49,6 +50,8 @@ class ModelRunner:
         self.real_tokens = 0
         self.padded_tokens = 0
         self.bucket_calls: Counter[tuple[str, tuple[int, ...]]] = Counter()
+        # decode[R] runs up to this many steps per call (1: the bundle has no decode graphs).
+        self.decode_steps = s.get("decode_steps", 1)
         # Bundles built before sample_penalized existed (format < 3) cannot apply penalties.
         self.supports_penalties = all(
             ("sample_penalized", (r,)) in self.exe for r in self.request_buckets
@@ -118,4 +121,46 @@ class ModelRunner:
                 tokens[row], logprobs[row], tuple(top_ids[row, :k].tolist()),
                 tuple(top_lps[row, :k].tolist()),
             )  # fmt: skip
+        return result
+
+    def execute_decode(
+        self, chunks: Sequence[ChunkInput], limits: Sequence[int], num_steps: int
+    ) -> dict[int, list[Sampled]]:
+        """``num_steps`` decode steps of one-token chunks in one decode[R] call.
+
+        limits[i]: the last position chunk i may write (see decode_steps in trace/steps.py).
+        Returns chunk index -> its ``min(num_steps, limit - start + 1)`` samples, in order.
+        """
+        if not 1 <= num_steps <= self.decode_steps:
+            raise ValueError(f"num_steps={num_steps}: this bundle runs 1..{self.decode_steps}")
+        rows = pick_bucket(self.request_buckets, len(chunks), kind="request")
+        tokens, positions, limit = (np.zeros(rows, np.int32) for _ in range(3))
+        tables = np.zeros((rows, self.pages_per_seq), np.int32)
+        limit -= 1  # padding rows are never live
+        for i, c in enumerate(chunks):
+            tokens[i], positions[i], limit[i] = c.token_ids[-1], c.start, limits[i]
+            tables[i, : len(c.block_table)] = c.block_table
+        self.real_tokens += sum(
+            min(num_steps, lim - c.start + 1) for c, lim in zip(chunks, limits, strict=True)
+        )
+        self.padded_tokens += rows * num_steps
+        out = self._call(
+            "decode", (rows,), self.params, self.k_pages, self.v_pages,
+            tokens, positions, limit, tables, *sampling_columns(chunks, rows), np.int32(num_steps),
+        )  # fmt: skip
+        *sampled, self.k_pages, self.v_pages = out
+        tokens_k, lps_k, top_ids, top_lps = (np.asarray(x) for x in sampled)
+        result = {}
+        for i, c in enumerate(chunks):
+            k = c.num_top
+            n = min(num_steps, limits[i] - c.start + 1)
+            result[i] = [
+                Sampled(
+                    int(tokens_k[j, i]),
+                    float(lps_k[j, i]),
+                    tuple(top_ids[j, i, :k].tolist()),
+                    tuple(top_lps[j, i, :k].tolist()),
+                )
+                for j in range(n)
+            ]
         return result

@@ -14,6 +14,11 @@ Policy of `schedule()`, within a token budget (the largest token bucket) and a s
 3. Admission: waiting sequences (FCFS, preempted ones at the front) take their cached prefix
    and a first chunk, while budgets, pages and the running cap allow. Skipped in a step that
    preempted, so a victim is not readmitted into the pressure that evicted it.
+`schedule_decode(k)` / `postprocess_decode` are the multi-step variant (decode[R] graphs): when
+every running sequence is decoding, none has penalties (their token history changes each step)
+and nobody waits, one device call runs up to k decode steps of all of them; each sequence gets
+pages for the steps it can use (its max_tokens and max_seq_len cap them) and is stopped at its
+first stop condition, the rest of its tokens dropped. Anything else is a normal step.
 When a running sequence needs a page and none is free, the most recently admitted running
 sequence that is not already scheduled this step is preempted (pages freed, tokens kept, put
 at the front of the waiting queue). A decode may preempt itself; a prefill instead shrinks its
@@ -24,7 +29,7 @@ sequence always progresses: no deadlock, and no request is lost.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from aotlm.errors import AotlmError, ConfigError, RequestError
@@ -66,6 +71,9 @@ class SchedulerOutput:
 
     chunks: list[ScheduledChunk] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    # A multi-step decode (`schedule_decode`): the steps each chunk's sequence may run; its
+    # last writable position is `chunk.start + steps - 1`. Empty for a normal step.
+    steps: list[int] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -195,6 +203,63 @@ class Scheduler:
         if not out.preempted:
             self._admit_waiting(budget, out)
         return out
+
+    def schedule_decode(self, max_steps: int) -> SchedulerOutput | None:
+        """Up to `max_steps` decode steps of every running sequence in one device call, or None
+        when a normal `schedule()` must run (see the module doc). Allocates the pages."""
+        running = self.running
+        if max_steps < 2 or self.waiting or not running or len(running) > self.max_seqs_per_step:
+            return None
+        if any(s.num_uncomputed_tokens != 1 or s.params.has_penalties for s in running):
+            return None
+        steps = [
+            min(
+                max_steps,
+                s.params.max_tokens - s.num_output_tokens,
+                self.max_seq_len - s.num_tokens,
+            )
+            for s in running
+        ]
+        if max(steps) < 2:
+            return None
+        needed = sum(self.bm.pages_needed(s, n) for s, n in zip(running, steps, strict=True))
+        if needed > self.bm.num_free_pages:
+            return None  # a normal step, which preempts if it must
+        out = SchedulerOutput(steps=steps)
+        for seq, n in zip(running, steps, strict=True):
+            self.bm.allocate_for(seq, n)
+            start = seq.num_computed_tokens
+            out.chunks.append(ScheduledChunk(seq, start, [seq.last_token_id], samples=True))
+        return out
+
+    def postprocess_decode(
+        self,
+        output: SchedulerOutput,
+        sampled: Mapping[int, Iterable[object]],
+        on_token: Callable[[Sequence], None] = lambda seq: None,
+    ) -> list[Sequence]:
+        """Apply a multi-step decode's tokens (seq_id -> its samples, in order), one at a time:
+        each is followed by the stop checks and `on_token(seq)` (the engine's stop strings,
+        which may finish it); a finished sequence's remaining samples are dropped."""
+        updated = []
+        for chunk, steps in zip(output.chunks, output.steps, strict=True):
+            seq = chunk.seq
+            if seq.status is not SequenceStatus.RUNNING:
+                continue
+            if chunk.start != seq.num_computed_tokens:
+                raise ValueError(f"postprocess_decode: stale chunk for sequence {seq.seq_id}")
+            for value in list(sampled[seq.seq_id])[:steps]:
+                self.bm.mark_computed(seq, 1)
+                sample = Sample.of(value)
+                seq.append_token(
+                    sample._replace(top_logprobs=sample.top_logprobs[: seq.params.logprobs or 0])
+                )
+                self._check_stop(seq)
+                on_token(seq)
+                if seq.is_finished:
+                    break
+            updated.append(seq)
+        return updated
 
     def _schedule_decodes(self, budget: _Budget, out: SchedulerOutput) -> None:
         for seq in list(self.running):

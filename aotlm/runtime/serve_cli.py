@@ -53,6 +53,14 @@ from aotlm.runtime.trust import TrustPolicy
     help="The model name clients send (default: the bundle's name, from model.yaml).",
 )
 @click.option(
+    "--decode-steps",
+    default=None,
+    type=click.IntRange(min=1),
+    help="Most decode steps per device call when every running request is decoding and none "
+    "waits (default: the bundle's, model.yaml decode_steps). 1: a token per call, the smoothest "
+    "streaming; more: fewer host round trips, tokens streamed in bursts.",
+)
+@click.option(
     "--record-trace",
     type=click.Path(dir_okay=False, path_type=Path),
     default=None,
@@ -69,6 +77,7 @@ def serve(
     max_queued_requests: int,
     drain_timeout: float,
     served_model_name: str | None,
+    decode_steps: int | None,
     record_trace: Path | None,
     trust: TrustPolicy,
     require_signed: bool,
@@ -91,6 +100,7 @@ def serve(
             model_name=served_model_name,
             trust=trust,
             record_trace=record_trace,
+            decode_steps=decode_steps,
         )
     except AotlmError as e:
         raise click.ClickException(str(e)) from e

@@ -598,8 +598,11 @@ def run_server(
     model_name: str | None = None,
     trust: TrustPolicy | None = None,
     record_trace: Path | str | None = None,
+    decode_steps: int | None = None,
 ) -> None:
     """Load `bundle` in the background and serve it until SIGTERM / SIGINT.
+
+    `decode_steps`: the engine's most decode steps per device call (None: the bundle's).
 
     `record_trace` appends one line per served sequence to that JSONL file (see trace_recorder).
 
@@ -617,7 +620,9 @@ def run_server(
     if manifest["model"].get("kind") == "encoder":
         engine = AsyncEmbedder.from_bundle(bundle, strict=strict, trust=trust)
     else:
-        engine = AsyncEngine.from_bundle(bundle, strict=strict, trust=trust)
+        engine = AsyncEngine.from_bundle(
+            bundle, strict=strict, trust=trust, decode_steps=decode_steps
+        )
     app = create_app(
         engine, model_name=name, api_key=api_key, max_queued=max_queued_requests, trace=trace
     )

@@ -62,7 +62,11 @@ def _on_mesh(spec: StepSpec, tp: int) -> StepSpec:
         return a if a.sharding is not None else _s(a.shape, a.dtype, replicated)
 
     args = jax.tree.map(place, spec.args)
-    out = (replicated, args[1].sharding, args[2].sharding) if spec.name == "forward" else replicated
+    out = replicated
+    if spec.name == "forward":
+        out = (replicated, args[1].sharding, args[2].sharding)
+    elif spec.name == "decode":
+        out = (replicated,) * 4 + (args[1].sharding, args[2].sharding)
     return StepSpec(spec.name, spec.bucket, args, out)
 
 
@@ -72,7 +76,8 @@ def head_aval(cfg: ModelConfig, build: BuildConfig) -> jax.ShapeDtypeStruct:
 
 def step_specs(cfg: ModelConfig, build: BuildConfig) -> list[StepSpec]:
     """forward per token bucket, logits per (token, request) pair, sample and sample_penalized
-    per request bucket (the second also takes each row's tokens, i32[R, max_seq_len])."""
+    per request bucket (the second also takes each row's tokens, i32[R, max_seq_len]), and with
+    ``decode_steps`` > 1 decode per request bucket."""
     params = params_avals(cfg, build)
     kv = kv_pages_aval(cfg, build)
     r_max = max(build.request_buckets)
@@ -98,6 +103,13 @@ def step_specs(cfg: ModelConfig, build: BuildConfig) -> list[StepSpec]:
         history = _s((r, build.max_seq_len), I32)
         penalties = (history, i, f, f, f)  # history, prompt_len, presence, frequency, repetition
         specs.append(StepSpec("sample_penalized", {"requests": r}, args + penalties))
+    if build.decode_steps > 1:
+        for r in build.request_buckets:
+            f, i = _s((r,), F32), _s((r,), I32)
+            sampling = (f, i, f, f, _s((r,), jnp.uint32), i)
+            tables = _s((r, build.pages_per_seq), I32)
+            args = (params, kv, kv, i, i, i, tables, *sampling, _s((), I32))
+            specs.append(StepSpec("decode", {"requests": r}, args))
     if build.tp > 1:
         return [_on_mesh(spec, build.tp) for spec in specs]
     return specs
