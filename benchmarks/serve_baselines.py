@@ -4,11 +4,12 @@
   of `batch_size` prompts (left padding, attention mask), greedy, `max_new_tokens` = the largest
   request of the batch, EOS ignored; only each request's own `max_tokens` count as useful output.
   serve.py runs it in a fresh process (`python serve_baselines.py REQUESTS_JSON CHECKPOINT BATCH
-  THREADS` prints one JSON line), so no jax is loaded beside torch. PyTorch's OpenMP threads
-  degrade badly when the cores are oversubscribed, so serve.py times the first batch with 1 thread
-  and with one per core (torch's default) and runs every batch with the faster.
-- `engine_offline`: aotlm's engine in this process with no HTTP, every request added at once, so the
-  served numbers can be split into engine time and server/client overhead.
+  THREADS` prints one JSON line: a list of passes), so no jax is loaded beside torch. PyTorch's
+  OpenMP threads degrade badly when the cores are oversubscribed, so serve.py runs every pass with
+  1 thread and with one per core (torch's default) and keeps the faster of the two per pass.
+- `engine_offline`: aotlm's engine in this process with no HTTP, in the same closed loop as the
+  served run (`concurrency` requests in flight), so the served numbers can be split into engine
+  time and server/client overhead.
 """
 
 from __future__ import annotations
@@ -31,9 +32,11 @@ class Request:
 
 
 def transformers_generate(
-    checkpoint: Path, requests: Sequence[Request], batch_size: int, threads: int
-) -> dict:
-    """Greedy `model.generate` over static batches; returns throughput and each request's tokens."""
+    checkpoint: Path, passes: Sequence[Sequence[Request]], batch_size: int, threads: int
+) -> list[dict]:
+    """Greedy `model.generate` over static batches, pass after pass (one model load); returns
+    each pass's throughput and each request's tokens."""
+    requests = passes[0]
     import torch
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
@@ -64,6 +67,10 @@ def transformers_generate(
         return [out[i, width : width + r.max_tokens].tolist() for i, r in enumerate(batch)]
 
     generate([Request(requests[0].prompt, 4)])  # warm-up, untimed
+    return [_timed_pass(generate, p, batch_size) for p in passes]
+
+
+def _timed_pass(generate, requests: Sequence[Request], batch_size: int) -> dict:
     batches = [requests[i : i + batch_size] for i in range(0, len(requests), batch_size)]
     token_ids: list[list[int]] = []
     start, cpu = time.perf_counter(), time.process_time()
@@ -80,7 +87,6 @@ def transformers_generate(
         "computed_output_tokens": computed,
         "output_tok_s": useful / seconds,
         "req_s": len(requests) / seconds,
-        "torch_threads": torch.get_num_threads(),
         "token_ids": token_ids,
     }
 
@@ -114,8 +120,11 @@ class _TimedRunner:
         return sum(sum(v) for v in self.by_bucket.values())
 
 
-def engine_offline(bundle: Path, requests: Sequence[Request], warmup: Request) -> dict:
-    """aotlm's engine without HTTP: all requests added at once, stepped until done.
+def engine_offline(
+    bundle: Path, requests: Sequence[Request], warmup: Request, concurrency: int
+) -> dict:
+    """aotlm's engine without HTTP, in the served workload's closed loop: `concurrency` requests
+    in flight, the next one added as soon as one finishes (between steps), stepped until done.
 
     `warmup` runs first, untimed; give it a prompt that shares no page with `requests`.
     """
@@ -133,11 +142,22 @@ def engine_offline(bundle: Path, requests: Sequence[Request], warmup: Request) -
 
     engine.generate([warmup.prompt], params(warmup))
     timed.by_bucket.clear()
-    seqs = [engine.add_request(r.prompt, params(r))[0] for r in requests]
+    todo = iter(requests)
+    seqs = []
+
+    def add_next() -> None:
+        r = next(todo, None)
+        if r is not None:
+            seqs.append(engine.add_request(r.prompt, params(r))[0])
+
     steps = 0
     start, cpu = time.perf_counter(), time.process_time()
+    for _ in range(concurrency):
+        add_next()
     while engine.scheduler.has_unfinished:
-        engine.step()
+        for seq in engine.step():
+            if seq.is_finished:
+                add_next()
         steps += 1
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     tokens = sum(r.max_tokens for r in requests)
@@ -164,8 +184,8 @@ def engine_offline(bundle: Path, requests: Sequence[Request], warmup: Request) -
 def main(argv: Sequence[str]) -> None:
     requests_json, checkpoint, batch_size, threads = argv
     data = json.loads(Path(requests_json).read_text(encoding="utf-8"))
-    requests = [Request(r["prompt"], r["max_tokens"]) for r in data]
-    result = transformers_generate(Path(checkpoint), requests, int(batch_size), int(threads))
+    passes = [[Request(r["prompt"], r["max_tokens"]) for r in p] for p in data]
+    result = transformers_generate(Path(checkpoint), passes, int(batch_size), int(threads))
     print(json.dumps(result))
 
 

@@ -247,3 +247,33 @@ def test_shutdown_drains_then_aborts(fake, drain, reason):
     assert outs[-1].finished and outs[-1].choices[-1].finish_reason == reason
     assert not ae.is_ready
     assert fake.block_manager.num_used_pages == 0
+
+
+def test_a_slow_reader_gets_the_backlog_merged_losing_nothing(engine, fake):
+    """Outputs queued while the reader was busy arrive as one merged output: the same tokens,
+    text and logprobs as reading every step, in fewer events."""
+    params = SamplingParams(n=2, max_tokens=40)
+
+    async def slow():
+        outs = []
+        async for out in engine.generate("hi", params):
+            outs.append(out)
+            await asyncio.sleep(0.05)  # the engine keeps stepping meanwhile
+        return outs
+
+    fast, slowly = _run(_collect(engine, "hi", params)), _run(slow())
+
+    def per_choice(outs):
+        return {
+            i: (
+                [t for o in outs for c in o.choices if c.index == i for t in c.token_ids],
+                "".join(c.text for o in outs for c in o.choices if c.index == i),
+                [c.finish_reason for o in outs for c in o.choices if c.index == i][-1],
+            )
+            for i in range(2)
+        }
+
+    assert per_choice(slowly) == per_choice(fast)
+    assert all(len(v[0]) == 40 for v in per_choice(slowly).values())
+    assert len(slowly) < len(fast) and slowly[-1].finished
+    _wait_idle(fake, engine)

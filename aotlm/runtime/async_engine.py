@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import threading
 import time
@@ -79,6 +80,16 @@ class RequestOutput:
     scheduled_time: float | None  # start of the first step that ran this request
     arrival_time: float
 
+    @classmethod
+    def merge(cls, first: RequestOutput, then: RequestOutput) -> RequestOutput:
+        """One output holding two consecutive outputs of the same request."""
+        by_index: dict[int, list[ChoiceDelta]] = {}
+        for c in (*first.choices, *then.choices):
+            by_index.setdefault(c.index, []).append(c)
+        return dataclasses.replace(
+            then, choices=tuple(ChoiceDelta.join(ds) for _, ds in sorted(by_index.items()))
+        )
+
 
 @dataclass(frozen=True)
 class EngineStats:
@@ -124,9 +135,17 @@ class RequestStream:
         return self
 
     async def __anext__(self) -> RequestOutput:
+        """The next output; outputs already queued behind it (the reader fell behind the
+        engine) come merged into it, so a slow client costs one event, not one per step."""
         if self.done:
             raise StopAsyncIteration
         item = await self._queue.get()
+        while not isinstance(item, BaseException) and not item.finished and self._queue.qsize():
+            nxt = self._queue.get_nowait()
+            if isinstance(nxt, BaseException):
+                item = nxt
+                break
+            item = RequestOutput.merge(item, nxt)
         if isinstance(item, BaseException):
             self.done = True
             raise item
