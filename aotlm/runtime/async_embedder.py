@@ -5,8 +5,8 @@ once a request arrives, the thread waits up to `max_wait_s` for others to join, 
 queued inputs fill the largest batch bucket, then plans and runs the group in one go
 (`Embedder.embed_ids`: longest first, cut into embed[S,B] calls) and hands each request its rows.
 Results cross back to asyncio with `loop.call_soon_threadsafe`, so any number of event loops can
-share one embedder. The surface (`is_ready`, `stats`, `shutdown`, ...) mirrors `AsyncEngine`'s,
-so the server, /ready and /metrics treat both alike.
+share one embedder. The thread's lifecycle (`is_ready`, `stats`, `shutdown`, ...) is
+`BackgroundWorker`'s, as `AsyncEngine`'s is, so the server, /ready and /metrics treat both alike.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -23,9 +22,14 @@ from pathlib import Path
 import numpy as np
 
 from aotlm.errors import AotlmError, CompileAfterReadyError
-from aotlm.runtime.async_engine import EngineStats, EngineUnavailableError, RequestFailedError
 from aotlm.runtime.embedder import Embedder
 from aotlm.runtime.trust import TrustPolicy
+from aotlm.runtime.worker import (
+    BackgroundWorker,
+    EngineStats,
+    EngineUnavailableError,
+    RequestFailedError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -48,27 +52,18 @@ def _settle(future: asyncio.Future, result: np.ndarray | BaseException) -> None:
         future.set_result(result)
 
 
-class AsyncEmbedder:
+class AsyncEmbedder(BackgroundWorker[Embedder]):
     """Owns the embedder thread. Build with `from_bundle`; `load` runs on the thread."""
 
     kind = "encoder"
+    noun = "embedder"
 
     def __init__(self, load: Callable[[], Embedder], max_wait_s: float = DEFAULT_MAX_WAIT_S):
-        self._load = load
         self.max_wait_s = max_wait_s
-        self._cv = threading.Condition()
         self._jobs: list[_Job] = []  # guarded by _cv
         self._running = 0  # requests in the group being run; guarded by _cv
-        self._closing = False
-        self._stop = False
-        self._exited = False  # guarded by _cv
-        self._loaded = threading.Event()
-        self._embedder: Embedder | None = None
-        self.error: BaseException | None = None
-        self.stats = EngineStats()
         self.num_groups = 0  # groups run (each one Embedder.embed_ids over its requests' inputs)
-        self._thread = threading.Thread(target=self._main, name="aotlm-embedder", daemon=True)
-        self._thread.start()
+        super().__init__(load, "aotlm-embedder")
 
     @classmethod
     def from_bundle(
@@ -82,28 +77,6 @@ class AsyncEmbedder:
         """Start loading `path` in the background (`/ready` says when it is done)."""
         return cls(lambda: Embedder.from_bundle(path, strict=strict, trust=trust), max_wait_s)
 
-    # ---- state, read from any thread ----------------------------------------------------
-
-    @property
-    def engine(self) -> Embedder:
-        """The loaded embedder; callers use only its thread-safe parts (tokenizing, limits)."""
-        if self._embedder is None:
-            raise EngineUnavailableError(self.unavailable_reason())
-        return self._embedder
-
-    @property
-    def is_ready(self) -> bool:
-        return (
-            self._embedder is not None
-            and self._embedder.counter.sealed
-            and self.is_alive
-            and not self._closing
-        )
-
-    @property
-    def is_alive(self) -> bool:
-        return self.error is None and self._thread.is_alive()
-
     @property
     def num_queued(self) -> int:
         """Requests waiting for the next group."""
@@ -112,18 +85,6 @@ class AsyncEmbedder:
     @property
     def num_in_flight(self) -> int:
         return len(self._jobs) + self._running
-
-    def wait_loaded(self, timeout: float | None = None) -> bool:
-        """Block until loading succeeded or failed; true when the embedder is usable."""
-        self._loaded.wait(timeout)
-        return self._embedder is not None and self.is_alive
-
-    def unavailable_reason(self) -> str:
-        if self.error is not None:
-            return f"the embedder has stopped after an error: {self.error!r}"
-        if self._closing or not self._thread.is_alive():
-            return "the server is shutting down"
-        return "the model is still loading; retry when /ready answers 200"
 
     # ---- asyncio side -------------------------------------------------------------------
 
@@ -140,41 +101,11 @@ class AsyncEmbedder:
             self._cv.notify()
         return await job.future
 
-    def shutdown(self, drain_timeout: float = 0.0) -> None:
-        """Refuse new requests, let queued ones finish for up to `drain_timeout` seconds, fail
-        the rest, stop the thread. Idempotent."""
-        if self._closing and not self._thread.is_alive():
-            return
-        self._closing = True
-        deadline = time.monotonic() + drain_timeout
-        while self.num_in_flight and self.is_alive and time.monotonic() < deadline:
-            time.sleep(0.01)
-        with self._cv:
-            self._stop = True
-            self._cv.notify()
-        self._thread.join(timeout=max(drain_timeout, 10.0))
-        if self._embedder is not None and not self._thread.is_alive():
-            self._embedder.counter.close()
-
     # ---- embedder thread ----------------------------------------------------------------
 
-    def _main(self) -> None:
-        try:
-            self._embedder = self._load()
-        except BaseException as e:
-            log.exception("loading the embedder failed")
-            self.error = e
-        self._loaded.set()
-        if self._embedder is not None:
-            try:
-                self._loop(self._embedder)
-            except BaseException as e:  # a bug here must not leave callers waiting forever
-                log.exception("the embedder thread crashed")
-                self.error = e
+    def _fail_pending(self, error: EngineUnavailableError) -> None:
         with self._cv:
             jobs, self._jobs = self._jobs, []
-            self._exited = True
-        error = EngineUnavailableError(self.unavailable_reason())
         for job in jobs:
             with contextlib.suppress(RuntimeError):  # the caller's loop is closed
                 job.loop.call_soon_threadsafe(_settle, job.future, error)
@@ -200,7 +131,7 @@ class AsyncEmbedder:
             self._running = len(group)
             return group
 
-    def _loop(self, embedder: Embedder) -> None:
+    def _serve(self, embedder: Embedder) -> None:
         while (group := self._next_group(embedder)) is not None:
             inputs = [ids for job in group for ids in job.inputs]
             try:

@@ -1,7 +1,8 @@
 """The synchronous `Engine` on one background thread, streamed to asyncio callers.
 
 Every jax call (loading, compiling, each step) must happen on one thread, and a step must never
-block the event loop, so the engine lives on a dedicated thread that loops: drain the inbox of
+block the event loop, so the engine lives on a dedicated thread (the lifecycle is
+`BackgroundWorker`'s, aotlm/runtime/worker.py) that loops: drain the inbox of
 add/abort commands, step while there is work, sleep on a condition when idle. Outputs cross back
 with `loop.call_soon_threadsafe` into one `asyncio.Queue` per request, so any number of event
 loops (one per server thread in tests) can share one engine.
@@ -17,7 +18,6 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from collections.abc import Sequence as Seq
@@ -28,16 +28,14 @@ from aotlm.errors import AotlmError, CompileAfterReadyError
 from aotlm.runtime.engine import Engine, StepFailedError
 from aotlm.runtime.sampling_params import SamplingParams
 from aotlm.runtime.sequence import Sequence, SequenceStatus
+from aotlm.runtime.worker import (
+    BackgroundWorker,
+    EngineStats,
+    EngineUnavailableError,
+    RequestFailedError,
+)
 
 log = logging.getLogger(__name__)
-
-
-class EngineUnavailableError(AotlmError):
-    """The engine is loading, shutting down or dead: the server answers 503."""
-
-
-class RequestFailedError(AotlmError):
-    """An engine step raised while this request was in flight: the server answers 500."""
 
 
 @dataclass(frozen=True)
@@ -89,22 +87,6 @@ class RequestOutput:
         return dataclasses.replace(
             then, choices=tuple(ChoiceDelta.join(ds) for _, ds in sorted(by_index.items()))
         )
-
-
-@dataclass(frozen=True)
-class EngineStats:
-    """A snapshot published by the engine thread after every iteration (for /metrics)."""
-
-    running: int = 0
-    waiting: int = 0
-    kv_pages_used: int = 0
-    kv_pages_total: int = 0
-    prefix_queries: int = 0
-    prefix_hits: int = 0
-    real_tokens: int = 0
-    padded_tokens: int = 0
-    compiles_after_ready: int = 0
-    preemptions: int = 0
 
 
 def stable_text_end(text: str, stops: Seq[str], finished: bool) -> int:
@@ -220,53 +202,20 @@ def _settle(future: asyncio.Future, error: BaseException | None) -> None:
             future.set_exception(error)
 
 
-class AsyncEngine:
+class AsyncEngine(BackgroundWorker[Engine]):
     """Owns the engine thread. Build with `from_bundle`; `load` runs on the engine thread."""
 
     def __init__(self, load: Callable[[], Engine]) -> None:
-        self._load = load
-        self._cv = threading.Condition()
         self._inbox: list[_Add | _Abort] = []  # guarded by _cv
         self._in_flight = 0  # requests submitted and not yet finished; guarded by _cv
         self._queued = 0  # of those, not yet scheduled once; guarded by _cv
-        self._closing = False
-        self._stop = False
-        self._exited = False  # the loop has ended: nothing reads the inbox; guarded by _cv
-        self._loaded = threading.Event()
-        self._engine: Engine | None = None
         self._requests: dict[str, _Tracked] = {}  # engine thread only
-        self.error: BaseException | None = None  # why the engine died, if it did
-        self.stats = EngineStats()
-        self._thread = threading.Thread(target=self._main, name="aotlm-engine", daemon=True)
-        self._thread.start()
+        super().__init__(load, "aotlm-engine")
 
     @classmethod
     def from_bundle(cls, path: Path | str, **engine_kwargs: object) -> AsyncEngine:
         """Start loading `path` in the background (`/ready` says when it is done)."""
         return cls(lambda: Engine.from_bundle(path, **engine_kwargs))
-
-    # ---- state, read from any thread ----------------------------------------------------
-
-    @property
-    def engine(self) -> Engine:
-        """The loaded engine; only its thread-safe parts (tokenizer, config) are for callers."""
-        if self._engine is None:
-            raise EngineUnavailableError(self.unavailable_reason())
-        return self._engine
-
-    @property
-    def is_ready(self) -> bool:
-        """Loaded, sealed, alive and taking requests."""
-        return (
-            self._engine is not None
-            and self._engine.counter.sealed
-            and self.is_alive
-            and not self._closing
-        )
-
-    @property
-    def is_alive(self) -> bool:
-        return self.error is None and self._thread.is_alive()
 
     @property
     def num_queued(self) -> int:
@@ -276,18 +225,6 @@ class AsyncEngine:
     @property
     def num_in_flight(self) -> int:
         return self._in_flight
-
-    def wait_loaded(self, timeout: float | None = None) -> bool:
-        """Block until loading succeeded or failed; true when the engine is usable."""
-        self._loaded.wait(timeout)
-        return self._engine is not None and self.is_alive
-
-    def unavailable_reason(self) -> str:
-        if self.error is not None:
-            return f"the engine has stopped after an error: {self.error!r}"
-        if self._closing or not self._thread.is_alive():
-            return "the server is shutting down"
-        return "the model is still loading; retry when /ready answers 200"
 
     # ---- asyncio side -------------------------------------------------------------------
 
@@ -331,45 +268,9 @@ class AsyncEngine:
             self._inbox.append(cmd)
             self._cv.notify()
 
-    def shutdown(self, drain_timeout: float = 0.0) -> None:
-        """Refuse new requests, let those in flight finish for up to `drain_timeout` seconds,
-        abort the rest (their streams end with finish_reason "abort"), stop the thread.
-        Idempotent."""
-        if self._closing and not self._thread.is_alive():
-            return
-        self._closing = True
-        deadline = time.monotonic() + drain_timeout
-        while self._in_flight and self.is_alive and time.monotonic() < deadline:
-            time.sleep(0.01)
-        with self._cv:
-            self._stop = True
-            self._cv.notify()
-        self._thread.join(timeout=max(drain_timeout, 10.0))
-        if self._engine is not None and not self._thread.is_alive():
-            self._engine.counter.close()  # its jax listener would outlive the engine
-
     # ---- engine thread ------------------------------------------------------------------
 
-    def _main(self) -> None:
-        try:
-            self._engine = self._load()
-        except BaseException as e:
-            log.exception("loading the engine failed")
-            self.error = e
-            self._loaded.set()
-            self._fail_inbox(EngineUnavailableError(f"loading the engine failed: {e!r}"))
-            return
-        self._loaded.set()
-        try:
-            self._loop(self._engine)
-        except BaseException as e:  # a bug here must not leave callers waiting forever
-            log.exception("the engine thread crashed")
-            self.error = e
-        if self.error is not None:
-            self._fail_all(EngineUnavailableError(self.unavailable_reason()))
-        self._fail_inbox(EngineUnavailableError(self.unavailable_reason()))
-
-    def _loop(self, engine: Engine) -> None:
+    def _serve(self, engine: Engine) -> None:
         while True:
             with self._cv:
                 while not (self._inbox or self._stop or engine.scheduler.has_unfinished):
@@ -502,18 +403,16 @@ class AsyncEngine:
             self._in_flight -= 1
             self._queued -= queued
 
-    def _fail_all(self, error: BaseException) -> None:
+    def _fail_pending(self, error: EngineUnavailableError) -> None:
+        """The loop has ended (stopped, crashed, or never loaded): fail the requests still
+        tracked (none after a clean stop) and answer commands that arrived too late."""
         for tracked in self._requests.values():
             tracked.stream._put(error)
-            if self._engine is not None:
-                self._release(self._engine, tracked)
+            if self._model is not None:
+                self._release(self._model, tracked)
         self._requests.clear()
-
-    def _fail_inbox(self, error: BaseException) -> None:
-        """Answer commands that arrived after the loop ended (or while loading failed)."""
         with self._cv:
             inbox, self._inbox = self._inbox, []
-            self._exited = True
         for cmd in inbox:
             if isinstance(cmd, _Add):
                 self._finished(queued=True)

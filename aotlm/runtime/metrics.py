@@ -13,7 +13,8 @@ from collections.abc import Callable, Iterator
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from aotlm.runtime.async_engine import EngineStats, RequestOutput
+from aotlm.runtime.async_engine import RequestOutput
+from aotlm.runtime.worker import EngineStats
 
 # Latency buckets in seconds: a CPU tiny model answers in milliseconds, a TPU 70B in seconds.
 _LATENCY = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0)

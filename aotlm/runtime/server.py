@@ -1,50 +1,40 @@
 """The OpenAI-compatible HTTP server: FastAPI routes over an `AsyncEngine`.
 
-This is the only HTTP-aware module. Requests are validated and tokenized on the event loop, run
-by the engine thread, and answered as JSON or as SSE chunks. Every error leaves in OpenAI's shape
-`{"error": {"message", "type", "param", "code"}}`, validation errors included (400, not 422),
-so that OpenAI clients raise their usual exceptions. A client that goes away aborts its engine
-requests, which frees their KV pages at the next engine iteration.
+The routes and the server's lifecycle. Requests are validated and tokenized on the event loop,
+run by the engine thread, and answered as JSON or as SSE chunks (streaming.py). Every error
+leaves in OpenAI's shape (api_errors.py), validation errors included (400, not 422); the API key
+and the body limit are ASGI guards in front (middleware.py). A client that goes away aborts its
+engine requests, which frees their KV pages at the next engine iteration.
 """
 
 from __future__ import annotations
 
-import asyncio
-import hmac
-import json
 import logging
 import signal
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from aotlm.bundle import read_manifest
-from aotlm.errors import AotlmError, RequestError
+from aotlm.errors import AotlmError
+from aotlm.runtime.api_errors import APIError, as_api_error, validation_message
 from aotlm.runtime.async_embedder import AsyncEmbedder
-from aotlm.runtime.async_engine import (
-    AsyncEngine,
-    ChoiceDelta,
-    EngineUnavailableError,
-    RequestFailedError,
-    RequestOutput,
-    RequestStream,
-)
+from aotlm.runtime.async_engine import AsyncEngine, ChoiceDelta, RequestStream
 from aotlm.runtime.chat import chat_prompt_ids
 from aotlm.runtime.embedder import InputTooLongError
 from aotlm.runtime.embedding_protocol import EmbeddingRequest, embedding_response
 from aotlm.runtime.engine import Engine
 from aotlm.runtime.metrics import ServerMetrics
+from aotlm.runtime.middleware import MAX_REQUEST_BYTES, ApiKeyMiddleware, BodyLimitMiddleware
 from aotlm.runtime.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -54,222 +44,16 @@ from aotlm.runtime.protocol import (
     TokenizeRequest,
     chat_choice,
     completion_choice,
-    usage,
 )
 from aotlm.runtime.sampling_params import SamplingParams
 from aotlm.runtime.scheduler import QueueFullError
+from aotlm.runtime.streaming import Job, collect, events, sse, unless_disconnected
 from aotlm.runtime.tokenizer import BundleTokenizer
 from aotlm.runtime.trace_recorder import TraceRecorder
 from aotlm.runtime.trust import TrustPolicy
+from aotlm.runtime.worker import EngineUnavailableError
 
 log = logging.getLogger(__name__)
-
-OPEN_PATHS = frozenset({"/health", "/ready", "/metrics"})  # never behind the API key
-# Request bodies past this answer 413 before they are parsed: JSON parsing and tokenizing run
-# on the event loop, so a huge body would stall every other request.
-MAX_REQUEST_BYTES = 16 * 1024 * 1024
-_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "dict", "list", "none"})
-
-
-class APIError(Exception):
-    """An HTTP error in OpenAI's shape."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        *,
-        param: str | None = None,
-        code: str | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status, self.param, self.code, self.headers = status, param, code, headers
-
-    @property
-    def body(self) -> dict[str, Any]:
-        kind = "invalid_request_error" if self.status < 500 else "server_error"
-        kind = "service_unavailable" if self.status == 503 else kind
-        return {
-            "error": {"message": str(self), "type": kind, "param": self.param, "code": self.code}
-        }
-
-    def response(self) -> JSONResponse:
-        return _AsciiJSONResponse(self.body, status_code=self.status, headers=self.headers)
-
-
-class _AsciiJSONResponse(JSONResponse):
-    """JSON with non-ASCII escaped: an error message that quotes client input (a model name)
-    may hold a lone surrogate from a `\\ud800` escape, which UTF-8 cannot encode."""
-
-    def render(self, content: Any) -> bytes:
-        return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode()
-
-
-def as_api_error(e: BaseException) -> APIError:
-    """Map what the engine and the protocol raise to HTTP statuses."""
-    if isinstance(e, APIError):
-        return e
-    if isinstance(e, QueueFullError | EngineUnavailableError):
-        return APIError(503, str(e), code="unavailable", headers={"Retry-After": "1"})
-    if isinstance(e, RequestError):
-        return APIError(400, str(e), param=getattr(e, "param", None))
-    if isinstance(e, RequestFailedError):
-        return APIError(500, str(e))
-    # A bug: the details go to the log, not to the client.
-    log.error("unexpected error while answering a request", exc_info=e)
-    return APIError(500, f"internal error ({type(e).__name__}); the server log has the details")
-
-
-class _ApiKeyMiddleware:
-    """`Authorization: Bearer KEY` on every path but OPEN_PATHS. Pure ASGI (not
-    BaseHTTPMiddleware) so streaming and disconnect detection pass through untouched; it runs
-    before body validation, so an unauthenticated client never learns about its body."""
-
-    def __init__(self, app: ASGIApp, api_key: str) -> None:
-        self.app = app
-        self.key = api_key.encode()
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
-            scheme, _, token = dict(scope["headers"]).get(b"authorization", b"").partition(b" ")
-            if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.key):
-                error = APIError(401, "missing or wrong API key", code="invalid_api_key")
-                await error.response()(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
-
-
-class _BodyLimitMiddleware:
-    """413 for a request body over `limit` bytes: by its Content-Length before anything is
-    read, or as a chunked body streams in past the limit."""
-
-    def __init__(self, app: ASGIApp, limit: int) -> None:
-        self.app, self.limit = app, limit
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        message = f"the request body is larger than {self.limit} bytes"
-        length = dict(scope["headers"]).get(b"content-length", b"")
-        if length.isdigit() and (len(length) > 18 or int(length) > self.limit):
-            await APIError(413, message, code="request_too_large").response()(scope, receive, send)
-            return
-        seen = 0
-
-        async def limited() -> Message:
-            nonlocal seen
-            received = await receive()
-            if received["type"] == "http.request":
-                seen += len(received.get("body", b""))
-                if seen > self.limit:
-                    raise HTTPException(413, message)  # FastAPI passes it on while reading
-            return received
-
-        await self.app(scope, limited, send)
-
-
-class _Job:
-    """The engine requests of one HTTP request (one per prompt, `n` choices each)."""
-
-    def __init__(
-        self,
-        streams: list[RequestStream],
-        prompts: list[list[int]],
-        n: int,
-        metrics: ServerMetrics,
-        arrival: float,
-        trace: TraceRecorder | None = None,
-    ) -> None:
-        self.streams, self.n = streams, n
-        self.timers = [metrics.timer(arrival) for _ in streams]
-        self.prompt_tokens = sum(len(p) for p in prompts)
-        self.prompt_lens = [len(p) for p in prompts]
-        self.arrival, self.trace = arrival, trace
-        self.output_tokens = [[0] * n for _ in streams]  # per prompt, per choice
-        self.cached = [0] * len(streams)
-        self.finished = [0] * len(streams)
-        self.completion_tokens = 0
-
-    def usage(self) -> dict[str, Any]:
-        return usage(self.prompt_tokens, self.completion_tokens, sum(self.cached))
-
-    async def outputs(self) -> AsyncIterator[tuple[int, ChoiceDelta]]:
-        """(choice index across prompts, delta); leaving early aborts what is unfinished."""
-        try:
-            async for i, out in _merge(self.streams):
-                self.timers[i].on_output(out)
-                self.cached[i] = out.num_cached_tokens
-                for c in out.choices:
-                    self.completion_tokens += len(c.token_ids)
-                    self.output_tokens[i][c.index] += len(c.token_ids)
-                    self.finished[i] += c.finish_reason is not None
-                    yield i * self.n + c.index, c
-        finally:
-            for stream, timer, done in zip(self.streams, self.timers, self.finished, strict=True):
-                if not stream.done:  # neither finished nor failed: the client went away
-                    stream.abort()
-                    timer.on_abort(self.n - done)
-            if self.trace is not None:  # what ran, aborted choices included
-                for prompt_len, outputs in zip(self.prompt_lens, self.output_tokens, strict=True):
-                    self.trace.record(prompt_len, outputs, self.arrival)
-
-
-async def _merge(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """Interleave several requests' outputs as they come (one stream needs no tasks)."""
-    if len(streams) == 1:
-        async for out in streams[0]:
-            yield 0, out
-        return
-    queue: asyncio.Queue[tuple[int, RequestOutput | Exception | None]] = asyncio.Queue()
-
-    async def pump(i: int, stream: RequestStream) -> None:
-        try:
-            async for out in stream:
-                queue.put_nowait((i, out))
-        except Exception as e:
-            queue.put_nowait((i, e))
-        queue.put_nowait((i, None))
-
-    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
-    try:
-        for _ in range(len(tasks)):
-            while (item := await queue.get())[1] is not None:
-                if isinstance(item[1], Exception):
-                    raise item[1]
-                yield item  # type: ignore[misc]
-    finally:
-        for t in tasks:
-            t.cancel()
-
-
-async def _unless_disconnected(request: Request, work: Awaitable[Any]) -> Any:
-    """Run `work`, cancelling it (and so aborting its requests) if the client goes away."""
-    task = asyncio.ensure_future(work)
-
-    async def disconnected() -> None:
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-
-    watch = asyncio.ensure_future(disconnected())
-    try:
-        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watch.cancel()
-        task.cancel()  # no-op when done
-    if not task.done() or task.cancelled():
-        return Response(status_code=499)  # nobody is listening
-    return task.result()
-
-
-def _sse(events: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
-    async def body() -> AsyncIterator[str]:
-        async for event in events:
-            yield f"data: {json.dumps(event, ensure_ascii=False, separators=(',', ':'))}\n\n"
-        yield "data: [DONE]\n\n"
-
-    return StreamingResponse(body(), media_type="text/event-stream")
 
 
 class _OpenAI:
@@ -339,7 +123,7 @@ class _OpenAI:
             )
         return req.sampling_params(asked if asked is not None else min(default, room))
 
-    async def submit(self, prompts: list[list[int]], params: list[SamplingParams]) -> _Job:
+    async def submit(self, prompts: list[list[int]], params: list[SamplingParams]) -> Job:
         """Queue every prompt or none. The queue check counts the prompts of concurrent
         requests that are still being added (`_reserved`), so the limit holds exactly."""
         if self.max_queued is not None:
@@ -365,7 +149,7 @@ class _OpenAI:
             for s in streams:
                 s.abort()
             raise
-        return _Job(streams, prompts, params[0].n, self.metrics, arrival, self.trace)
+        return Job(streams, prompts, params[0].n, self.metrics, arrival, self.trace)
 
     async def completions(self, req: CompletionRequest, raw: Request) -> Response:
         engine = self.ready_engine(req.model, "/v1/completions")
@@ -406,7 +190,7 @@ class _OpenAI:
         return JSONResponse(body)
 
     async def respond(
-        self, req: SamplingRequest, raw: Request, job: _Job, tok: BundleTokenizer, chat: bool
+        self, req: SamplingRequest, raw: Request, job: Job, tok: BundleTokenizer, chat: bool
     ) -> Response:
         """One JSON answer, or SSE chunks; the two share the choice shapes of protocol.py."""
         head = {
@@ -428,64 +212,12 @@ class _OpenAI:
 
         if req.stream:
             head["object"] += ".chunk" if chat else ""
-            return _sse(_events(req, job, head, shape, chat, want_logprobs))
-        choices = await _unless_disconnected(raw, _collect(job))
+            return sse(events(req, job, head, shape, chat, want_logprobs))
+        choices = await unless_disconnected(raw, collect(job))
         if isinstance(choices, Response):
             return choices
         out = [shape(i, ChoiceDelta.join(ds), stream=False) for i, ds in sorted(choices.items())]
         return JSONResponse({**head, "choices": out, "usage": job.usage()})
-
-
-async def _events(
-    req: SamplingRequest,
-    job: _Job,
-    head: dict[str, Any],
-    shape: Callable[[int, ChoiceDelta, bool], dict[str, Any]],
-    chat: bool,
-    want_logprobs: bool,
-) -> AsyncIterator[dict[str, Any]]:
-    """SSE chunks: (chat: a role chunk per choice), one chunk per choice delta that says
-    something, then the usage chunk when asked; an engine failure becomes an error event."""
-    extra = {"usage": None} if req.include_usage else {}
-    for i in range(job.n if chat else 0):
-        role = {"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
-        yield {**head, "choices": [role], **extra}
-    try:
-        async for i, d in job.outputs():
-            if d.text or d.finish_reason or (want_logprobs and d.token_ids):
-                yield {**head, "choices": [shape(i, d, True)], **extra}
-        if req.include_usage:
-            yield {**head, "choices": [], "usage": job.usage()}
-    except Exception as e:  # the engine failed mid-stream: say so in-band
-        yield as_api_error(e).body
-
-
-async def _collect(job: _Job) -> dict[int, list[ChoiceDelta]]:
-    choices: dict[int, list[ChoiceDelta]] = {}
-    async for i, d in job.outputs():
-        choices.setdefault(i, []).append(d)
-    return choices
-
-
-def _validation_message(e: RequestValidationError) -> tuple[str, str | None]:
-    """pydantic's errors as one line per field; a union's alternatives collapse into one."""
-    by_field: dict[str, list[str]] = {}
-    for err in e.errors():
-        if err.get("type") == "json_invalid":  # its loc is a character offset, not a field
-            why = (err.get("ctx") or {}).get("error", "cannot parse it")
-            return f"the body is not valid JSON: {why}", None
-        path = []
-        for part in (
-            err.get("loc", ())[1:] if err.get("loc", ())[:1] == ("body",) else err.get("loc", ())
-        ):
-            if isinstance(part, str) and ("[" in part or part in _TYPE_TAGS):
-                break  # a union member's tag, not a field
-            path.append(str(part))
-        msgs = by_field.setdefault(".".join(path) or "body", [])
-        if err.get("msg") not in msgs:
-            msgs.append(str(err.get("msg")))
-    message = "; ".join(f"{f}: {' or '.join(m)}" for f, m in by_field.items())
-    return message or "invalid request", next(iter(by_field), None)
 
 
 def create_app(
@@ -503,14 +235,14 @@ def create_app(
     A body over `max_request_bytes` is refused with 413 before it is parsed."""
     api = _OpenAI(engine, model_name, max_queued, trace)
     app = FastAPI(title="aotlm", docs_url=None, redoc_url=None)
-    app.add_middleware(_BodyLimitMiddleware, limit=max_request_bytes)
+    app.add_middleware(BodyLimitMiddleware, limit=max_request_bytes)
     if api_key:  # added last, so it runs first: no body is read for a wrong key
-        app.add_middleware(_ApiKeyMiddleware, api_key=api_key)
+        app.add_middleware(ApiKeyMiddleware, api_key=api_key)
     app.state.api = api
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, e: RequestValidationError) -> JSONResponse:
-        message, param = _validation_message(e)
+        message, param = validation_message(e)
         return APIError(400, message, param=param).response()
 
     @app.exception_handler(HTTPException)
