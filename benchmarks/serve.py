@@ -1,6 +1,6 @@
 """Serving benchmark: `aotlm serve` under load vs Hugging Face `transformers` generation.
 
-    .venv/bin/python benchmarks/serve.py [--requests 64] [--passes 3] [--concurrency 16]
+    .venv/bin/python benchmarks/serve.py [--requests 64] [--passes 5] [--concurrency 16]
         [--bundle DIR] [--client raw|openai] [--port P]
 
 Starts `aotlm serve` on 127.0.0.1 (on --bundle, or on a bundle built into a temp dir from the tiny
@@ -17,7 +17,8 @@ in aotlm/data/, at distinct seeded offsets, after BOS. Workloads:
   prefix-cold    a 208-token prefix (13 KV pages) + an 8..32-token suffix, 16 output tokens;
                  every request has its own prefix, so nothing can be reused
   prefix-shared  the same suffixes and lengths, one prefix shared by every request
-Both prefix workloads send their first request alone, then the rest at --concurrency: the steady
+Every side (server, engine alone, transformers) first runs 2 x --concurrency other mixed requests
+untimed. Both prefix workloads send their first request alone, then the rest at --concurrency: the steady
 state of a long-lived system prompt, where only the very first request computes it (requests that
 arrive together before any of them has computed the prefix cannot share it).
 
@@ -356,7 +357,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument(
         "--passes",
         type=int,
-        default=3,
+        default=5,
         help="Mixed-workload passes (fresh prompts each, served and transformers alike); the "
         "reported ratio is the median of the per-pass ratios.",
     )
@@ -380,10 +381,11 @@ def parse_args() -> argparse.Namespace:
 
 
 def serve_workloads(
-    args, log: Path, bundle: Path, model: str, workloads: dict, warmup: Request
+    args, log: Path, bundle: Path, model: str, workloads: dict, warm: list[Request]
 ) -> dict:
     with served(bundle, args.port or free_port(), log) as (base, ready_s, pid):
-        asyncio.run(_closed_loop(base, model, [warmup] * 2, 2, client_kind=args.client))
+        warm_up = _closed_loop(base, model, warm, args.concurrency, client_kind=args.client)
+        asyncio.run(warm_up)  # untimed: first runs of the executables happen here
         note(f"serving {bundle} on {base} (ready in {ready_s:.1f} s)")
         results = {}
         for n, reqs in workloads.items():
@@ -394,10 +396,13 @@ def serve_workloads(
     return {"ready_s": ready_s, "workloads": results, "compiles_after_ready": compiles}
 
 
-def transformers_subprocess(tmp: Path, args, passes: list[list[Request]], threads: int) -> list:
+def transformers_subprocess(
+    tmp: Path, args, passes: list[list[Request]], warm: list[Request], threads: int
+) -> list:
     """The transformers baseline in a fresh process (no jax there) with `threads` torch threads."""
     path = tmp / "requests.json"
-    path.write_text(json.dumps([[asdict(r) for r in p] for p in passes]), encoding="utf-8")
+    data = {"warm": [asdict(r) for r in warm], "passes": [[asdict(r) for r in p] for p in passes]}
+    path.write_text(json.dumps(data), encoding="utf-8")
     script = Path(__file__).with_name("serve_baselines.py")
     cmd = [sys.executable, str(script), str(path), str(args.checkpoint), str(args.concurrency)]
     proc = subprocess.run([*cmd, str(threads)], capture_output=True, text=True, check=False)
@@ -406,11 +411,13 @@ def transformers_subprocess(tmp: Path, args, passes: list[list[Request]], thread
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def transformers_baseline(tmp: Path, args, passes: list[list[Request]]) -> dict:
+def transformers_baseline(
+    tmp: Path, args, passes: list[list[Request]], warm: list[Request]
+) -> dict:
     """Every pass with 1 torch thread and with one per core; per pass the faster counts. Returns
     the first pass's result (with its token ids, for the agreement check) and "passes"."""
     counts = sorted({1, os.cpu_count() or 1})
-    runs = {t: transformers_subprocess(tmp, args, passes, t) for t in counts}
+    runs = {t: transformers_subprocess(tmp, args, passes, warm, t) for t in counts}
     best = []
     for i in range(len(passes)):
         t = max(counts, key=lambda t: runs[t][i]["output_tok_s"])
@@ -452,20 +459,19 @@ def main() -> None:
         passes = [mixed_requests(src, rng, args.requests, max_seq) for _ in range(args.passes)]
         mixed = passes[0]
         cold, shared = prefix_requests(src, rng, args.prefix_requests)
-        warmup = Request(
-            [cfg["bos_token_id"], *range(cfg["vocab_size"] - 1, cfg["vocab_size"] - 41, -1)], 8
-        )
+        # Untimed warm-up for every side: fresh mixed prompts (no page shared with the timed ones).
+        warm = mixed_requests(src, rng, 2 * args.concurrency, max_seq)
         workloads = {"mixed": mixed}
         workloads |= {f"mixed#{i + 1}": p for i, p in enumerate(passes) if i}
         workloads |= {"prefix-cold": cold, "prefix-shared": shared}
         log = Path(tmp) / "server.log"
-        served_run = serve_workloads(args, log, bundle, manifest["name"], workloads, warmup)
+        served_run = serve_workloads(args, log, bundle, manifest["name"], workloads, warm)
         note("aotlm engine in-process, no HTTP: mixed")
-        offline = engine_offline(bundle, mixed, warmup, args.concurrency)
+        offline = engine_offline(bundle, mixed, warm, args.concurrency)
         note(
             f"transformers generate: {args.passes} mixed passes, with 1 and per-core torch threads"
         )
-        hf = transformers_baseline(Path(tmp), args, passes)
+        hf = transformers_baseline(Path(tmp), args, passes, warm)
     report = make_report(args, manifest, digest, load_avg, served_run, offline, hf)
     print_report(report)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -32,10 +32,14 @@ class Request:
 
 
 def transformers_generate(
-    checkpoint: Path, passes: Sequence[Sequence[Request]], batch_size: int, threads: int
+    checkpoint: Path,
+    passes: Sequence[Sequence[Request]],
+    batch_size: int,
+    threads: int,
+    warm: Sequence[Request] = (),
 ) -> list[dict]:
-    """Greedy `model.generate` over static batches, pass after pass (one model load); returns
-    each pass's throughput and each request's tokens."""
+    """Greedy `model.generate` over static batches, pass after pass (one model load), after an
+    untimed batch of `warm`; returns each pass's throughput and each request's tokens."""
     requests = passes[0]
     import torch
     from transformers import AutoModelForCausalLM
@@ -66,7 +70,7 @@ def transformers_generate(
             )
         return [out[i, width : width + r.max_tokens].tolist() for i, r in enumerate(batch)]
 
-    generate([Request(requests[0].prompt, 4)])  # warm-up, untimed
+    generate(warm[:batch_size] or [Request(requests[0].prompt, 4)])  # warm-up, untimed
     return [_timed_pass(generate, p, batch_size) for p in passes]
 
 
@@ -121,12 +125,12 @@ class _TimedRunner:
 
 
 def engine_offline(
-    bundle: Path, requests: Sequence[Request], warmup: Request, concurrency: int
+    bundle: Path, requests: Sequence[Request], warm: Sequence[Request], concurrency: int
 ) -> dict:
     """aotlm's engine without HTTP, in the served workload's closed loop: `concurrency` requests
     in flight, the next one added as soon as one finishes (between steps), stepped until done.
 
-    `warmup` runs first, untimed; give it a prompt that shares no page with `requests`.
+    `warm` runs first, untimed; give it prompts that share no page with `requests`.
     """
     import jax
 
@@ -140,7 +144,10 @@ def engine_offline(
     def params(r: Request) -> SamplingParams:
         return SamplingParams(temperature=0.0, max_tokens=r.max_tokens, ignore_eos=True)
 
-    engine.generate([warmup.prompt], params(warmup))
+    for r in warm:
+        engine.add_request(r.prompt, params(r))
+    while engine.scheduler.has_unfinished:
+        engine.step()
     timed.by_bucket.clear()
     todo = iter(requests)
     seqs = []
@@ -184,8 +191,9 @@ def engine_offline(
 def main(argv: Sequence[str]) -> None:
     requests_json, checkpoint, batch_size, threads = argv
     data = json.loads(Path(requests_json).read_text(encoding="utf-8"))
-    passes = [[Request(r["prompt"], r["max_tokens"]) for r in p] for p in data]
-    result = transformers_generate(Path(checkpoint), passes, int(batch_size), int(threads))
+    passes = [[Request(r["prompt"], r["max_tokens"]) for r in p] for p in data["passes"]]
+    warm = [Request(r["prompt"], r["max_tokens"]) for r in data["warm"]]
+    result = transformers_generate(Path(checkpoint), passes, int(batch_size), int(threads), warm)
     print(json.dumps(result))
 
 
