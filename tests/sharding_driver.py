@@ -63,6 +63,9 @@ def serve(bundle: Path, spec: dict, trust: TrustPolicy | None = None) -> dict:
         "weight_shards": _shards(loaded.params["layers"]["wq"]),
         "kv_shards": _shards(engine.runner.k_pages),
         "collectives": dict(Counter(COLLECTIVE.findall(forward_hlo))),
+        "decode_calls": sum(
+            n for (name, _), n in engine.runner.bucket_calls.items() if name == "decode"
+        ),
     }
 
 
@@ -76,7 +79,8 @@ def main(spec_path: str) -> None:
     for tp in spec["tps"]:
         yaml_path = out / f"tp{tp}.yaml"
         model = {"model": spec["checkpoint"], "dtype": "float32", "max_seq_len": 64}
-        model |= {"buckets": BUCKETS, "targets": ["cpu"]}
+        # decode_steps: the multi-step decode graphs run sharded too (generate's decodes)
+        model |= {"buckets": BUCKETS, "targets": ["cpu"], "decode_steps": 4}
         if tp > 1:
             model["mesh"] = {"tp": tp}
         yaml_path.write_text(yaml.safe_dump(model))

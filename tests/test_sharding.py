@@ -25,6 +25,7 @@ from hf_factory import make_hf_checkpoint
 from jax.sharding import PartitionSpec as P
 
 from aotlm.build import build_bundle
+from aotlm.bundle import read_manifest
 from aotlm.config import load_build_config
 from aotlm.errors import BundleError, ConfigError
 from aotlm.models import ModelConfig, abstract_params
@@ -86,6 +87,7 @@ def test_sharded_bundle_gives_the_one_device_greedy_tokens(runs, tp):
     one, sharded = runs[(1, "compiled")], runs[(tp, "compiled")]
     assert sharded["mesh_devices"] == tp
     assert sharded["tokens"] == one["tokens"]
+    assert sharded["decode_calls"] > 0 and one["decode_calls"] > 0  # multi-step decode ran too
     for ours, ref in zip(sharded["logits"], one["logits"], strict=True):
         ours, ref = np.array(ours), np.array(ref)
         assert np.abs(ours - ref).max() <= 1e-4 * np.abs(ref).max()
@@ -242,7 +244,8 @@ def _libtpu_missing() -> bool:
 @pytest.mark.skipif(_libtpu_missing(), reason="needs libtpu (the `tpu` extra) to compile for TPU")
 def test_tpu_target_compiles_sharded_with_the_pallas_kernel_per_device(tp_checkpoint, tmp_path):
     """Deviceless v5e:2x2 (4 chips): attention runs under shard_map, so XLA never has to
-    partition the Pallas custom call; each layer still communicates two all-reduces only."""
+    partition the Pallas custom call; each layer still communicates two all-reduces only. The
+    compiled tier holds decode[R] too (the kernel inside the multi-step loop)."""
     from jax import export
     from jax.experimental import topologies
 
@@ -253,11 +256,13 @@ def test_tpu_target_compiles_sharded_with_the_pallas_kernel_per_device(tp_checkp
     for tp in (4, 8):
         spec = write_model_yaml(
             tmp_path / f"spec{tp}", tp_checkpoint, mesh={"tp": tp}, max_seq_len=64,
-            buckets=buckets, targets=["tpu:v5e:2x2"], dtype="bfloat16",
+            buckets=buckets, targets=["tpu:v5e:2x2"], dtype="bfloat16", decode_steps=2,
         )  # fmt: skip
         results[tp] = build_bundle(load_build_config(spec), tmp_path / f"tp{tp}")
     four = results[4].targets["tpu:v5e:2x2"]
     assert four["tier"] == "compiled", four["reason"]
+    compiled = read_manifest(tmp_path / "tp4")[0]["compiled"]["tpu:v5e:2x2"]["executables"]
+    assert any(e["name"] == "decode" for e in compiled)
     assert "mesh of 4 devices" in four["reason"]
     eight = results[8].targets["tpu:v5e:2x2"]
     assert eight["tier"] == "stablehlo"
