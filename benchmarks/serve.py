@@ -232,7 +232,7 @@ async def _one_openai(client: AsyncOpenAI, model: str, req: Request) -> Result:
     stream = await client.completions.create(**body, extra_body=extra)
     times, text, usage = [], [], None
     async for chunk in stream:
-        if chunk.choices:  # one chunk per generated token (its text may be held back: "")
+        if chunk.choices:  # one chunk per engine output: 1 token, or a multi-step burst
             times.append(time.perf_counter())
             text.append(chunk.choices[0].text)
         usage = chunk.usage or usage
@@ -337,7 +337,13 @@ def summarize(requests, results: list[Result], wall: float, delta: dict[str, flo
         ),
         "prompt_tokens": sum(len(q.prompt) for q in requests),
         "ttft_ms": _pcts([r.ttft for r in results]),
-        "itl_ms": _pcts([x for r in results for x in r.itl]),
+        # time per output token after the first (vLLM's TPOT): what streaming feels like per
+        # token, whether tokens come one per chunk or in multi-step bursts
+        "tpot_ms": _pcts(
+            [(r.e2e - r.ttft) / (r.output_tokens - 1) for r in results if r.output_tokens > 1]
+        ),
+        "itl_ms": _pcts([x for r in results for x in r.itl]),  # gaps between SSE chunks
+        "tokens_per_chunk": tokens / max(1, sum(len(r.itl) + 1 for r in results)),
         "e2e_ms": _pcts([r.e2e for r in results]),
         "cached_prompt_tokens": sum(r.cached_tokens for r in results),
         "prefix_cache_hits": delta.get("aotlm:prefix_cache_hits_total", 0.0),

@@ -92,14 +92,14 @@ def print_report(r: dict) -> None:
     )
     print(
         f"{'workload':<22} {'reqs':>4} {'req/s':>6} {'out tok/s':>9}  {'TTFT ms p50/p90/p99':>19}  "
-        f"{'ITL ms p50/p90/p99':>18}  {'E2E ms p50/p90/p99':>19}  {'cached':>6}"
+        f"{'TPOT ms p50/p90/p99':>19}  {'E2E ms p50/p90/p99':>19}  {'cached':>6}  tok/chunk"
     )
     for name, w in r["workloads"].items():
         cached = w["cached_prompt_tokens"] / w["prompt_tokens"]
         print(
             f"{name:<22} {w['requests']:>4} {w['req_s']:>6.2f} {w['output_tok_s']:>9.1f}  "
-            f"{_ms3(w['ttft_ms']):>19}  {_ms3(w['itl_ms']):>18}  {_ms3(w['e2e_ms']):>19}  "
-            f"{cached:>6.0%}"
+            f"{_ms3(w['ttft_ms']):>19}  {_ms3(w['tpot_ms']):>19}  {_ms3(w['e2e_ms']):>19}  "
+            f"{cached:>6.0%}  {w['tokens_per_chunk']:>9.1f}"
         )
     n = r["workloads"]["mixed"]["requests"]
     for i, hf in enumerate(r["transformers"]["passes"]):

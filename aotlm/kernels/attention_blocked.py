@@ -14,6 +14,10 @@ in XLA ops:
   per token, not 2048. Chunks past a token's own position are masked, and leave its running
   max, sum and output bit-for-bit unchanged, so a token's result does not depend on the
   contexts of the other requests in its step.
+- The loop is vectorised over items, so every item walks every chunk visited. In two phases:
+  all items walk the chunks that all but the R longest-reaching items need, then only those R
+  (one per request at most: typically the decodes of a mixed step) walk the rest; a prefill
+  chunk's items no longer run to the longest decode context of the step.
 - With a query block of 1 the items are the tokens themselves (no sort, no regrouping): the
   decode-sized steps' shape.
 
@@ -82,11 +86,10 @@ def paged_attention_blocked(
     if bq == 1:
         lo_key = jnp.zeros_like(positions) if window is None else positions - window + 1
         bounds = (jnp.min(jnp.maximum(lo_key, 0)) // chunk_keys, jnp.max(positions) // chunk_keys)
-        out = _attend(
-            qg[:, None], positions[:, None], positions, tables[token_req], k_pages, v_pages, layer,
-            bounds, chunk, scale, window,
-        )  # fmt: skip
-        return out.reshape(num_tokens, num_heads, head_dim).astype(q.dtype)
+        walk = _Walk(k_pages, v_pages, layer, chunk, scale, window)
+        q1, pos1 = qg[:, None], positions[:, None]
+        state = walk(q1, pos1, positions, tables[token_req], *bounds, walk.start(q1))
+        return _finish(state).reshape(num_tokens, num_heads, head_dim).astype(q.dtype)
     items = work_items(positions, token_req, num_requests, bq, chunk_keys, window)
     meta, t_pad = items.meta, items.pos.shape[0]
     valid = meta[LO] < meta[HI]
@@ -96,11 +99,12 @@ def paged_attention_blocked(
     )
     q_sorted = jnp.pad(qg[items.order], ((0, t_pad - num_tokens), (0, 0), (0, 0), (0, 0)))
     blocks = q_sorted.reshape(t_pad // bq, bq, kv_heads, group, head_dim)
-    out = _attend(
+    args = (
         blocks[meta[BLOCK]], items.pos.reshape(-1, bq)[meta[BLOCK]], meta[MAX_POS],
         tables[meta[REQ]],
-        k_pages, v_pages, layer, bounds, chunk, scale, window,
     )  # fmt: skip
+    walk = _Walk(k_pages, v_pages, layer, chunk, scale, window)
+    out = _finish(_two_phases(walk, args, meta[KV_HI], bounds, num_requests))
     # Each token's row: its item's output at its offset in the query block.
     sorted_row = (
         jnp.zeros_like(items.order)
@@ -111,64 +115,102 @@ def paged_attention_blocked(
     return out.reshape(num_tokens, num_heads, head_dim).astype(q.dtype)
 
 
-def _attend(q, pos, item_max, pages, k_pages, v_pages, layer, bounds, chunk, scale, window):
+def _two_phases(walk: _Walk, args: tuple, kv_hi: jax.Array, bounds, num_requests: int):
+    """Walk every item over the chunks all but the R longest-reaching items need, then only
+    those R over the rest. A mixed step's prefill items stop at their own positions while its
+    decode items (at most one per request) walk their whole contexts: the vectorised loop no
+    longer runs every prefill item to the longest decode's context."""
+    first, last = bounds
+    items = kv_hi.shape[0]
+    long = min(num_requests, items)
+    state = walk.start(args[0])
+    if long == items:
+        return walk(*args, first, last, state)
+    top = jnp.argsort(-kv_hi, stable=True)[:long]
+    split = jnp.maximum(jnp.max(kv_hi.at[top].set(0)), first)  # first chunk only `top` needs
+    state = walk(*args, first, split - 1, state)
+    sub = tuple(x[top] for x in state)
+    sub = walk(*(a[top] for a in args), split, last, sub)
+    return tuple(x.at[top].set(y) for x, y in zip(state, sub, strict=True))
+
+
+def _finish(state) -> jax.Array:
+    """float32 [W, B, KV, G, D] from the online-softmax state."""
+    _, total, acc = state
+    # total >= 1 once any chunk ran (the row max contributes exp(0)); every real token's item
+    # walks at least its own chunk, the guard only keeps an unused item finite.
+    out = acc / jnp.maximum(total, 1e-30)[..., None]
+    return out.transpose(0, 3, 1, 2, 4)
+
+
+class _Walk:
     """Online-softmax attention of W items over their request's pages, chunk by chunk.
 
-    q: [W, B, KV, G, D] (B query rows per item); pos: i32[W, B]; item_max: i32[W], the largest
-    position of the item's own rows (its request has written every slot up to it); pages:
-    i32[W, P'] (P' a multiple of ``chunk``); bounds: the first and last chunk index to visit
-    (traced scalars). Returns float32 [W, B, KV, G, D].
+    Called with q: [W, B, KV, G, D] (B query rows per item); pos: i32[W, B]; item_max: i32[W],
+    the largest position of the item's own rows (its request has written every slot up to it);
+    pages: i32[W, P'] (P' a multiple of ``chunk``); the first and last chunk index to visit
+    (traced scalars; none when last < first); and the state to continue (``start`` makes one):
+    running max and sum [W, KV, G, B], unnormalised output [W, KV, G, B, D], all float32.
 
     Layouts are chosen so both products are plain batched matmuls with the query rows as the
     left operand: ``[G*B, D] @ [D, keys]`` then ``[G*B, keys] @ [keys, D]`` per (item, KV head),
     the key transpose fused into the page gather. With keys on the left instead, XLA:CPU ran the
     decode-shaped product (G*B = 2 columns) 5x slower.
     """
-    items, rows, kv_heads, group, head_dim = q.shape
-    page_size = k_pages.shape[2]
-    chunk_keys = chunk * page_size
-    first, last = bounds
-    q = q.transpose(0, 2, 3, 1, 4).reshape(items, kv_heads, group * rows, head_dim)
-    batch = ((0, 1), (0, 1))
 
-    def body(carry):
-        c, m, total, acc = carry
-        ids = jax.lax.dynamic_slice_in_dim(pages, c * chunk, chunk, axis=1)  # [W, chunk]
-        keys = k_pages[layer, ids].reshape(items, chunk_keys, kv_heads, head_dim)
-        values = v_pages[layer, ids].reshape(items, chunk_keys, kv_heads, head_dim)
-        keys = keys.astype(q.dtype).transpose(0, 2, 3, 1)  # [W, KV, D, keys]
-        s = jax.lax.dot_general(q, keys, (((3,), (2,)), batch), preferred_element_type=jnp.float32)
-        s = s.reshape(items, kv_heads, group, rows, chunk_keys) * jnp.float32(scale)
-        key_pos = c * chunk_keys + jnp.arange(chunk_keys, dtype=jnp.int32)
-        visible = key_pos[None, None, :] <= pos[:, :, None]  # [W, B, chunk_keys]
-        if window is not None:
-            visible &= key_pos[None, None, :] > pos[:, :, None] - window
-        s = jnp.where(visible[:, None, None], s, MASK)
-        m_new = jnp.maximum(m, jnp.max(s, axis=-1))
-        alpha = jnp.exp(m - m_new)
-        p = jnp.exp(s - m_new[..., None])
-        total = total * alpha + jnp.sum(p, axis=-1)
-        # Zero the values past the item's last position: stale slots of a reused page (or the
-        # trash page) may hold inf/NaN, and 0 * NaN would leak into this item's rows.
-        written = key_pos[None, :] <= item_max[:, None]  # [W, chunk_keys]
-        values = jnp.where(written[:, :, None, None], values, jnp.zeros((), values.dtype))
-        values = values.transpose(0, 2, 1, 3)  # [W, KV, keys, D]
-        p = p.astype(values.dtype).reshape(items, kv_heads, group * rows, chunk_keys)
-        pv = jax.lax.dot_general(
-            p, values, (((3,), (2,)), batch), preferred_element_type=jnp.float32
+    def __init__(self, k_pages, v_pages, layer, chunk: int, scale: float, window: int | None):
+        self.k_pages, self.v_pages, self.layer = k_pages, v_pages, layer
+        self.chunk, self.scale, self.window = chunk, scale, window
+
+    @staticmethod
+    def start(q: jax.Array):
+        items, rows, kv_heads, group, head_dim = q.shape
+        stats = (items, kv_heads, group, rows)
+        return (
+            jnp.full(stats, MASK, jnp.float32),
+            jnp.zeros(stats, jnp.float32),
+            jnp.zeros((*stats, head_dim), jnp.float32),
         )
-        pv = pv.reshape(items, kv_heads, group, rows, head_dim)
-        return c + 1, m_new, total, acc * alpha[..., None] + pv
 
-    stats = (items, kv_heads, group, rows)
-    init = (
-        first,
-        jnp.full(stats, MASK, jnp.float32),
-        jnp.zeros(stats, jnp.float32),
-        jnp.zeros((*stats, head_dim), jnp.float32),
-    )
-    _, _, total, acc = jax.lax.while_loop(lambda carry: carry[0] <= last, body, init)
-    # total >= 1 once any chunk ran (the row max contributes exp(0)); `last >= first` always holds
-    # for real tokens, the guard only keeps an impossible empty loop finite.
-    out = acc / jnp.maximum(total, 1e-30)[..., None]
-    return out.transpose(0, 3, 1, 2, 4)
+    def __call__(self, q, pos, item_max, pages, first, last, state):
+        items, rows, kv_heads, group, head_dim = q.shape
+        k_pages, v_pages, layer, chunk, window = (
+            self.k_pages, self.v_pages, self.layer, self.chunk, self.window
+        )  # fmt: skip
+        chunk_keys = chunk * k_pages.shape[2]
+        q = q.transpose(0, 2, 3, 1, 4).reshape(items, kv_heads, group * rows, head_dim)
+        batch = ((0, 1), (0, 1))
+
+        def body(carry):
+            c, m, total, acc = carry
+            ids = jax.lax.dynamic_slice_in_dim(pages, c * chunk, chunk, axis=1)  # [W, chunk]
+            keys = k_pages[layer, ids].reshape(items, chunk_keys, kv_heads, head_dim)
+            values = v_pages[layer, ids].reshape(items, chunk_keys, kv_heads, head_dim)
+            keys = keys.astype(q.dtype).transpose(0, 2, 3, 1)  # [W, KV, D, keys]
+            s = jax.lax.dot_general(
+                q, keys, (((3,), (2,)), batch), preferred_element_type=jnp.float32
+            )
+            s = s.reshape(items, kv_heads, group, rows, chunk_keys) * jnp.float32(self.scale)
+            key_pos = c * chunk_keys + jnp.arange(chunk_keys, dtype=jnp.int32)
+            visible = key_pos[None, None, :] <= pos[:, :, None]  # [W, B, chunk_keys]
+            if window is not None:
+                visible &= key_pos[None, None, :] > pos[:, :, None] - window
+            s = jnp.where(visible[:, None, None], s, MASK)
+            m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+            alpha = jnp.exp(m - m_new)
+            p = jnp.exp(s - m_new[..., None])
+            total = total * alpha + jnp.sum(p, axis=-1)
+            # Zero the values past the item's last position: stale slots of a reused page (or
+            # the trash page) may hold inf/NaN, and 0 * NaN would leak into this item's rows.
+            written = key_pos[None, :] <= item_max[:, None]  # [W, chunk_keys]
+            values = jnp.where(written[:, :, None, None], values, jnp.zeros((), values.dtype))
+            values = values.transpose(0, 2, 1, 3)  # [W, KV, keys, D]
+            p = p.astype(values.dtype).reshape(items, kv_heads, group * rows, chunk_keys)
+            pv = jax.lax.dot_general(
+                p, values, (((3,), (2,)), batch), preferred_element_type=jnp.float32
+            )
+            pv = pv.reshape(items, kv_heads, group, rows, head_dim)
+            return c + 1, m_new, total, acc * alpha[..., None] + pv
+
+        _, *state = jax.lax.while_loop(lambda carry: carry[0] <= last, body, (first, *state))
+        return tuple(state)
