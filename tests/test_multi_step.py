@@ -94,3 +94,13 @@ def test_logprobs_come_back_for_every_token(engines):
 def test_more_steps_than_the_bundle_has_is_refused(tiny_bundle):
     with pytest.raises(BundleError, match=r"decode_steps=5.*1\.\.4"):
         Engine.from_bundle(tiny_bundle[0], decode_steps=5)
+
+
+def test_serve_refuses_more_steps_before_loading(tiny_bundle):
+    from click.testing import CliRunner
+
+    from aotlm.cli import main
+
+    result = CliRunner().invoke(main, ["serve", str(tiny_bundle[0]), "--decode-steps", "9"])
+    assert result.exit_code != 0
+    assert "decode_steps=9, but this bundle runs 1..4 decode steps per call" in result.output

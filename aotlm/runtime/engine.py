@@ -47,6 +47,18 @@ class Completion:
     logprobs: tuple[float, ...]
 
 
+def decode_steps_for(path: Path | str, serving: dict, asked: int | None) -> int:
+    """The decode steps per call to run: `asked`, at most what the bundle was built for
+    (serving.decode_steps, also the default)."""
+    built = serving.get("decode_steps", 1)
+    if asked is not None and not 1 <= asked <= built:
+        raise BundleError(
+            f"{path}: decode_steps={asked}, but this bundle runs 1..{built} decode steps per "
+            "call (model.yaml decode_steps); rebuild it for more"
+        )
+    return built if asked is None else asked
+
+
 def _require_decoder(kind: str, path: Path | str) -> None:
     if kind != "decoder":
         raise BundleError(
@@ -72,13 +84,7 @@ class Engine:
         self.strict = strict
         self.tokenizer = BundleTokenizer(loaded.bundle, tuple(loaded.model.eos_token_ids))
         self.runner = ModelRunner(loaded)
-        built = self.runner.decode_steps
-        if decode_steps is not None and not 1 <= decode_steps <= built:
-            raise BundleError(
-                f"{loaded.bundle.path}: decode_steps={decode_steps}, but this bundle runs 1..{built} "
-                "decode steps per call (model.yaml decode_steps); rebuild it for more"
-            )
-        self.decode_steps = built if decode_steps is None else decode_steps
+        self.decode_steps = decode_steps_for(loaded.bundle.path, loaded.serving, decode_steps)
         s = loaded.serving
         self.max_seq_len = s["max_seq_len"]
         self.block_manager = BlockManager(s["kv_pages"], s["page_size"])

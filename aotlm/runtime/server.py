@@ -32,7 +32,7 @@ from aotlm.runtime.async_engine import AsyncEngine, ChoiceDelta, RequestStream
 from aotlm.runtime.chat import chat_prompt_ids
 from aotlm.runtime.embedder import InputTooLongError
 from aotlm.runtime.embedding_protocol import EmbeddingRequest, embedding_response
-from aotlm.runtime.engine import Engine
+from aotlm.runtime.engine import Engine, decode_steps_for
 from aotlm.runtime.metrics import ServerMetrics
 from aotlm.runtime.middleware import MAX_REQUEST_BYTES, ApiKeyMiddleware, BodyLimitMiddleware
 from aotlm.runtime.protocol import (
@@ -352,6 +352,7 @@ def run_server(
     if manifest["model"].get("kind") == "encoder":
         engine = AsyncEmbedder.from_bundle(bundle, strict=strict, trust=trust)
     else:
+        decode_steps_for(bundle, manifest["serving"], decode_steps)  # refused before loading
         engine = AsyncEngine.from_bundle(
             bundle, strict=strict, trust=trust, decode_steps=decode_steps
         )
