@@ -7,9 +7,9 @@ Starts `aotlm serve` on 127.0.0.1 (on --bundle, or on a bundle built into a temp
 checkpoint with a larger bucket set and decode_steps 8, BENCH_YAML below) and drives it with
 streaming completions (greedy, `ignore_eos` so every request generates exactly its `max_tokens`)
 sent by httpx with the SSE lines parsed by json.loads (`--client openai`: the official client,
-`max_retries=0`, which cost ~1.7x the client CPU per token here (0.19 vs 0.11 ms); on a 2-core machine that CPU is taken
-from the server) from `--concurrency` client tasks that each send the next request as soon as the
-last one finished (closed loop). Prompts are token ids: windows of the tokenized corpus that ships
+`max_retries=0`, which cost 1.7x the client CPU per token here, 0.19 vs 0.11 ms; on a 2-core
+machine that CPU is taken from the server) from `--concurrency` client tasks that each send the
+next request as soon as the last one finished (closed loop). Prompts are token ids: windows of the tokenized corpus that ships
 in aotlm/data/, at distinct seeded offsets, after BOS. Workloads:
 
   mixed          random prompt lengths (16..320 tokens) and output lengths (16..128 tokens);
