@@ -4,9 +4,10 @@ Every jax call (loading, compiling, each device call) must happen on one thread 
 block an event loop, so each serving object owns one daemon thread: it loads the bundle (/ready
 answers 503 until then), then runs the subclass's loop until `shutdown`. This class owns what both
 share: the thread, loading, readiness and liveness, why the model is unavailable, and the
-drain-then-stop shutdown. A subclass implements `_serve` (its loop, which returns when
-`_stop_requested()`), `_fail_pending` (answer every request that can no longer run) and
-`num_in_flight`; it sets its own state before calling `__init__`, which starts the thread.
+drain-then-stop shutdown. A subclass implements `_serve` (its loop, which returns once `_stop` is
+set, under `_cv`, which `shutdown` notifies), `_fail_pending` (answer every request that can no
+longer run) and `num_in_flight`; it sets its own state before calling `__init__`, which starts
+the thread.
 """
 
 from __future__ import annotations
