@@ -12,8 +12,9 @@ PAGE = 4
 def test_two_chunks_layout_slots_and_rows():
     a = ChunkInput(token_ids=[5, 6, 7, 8, 9], start=0, block_table=[3, 7], samples=True, seed=11)
     b = ChunkInput(
-        token_ids=[42], start=6, block_table=[2, 5], samples=True, temperature=0.5, step=3
-    )
+        token_ids=[42], start=6, block_table=[2, 5], samples=True, temperature=0.5, step=3,
+        logprobs=True,
+    )  # fmt: skip
     s = pack_step(
         [a, b], token_ladder=(4, 8, 16), request_ladder=(1, 2, 4), pages_per_seq=3, page_size=PAGE
     )
@@ -30,11 +31,12 @@ def test_two_chunks_layout_slots_and_rows():
         and tables[1].tolist() == [2, 5, 0]
     )
     assert s.rows.tolist() == [4, 5]
-    temperature, _, top_p, _, seed, step = s.sampling
+    temperature, _, top_p, _, seed, step, want = s.sampling
     assert (
         temperature.tolist() == [0.0, 0.5] and seed.dtype == np.uint32 and seed.tolist() == [11, 0]
     )
     assert step.tolist() == [0, 3] and top_p.tolist() == [1.0, 1.0]
+    assert want.tolist() == [0, 1] and want.dtype == np.int32  # only b asked for logprobs
 
 
 def test_prefill_chunk_that_does_not_sample_pads_request_rows():

@@ -91,3 +91,27 @@ def test_neutral_penalties_give_exactly_what_sample_gives():
     b = jax.jit(sample_penalized)(*plain, *neutral)
     for x, y in zip(a, b, strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_logprobs_are_skipped_only_when_no_row_wants_them():
+    """want_logprobs all 0: the same tokens, zeros for logprobs and alternatives; any row 1: the
+    full outputs for every row, exactly what the always-computing call gives."""
+    rng = np.random.default_rng(5)
+    logits = rng.standard_normal((4, 300)).astype(np.float32)
+    cols = (
+        np.array([0, 0.8, 0, 1.2], np.float32),
+        np.zeros(4, np.int32),
+        np.ones(4, np.float32),
+        np.zeros(4, np.float32),
+        np.arange(4, dtype=np.uint32),
+        np.zeros(4, np.int32),
+    )
+    full = jax.jit(sample)(logits, *cols)
+    none = jax.jit(sample)(logits, *cols, np.zeros(4, np.int32))
+    some = jax.jit(sample)(logits, *cols, np.array([0, 0, 1, 0], np.int32))
+    np.testing.assert_array_equal(np.asarray(none[0]), np.asarray(full[0]))
+    assert not np.asarray(none[1]).any() and not np.asarray(none[3]).any()
+    assert not np.asarray(none[2]).any()
+    for x, y in zip(some, full, strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    assert (np.asarray(full[1]) < 0).all()  # real logprobs when asked

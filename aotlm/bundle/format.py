@@ -43,9 +43,11 @@ CHANGELOG: dict[int, tuple[str, str]] = {
         "Decoders record `serving.decode_steps` (K; absent: 1) and, when K > 1, export "
         "decode[R] per request bucket: up to K decode steps of R sequences in one call "
         "(forward, LM head, sample, token fed back), returning i32/f32[K, R] tokens and logprobs "
-        "and [K, R, 20] top alternatives. On CPU and GPU, forward's attention is the blocked "
-        "jnp path (same contract as the reference). Version 3 bundles still load and serve "
-        "one step per call.",
+        "and [K, R, 20] top alternatives. sample[R], sample_penalized[R] and decode[R] take "
+        "want_logprobs i32[R] (last for the samplers, after step for decode): when no row wants "
+        "logprobs they return zeros instead of computing the log-softmax and top-k. On CPU and "
+        "GPU, forward's attention is the blocked jnp path (same contract as the reference). "
+        "Version 3 bundles still load and serve one step per call, always with logprobs.",
     ),
 }
 

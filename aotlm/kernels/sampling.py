@@ -61,13 +61,31 @@ def _choose(logits, temperature, top_k, top_p, min_p, seed, step) -> jax.Array:
 
 
 def _outputs(
-    logits: jax.Array, tokens: jax.Array
+    logits: jax.Array, tokens: jax.Array, want: jax.Array | None
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """(tokens, logprob of each, top ids, top logprobs) under the model's own distribution."""
-    logprobs = jax.nn.log_softmax(logits, axis=-1)
-    chosen = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
-    top_lp, top_ids = jax.lax.top_k(logprobs, min(TOP_LOGPROBS, logits.shape[-1]))
-    return tokens, chosen, top_ids.astype(jnp.int32), top_lp
+    """(tokens, logprob of each, top ids, top logprobs) under the model's own distribution.
+
+    want: i32[R], rows whose request asked for logprobs; when none did (None: always compute)
+    the log-softmax and top-k are skipped and zeros come back. With a real vocabulary they are
+    most of the sampler: 16 rows x 152k logits on CPU, 17.5 ms with them, ~2 ms (argmax) without.
+    """
+    top = min(TOP_LOGPROBS, logits.shape[-1])
+
+    def logprobs() -> tuple[jax.Array, jax.Array, jax.Array]:
+        lp = jax.nn.log_softmax(logits, axis=-1)
+        chosen = jnp.take_along_axis(lp, tokens[:, None], axis=-1)[:, 0]
+        top_lp, top_ids = jax.lax.top_k(lp, top)
+        return chosen, top_ids.astype(jnp.int32), top_lp
+
+    if want is None:
+        return tokens, *logprobs()
+    rows = logits.shape[0]
+    zeros = (
+        jnp.zeros((rows,), jnp.float32),
+        jnp.zeros((rows, top), jnp.int32),
+        jnp.zeros((rows, top), jnp.float32),
+    )
+    return tokens, *jax.lax.cond(jnp.any(want > 0), logprobs, lambda: zeros)
 
 
 def sample(
@@ -78,17 +96,20 @@ def sample(
     min_p: jax.Array,
     seed: jax.Array,
     step: jax.Array,
+    want_logprobs: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """Sample one token per row.
 
     logits f32[R,V]; temperature f32[R] (0 = greedy); top_k i32[R] (<= 0 = off); top_p f32[R];
-    min_p f32[R]; seed u32[R]; step i32[R] (tokens generated so far by that row).
+    min_p f32[R]; seed u32[R]; step i32[R] (tokens generated so far by that row);
+    want_logprobs i32[R] (1: the row's request asked for logprobs; None: compute them).
     Returns (tokens i32[R], logprob f32[R] of the chosen token under the unmodified model
-    distribution, top ids i32[R,20], top logprobs f32[R,20]).
+    distribution, top ids i32[R,20], top logprobs f32[R,20]); the last three are zeros when no
+    row wants logprobs.
     """
     logits = logits.astype(jnp.float32)
     tokens = _choose(logits, temperature, top_k, top_p, min_p, seed, step)
-    return _outputs(logits, tokens)
+    return _outputs(logits, tokens, want_logprobs)
 
 
 def apply_penalties(
@@ -140,8 +161,10 @@ def sample_penalized(
     presence: jax.Array,
     frequency: jax.Array,
     repetition: jax.Array,
+    want_logprobs: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """`sample` after `apply_penalties` (same first seven arguments, then the penalties' five).
+    """`sample` after `apply_penalties` (same first seven arguments, then the penalties' five,
+    then `want_logprobs` as `sample`'s).
 
     As in vLLM, penalties come before temperature, top-k/p and min-p, and greedy rows take the
     argmax of the penalized logits; logprobs stay those of the unpenalized model distribution
@@ -150,4 +173,4 @@ def sample_penalized(
     logits = logits.astype(jnp.float32)
     adjusted = apply_penalties(logits, history, prompt_len, presence, frequency, repetition)
     tokens = _choose(adjusted, temperature, top_k, top_p, min_p, seed, step)
-    return _outputs(logits, tokens)
+    return _outputs(logits, tokens, want_logprobs)

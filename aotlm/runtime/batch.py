@@ -35,6 +35,7 @@ class ChunkInput:
     history: Sequence[int] = ()
     prompt_len: int = 0
     num_top: int = 0  # top alternatives (with logprobs) to return for the sampled token
+    logprobs: bool = False  # return the sampled token's logprob (and num_top alternatives)
 
     @property
     def penalized(self) -> bool:
@@ -52,7 +53,7 @@ class StepArrays:
     requests: int
     forward: tuple[np.ndarray, ...]  # tokens, positions, slots, token_req, block_tables
     rows: np.ndarray  # i32[R]: hidden row of each sampling chunk's last token
-    sampling: tuple[np.ndarray, ...]  # temperature, top_k, top_p, min_p, seed, step
+    sampling: tuple[np.ndarray, ...]  # temperature, top_k, top_p, min_p, seed, step, logprobs
     sample_chunks: tuple[int, ...]  # chunk index of each real row
     real_tokens: int
     # history, prompt_len, presence, frequency, repetition: only when some sampling row has
@@ -110,8 +111,8 @@ def pack_step(
 
 
 def sampling_columns(picked: Sequence[ChunkInput], rows: int) -> tuple[np.ndarray, ...]:
-    """temperature, top_k, top_p, min_p, seed, step of the sampling chunks, padded to ``rows``
-    with greedy rows."""
+    """temperature, top_k, top_p, min_p, seed, step, wants-logprobs of the sampling chunks, padded
+    to ``rows`` with greedy rows that want nothing."""
     pad = rows - len(picked)
 
     def col(attr: str, dtype) -> np.ndarray:
@@ -124,6 +125,7 @@ def sampling_columns(picked: Sequence[ChunkInput], rows: int) -> tuple[np.ndarra
         col("min_p", np.float32),
         np.asarray([c.seed & 0xFFFFFFFF for c in picked] + [0] * pad, np.uint32),
         col("step", np.int32),
+        col("logprobs", np.int32),
     )
 
 

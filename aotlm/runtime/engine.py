@@ -146,6 +146,7 @@ class Engine:
             seed=c.seq.seed,
             step=c.seq.num_output_tokens,
             num_top=p.logprobs or 0,
+            logprobs=p.logprobs is not None,
             **self._penalties(c),
         )
 

@@ -52,6 +52,10 @@ class ModelRunner:
         self.bucket_calls: Counter[tuple[str, tuple[int, ...]]] = Counter()
         # decode[R] runs up to this many steps per call (1: the bundle has no decode graphs).
         self.decode_steps = s.get("decode_steps", 1)
+        # Samplers take want_logprobs (8 inputs) from format 4 on; older ones take 7 and always
+        # compute logprobs. Asked of the executable itself, so any bundle runs as it was built.
+        sampler = self.exe[("sample", (self.request_buckets[0],))]
+        self.want_column = sampler.in_tree.num_leaves == 8
         # Bundles built before sample_penalized existed (format < 3) cannot apply penalties.
         self.supports_penalties = all(
             ("sample_penalized", (r,)) in self.exe for r in self.request_buckets
@@ -106,11 +110,13 @@ class ModelRunner:
         logits = self._logits(step)
         if logits is None:
             return {}
+        *columns, want = step.sampling
+        want = (want,) if self.want_column else ()
         if step.penalties is None:
-            out = self._call("sample", (step.requests,), logits, *step.sampling)
+            out = self._call("sample", (step.requests,), logits, *columns, *want)
         else:
             out = self._call(
-                "sample_penalized", (step.requests,), logits, *step.sampling, *step.penalties
+                "sample_penalized", (step.requests,), logits, *columns, *step.penalties, *want
             )
         tokens, logprobs, top_ids, top_lps = (np.asarray(x) for x in out)
         tokens, logprobs = tokens.tolist(), logprobs.tolist()

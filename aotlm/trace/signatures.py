@@ -99,14 +99,14 @@ def step_specs(cfg: ModelConfig, build: BuildConfig) -> list[StepSpec]:
     for r in build.request_buckets:
         f, i = _s((r,), F32), _s((r,), I32)
         args = (_s((r, cfg.vocab_size), F32), f, i, f, f, _s((r,), jnp.uint32), i)
-        specs.append(StepSpec("sample", {"requests": r}, args))
+        specs.append(StepSpec("sample", {"requests": r}, (*args, i)))  # + want_logprobs
         history = _s((r, build.max_seq_len), I32)
         penalties = (history, i, f, f, f)  # history, prompt_len, presence, frequency, repetition
-        specs.append(StepSpec("sample_penalized", {"requests": r}, args + penalties))
+        specs.append(StepSpec("sample_penalized", {"requests": r}, (*args, *penalties, i)))
     if build.decode_steps > 1:
         for r in build.request_buckets:
             f, i = _s((r,), F32), _s((r,), I32)
-            sampling = (f, i, f, f, _s((r,), jnp.uint32), i)
+            sampling = (f, i, f, f, _s((r,), jnp.uint32), i, i)  # ..., step, want_logprobs
             tables = _s((r, build.pages_per_seq), I32)
             args = (params, kv, kv, i, i, i, tables, *sampling, _s((), I32))
             specs.append(StepSpec("decode", {"requests": r}, args))

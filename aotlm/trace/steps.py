@@ -44,6 +44,7 @@ def decode_steps(
     min_p: jax.Array,
     seed: jax.Array,
     step: jax.Array,
+    want_logprobs: jax.Array,
     num_steps: jax.Array,
     *,
     max_steps: int,
@@ -56,7 +57,7 @@ def decode_steps(
     max_tokens / max_seq_len does): past it the row writes the trash page and its tokens are
     junk the host drops; block_tables: i32[R, P]; the sampling columns as sample[R] takes them
     (``step`` is the row's generated-token count, so a seeded row draws exactly what single
-    steps would); num_steps: i32 scalar <= max_steps, the steps to run.
+    steps would; ``want_logprobs`` as in sample); num_steps: i32 scalar <= max_steps.
     Returns (tokens i32[K, R], logprobs f32[K, R], top ids i32[K, R, 20], top logprobs
     f32[K, R, 20], k_pages, v_pages); rows past ``num_steps`` are zeros.
     """
@@ -83,7 +84,7 @@ def decode_steps(
             params, k_pages, v_pages, tok, fed, slots, req, block_tables, **forward_kwargs
         )
         logits = jnp.einsum("rh,vh->rv", hidden, head, preferred_element_type=jnp.float32)
-        sampled = sample(logits, temperature, top_k, top_p, min_p, seed, step + k)
+        sampled = sample(logits, temperature, top_k, top_p, min_p, seed, step + k, want_logprobs)
         outs = tuple(o.at[k].set(x) for o, x in zip(outs, sampled, strict=True))
         return sampled[0], pos + 1, k_pages, v_pages, outs
 
