@@ -30,3 +30,18 @@ def build_from_yaml(path: Path, out: Path, jobs: int = 1):
     from aotlm.config import load_build_config
 
     return build_bundle(load_build_config(path), out, jobs=jobs)
+
+
+def bundle_last_logits(engine, prompt: list[int]):
+    """f32 logits [V] after `prompt`, fed to the engine's runner in chunks of its largest token
+    bucket (pages 1, 2, ... as the block table): what the oracle tests compare."""
+    from aotlm.runtime.batch import ChunkInput
+
+    runner = engine.runner
+    table = list(range(1, 1 + runner.pages_per_seq))
+    chunk = max(runner.token_buckets)
+    for start in range(0, len(prompt), chunk):
+        piece = prompt[start : start + chunk]
+        last = start + len(piece) == len(prompt)
+        logits = runner.compute_logits([ChunkInput(piece, start, table, samples=last)])
+    return logits[0]

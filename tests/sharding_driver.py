@@ -19,11 +19,11 @@ from pathlib import Path
 
 import jax
 import yaml
+from bundle_factory import bundle_last_logits
 
 from aotlm.build import build_bundle
 from aotlm.bundle import read_manifest
 from aotlm.config import load_build_config
-from aotlm.runtime.batch import ChunkInput
 from aotlm.runtime.engine import Engine
 from aotlm.runtime.sampling_params import SamplingParams
 from aotlm.runtime.trust import TrustPolicy
@@ -35,20 +35,9 @@ COLLECTIVE = re.compile(
 )
 
 
-def last_logits(engine: Engine, prompt: list[int]) -> list[float]:
-    runner = engine.runner
-    table = list(range(1, 1 + runner.pages_per_seq))
-    chunk = max(runner.token_buckets)
-    for start in range(0, len(prompt), chunk):
-        piece = prompt[start : start + chunk]
-        last = start + len(piece) == len(prompt)
-        logits = runner.compute_logits([ChunkInput(piece, start, table, samples=last)])
-    return logits[0].tolist()
-
-
 def serve(bundle: Path, spec: dict, trust: TrustPolicy | None = None) -> dict:
     engine = Engine.from_bundle(bundle, strict=True, trust=trust)
-    logits = [last_logits(engine, p) for p in spec["prompts"]]
+    logits = [bundle_last_logits(engine, p).tolist() for p in spec["prompts"]]
     params = SamplingParams(temperature=0.0, max_tokens=spec["max_tokens"], ignore_eos=True)
     results = engine.generate(spec["prompts"], params)
     loaded = engine.loaded

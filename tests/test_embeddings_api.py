@@ -10,7 +10,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import httpx
 import numpy as np
 import openai
 import pytest
+from serve_helpers import wait_ready
 from test_async_engine import FakeEngine
 from test_embedder import LONG, SENTENCES
 from test_server import metric, serving
@@ -188,15 +188,7 @@ def test_aotlm_serve_serves_embeddings_and_drains_on_sigterm(minilm_bundle):
     proc = subprocess.Popen(cmd, env=env, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None and time.monotonic() < deadline
-            try:
-                if httpx.get(f"{base}/ready").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
+        wait_ready(proc, base)
         check_embeddings(client_for(base), base)
         assert metric(base, "aotlm:compiles_after_ready") == 0
         proc.send_signal(signal.SIGTERM)

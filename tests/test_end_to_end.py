@@ -8,13 +8,12 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from bundle_factory import build_from_yaml, write_model_yaml
+from bundle_factory import build_from_yaml, bundle_last_logits, write_model_yaml
 from click.testing import CliRunner
 from hf_factory import load_hf_model, make_hf_checkpoint
 
 from aotlm.cli import main
 from aotlm.errors import RequestError
-from aotlm.runtime.batch import ChunkInput
 from aotlm.runtime.engine import Engine
 from aotlm.runtime.sampling_params import SamplingParams
 
@@ -45,21 +44,10 @@ def case(request, tiny_checkpoint, tmp_path_factory):
     return load_hf_model(ckpt), engine, prompts
 
 
-def _bundle_last_logits(engine: Engine, prompt: list[int]) -> np.ndarray:
-    runner = engine.runner
-    table = list(range(1, 1 + runner.pages_per_seq))
-    chunk = max(runner.token_buckets)
-    for start in range(0, len(prompt), chunk):
-        piece = prompt[start : start + chunk]
-        last = start + len(piece) == len(prompt)
-        logits = runner.compute_logits([ChunkInput(piece, start, table, samples=last)])
-    return logits[0]
-
-
 def test_last_position_logits_match_transformers(case):
     hf, engine, prompts = case
     for prompt in prompts:
-        ours = _bundle_last_logits(engine, prompt)
+        ours = bundle_last_logits(engine, prompt)
         with torch.no_grad():
             theirs = hf(torch.tensor([prompt])).logits[0, -1].numpy()
         scale = np.abs(theirs).max()

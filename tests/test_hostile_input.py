@@ -58,6 +58,7 @@ CONFIG_KEYS = st.sampled_from(
         "kv_pages",
         "targets",
         "memory_gib",
+        "decode_steps",
         "tokens",
         "requests",
         "page_size",

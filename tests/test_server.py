@@ -21,6 +21,7 @@ import httpx
 import openai
 import pytest
 import uvicorn
+from serve_helpers import wait_ready
 from test_async_engine import REPLY, FakeEngine
 
 from aotlm.buckets.planner import plan_from_trace
@@ -413,15 +414,7 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(tiny_bundle, tmp_path):
     proc = subprocess.Popen(cmd, env=env, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None and time.monotonic() < deadline
-            try:
-                if httpx.get(f"{base}/ready").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
+        wait_ready(proc, base)
         body = {"prompt": "Hello", "max_tokens": 60, "stream": True, "temperature": 0}
         with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=60) as r:
             lines = (line for line in r.iter_lines() if line)

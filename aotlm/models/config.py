@@ -88,7 +88,9 @@ def model_config_from_dict(d: dict[str, Any]) -> ModelConfig:
     return ModelConfig.from_dict(d)
 
 
-def _load_json(path: Path) -> dict[str, Any]:
+def load_json_object(path: Path) -> dict[str, Any]:
+    """A checkpoint's JSON file (config.json, generation_config.json) as a dict; CheckpointError
+    naming the file when it is missing, unreadable or not an object."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -194,7 +196,7 @@ def read_hf_config(checkpoint_dir: str | Path) -> ModelConfig:
     """
     checkpoint_dir = Path(checkpoint_dir)
     path = checkpoint_dir / "config.json"
-    r = _Reader(path, _load_json(path))
+    r = _Reader(path, load_json_object(path))
     arch = _architecture(r)
     family = SUPPORTED_ARCHITECTURES[arch]
     hidden, heads = r.get_int("hidden_size"), r.get_int("num_attention_heads")
@@ -221,7 +223,7 @@ def read_hf_config(checkpoint_dir: str | Path) -> ModelConfig:
     eos = r.token_ids("eos_token_id")
     gen_path = checkpoint_dir / "generation_config.json"
     if gen_path.exists():
-        gen_eos = _Reader(gen_path, _load_json(gen_path)).token_ids("eos_token_id")
+        gen_eos = _Reader(gen_path, load_json_object(gen_path)).token_ids("eos_token_id")
         eos += tuple(t for t in gen_eos if t not in eos)
     bos = r.token_ids("bos_token_id")
     return ModelConfig(

@@ -19,7 +19,6 @@ architecture is an error that lists every supported one.
 from __future__ import annotations
 
 import functools
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +27,12 @@ from typing import Any
 from aotlm.config import BuildConfig
 from aotlm.errors import BundleError, CheckpointError
 from aotlm.models import bert, bert_checkpoint, checkpoint, llama
-from aotlm.models.config import SUPPORTED_ARCHITECTURES, ModelConfig, read_hf_config
+from aotlm.models.config import (
+    SUPPORTED_ARCHITECTURES,
+    ModelConfig,
+    load_json_object,
+    read_hf_config,
+)
 from aotlm.trace import embed as embed_trace
 from aotlm.trace.memory import nbytes
 from aotlm.trace.signatures import StepSpec, kv_pages_aval, step_specs
@@ -112,15 +116,7 @@ def supported_architectures() -> str:
 
 def checkpoint_architecture(checkpoint_dir: Path) -> str | None:
     """The architecture named by a checkpoint's config.json (None when it names none)."""
-    path = Path(checkpoint_dir) / "config.json"
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: not found; is this an HF checkpoint directory?") from None
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: cannot read JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
+    data = load_json_object(Path(checkpoint_dir) / "config.json")
     archs = data.get("architectures")
     if isinstance(archs, list) and archs and isinstance(archs[0], str):
         return archs[0]

@@ -174,10 +174,7 @@ class Engine:
             return []
         sampled = self._run(out, lambda chunks: self.runner.execute(chunks))
         by_seq = {out.chunks[i].seq.seq_id: s for i, s in sampled.items()}
-        updated = self.scheduler.postprocess(out, by_seq)
-        for seq in updated:
-            self._apply_stop_strings(seq)
-        return updated
+        return self.scheduler.postprocess(out, by_seq, self._apply_stop_strings)
 
     def _multi_step(self, out: SchedulerOutput) -> list[Sequence]:
         """Up to decode_steps decode steps of every running sequence in one device call."""
@@ -204,8 +201,11 @@ class Engine:
         if detok is None:
             detok = self._texts[seq.seq_id] = self.tokenizer.detokenizer()
         ids, stops = seq.output_token_ids, seq.params.stop
+        # Only text the last token added can complete a stop string (an earlier one would have
+        # stopped the sequence then): search from there, not the whole output every token.
+        new = 0 if seq.is_finished else len(detok.text)
         text = detok.finish(ids) if seq.is_finished else detok.update(ids)
-        if not any(stop in text for stop in stops):
+        if not any(text.find(s, max(0, new - len(s) + 1)) >= 0 for s in stops):
             return
         text = detok.finish(ids)  # cut the exact text at the earliest stop string
         at, stop = min((text.find(s), s) for s in stops if s in text)

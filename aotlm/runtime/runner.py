@@ -118,16 +118,11 @@ class ModelRunner:
             out = self._call(
                 "sample_penalized", (step.requests,), logits, *columns, *step.penalties, *want
             )
-        tokens, logprobs, top_ids, top_lps = (np.asarray(x) for x in out)
-        tokens, logprobs = tokens.tolist(), logprobs.tolist()
-        result = {}
-        for row, index in enumerate(step.sample_chunks):
-            k = chunks[index].num_top  # the alternatives this request asked for (usually none)
-            result[index] = Sampled(
-                tokens[row], logprobs[row], tuple(top_ids[row, :k].tolist()),
-                tuple(top_lps[row, :k].tolist()),
-            )  # fmt: skip
-        return result
+        outputs = [np.asarray(x) for x in out]
+        return {
+            index: _sampled(outputs, row, chunks[index].num_top)
+            for row, index in enumerate(step.sample_chunks)
+        }
 
     def execute_decode(
         self, chunks: Sequence[ChunkInput], limits: Sequence[int], num_steps: int
@@ -146,27 +141,28 @@ class ModelRunner:
         for i, c in enumerate(chunks):
             tokens[i], positions[i], limit[i] = c.token_ids[-1], c.start, limits[i]
             tables[i, : len(c.block_table)] = c.block_table
-        self.real_tokens += sum(
-            min(num_steps, lim - c.start + 1) for c, lim in zip(chunks, limits, strict=True)
-        )
+        kept = [min(num_steps, lim - c.start + 1) for c, lim in zip(chunks, limits, strict=True)]
+        self.real_tokens += sum(kept)
         self.padded_tokens += rows * num_steps
         out = self._call(
             "decode", (rows,), self.params, self.k_pages, self.v_pages,
             tokens, positions, limit, tables, *sampling_columns(chunks, rows), np.int32(num_steps),
         )  # fmt: skip
         *sampled, self.k_pages, self.v_pages = out
-        tokens_k, lps_k, top_ids, top_lps = (np.asarray(x) for x in sampled)
-        result = {}
-        for i, c in enumerate(chunks):
-            k = c.num_top
-            n = min(num_steps, limits[i] - c.start + 1)
-            result[i] = [
-                Sampled(
-                    int(tokens_k[j, i]),
-                    float(lps_k[j, i]),
-                    tuple(top_ids[j, i, :k].tolist()),
-                    tuple(top_lps[j, i, :k].tolist()),
-                )
-                for j in range(n)
-            ]
-        return result
+        outputs = [np.asarray(x) for x in sampled]  # each [K, R, ...]
+        return {
+            i: [_sampled([x[j] for x in outputs], i, c.num_top) for j in range(kept[i])]
+            for i, c in enumerate(chunks)
+        }
+
+
+def _sampled(outputs: Sequence[np.ndarray], row: int, num_top: int) -> Sampled:
+    """Row `row` of a sampler's (tokens, logprobs, top ids, top logprobs), with the `num_top`
+    alternatives its request asked for (usually none: nothing to convert)."""
+    tokens, logprobs, top_ids, top_lps = outputs
+    return Sampled(
+        int(tokens[row]),
+        float(logprobs[row]),
+        tuple(top_ids[row, :num_top].tolist()),
+        tuple(top_lps[row, :num_top].tolist()),
+    )

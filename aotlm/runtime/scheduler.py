@@ -250,12 +250,7 @@ class Scheduler:
                 raise ValueError(f"postprocess_decode: stale chunk for sequence {seq.seq_id}")
             for value in list(sampled[seq.seq_id])[:steps]:
                 self.bm.mark_computed(seq, 1)
-                sample = Sample.of(value)
-                seq.append_token(
-                    sample._replace(top_logprobs=sample.top_logprobs[: seq.params.logprobs or 0])
-                )
-                self._check_stop(seq)
-                on_token(seq)
+                self._append(seq, value, on_token)
                 if seq.is_finished:
                     break
             updated.append(seq)
@@ -350,12 +345,18 @@ class Scheduler:
 
     # ---- after the device step -------------------------------------------------------------
 
-    def postprocess(self, output: SchedulerOutput, sampled: Mapping[int, object]) -> list[Sequence]:
+    def postprocess(
+        self,
+        output: SchedulerOutput,
+        sampled: Mapping[int, object],
+        on_token: Callable[[Sequence], None] = lambda seq: None,
+    ) -> list[Sequence]:
         """Apply a step's results; returns the sequences that got a token, in chunk order.
 
         `sampled` maps seq_id to the sampled token for every chunk with `samples` true
         (a `Sample`, a `(token_id, logprob[, top_logprobs])` tuple, a bare token id, or an object
-        with `token_id`, `logprob` and top alternatives; see `Sample.of`).
+        with `token_id`, `logprob` and top alternatives; see `Sample.of`). Each new token is
+        followed by the stop checks and `on_token(seq)` (the engine's stop strings).
         Sequences finished in between (aborted, stopped by `finish`) are skipped.
         Finished sequences are among those returned, with their finish reason set.
         """
@@ -371,14 +372,19 @@ class Scheduler:
                 continue
             if seq.seq_id not in sampled:
                 raise ValueError(f"postprocess: no sampled token for sequence {seq.seq_id}")
-            sample = Sample.of(sampled[seq.seq_id])
-            # Keep only the alternatives the request asked for (the device returns a fixed k).
-            seq.append_token(
-                sample._replace(top_logprobs=sample.top_logprobs[: seq.params.logprobs or 0])
-            )
-            self._check_stop(seq)
+            self._append(seq, sampled[seq.seq_id], on_token)
             updated.append(seq)
         return updated
+
+    def _append(self, seq: Sequence, value: object, on_token: Callable[[Sequence], None]) -> None:
+        """One sampled token: append it, then the stop checks, then `on_token`."""
+        sample = Sample.of(value)
+        # Keep only the alternatives the request asked for (the device returns a fixed k).
+        seq.append_token(
+            sample._replace(top_logprobs=sample.top_logprobs[: seq.params.logprobs or 0])
+        )
+        self._check_stop(seq)
+        on_token(seq)
 
     def _check_stop(self, seq: Sequence) -> None:
         token, params = seq.last_token_id, seq.params
