@@ -27,9 +27,10 @@ SMALL = BlockSizes(queries=None, kv_pages=2)  # few pages per block keeps interp
 
 def ragged_batch(
     seed, *, head_dim, heads, kv_heads, page_size, dtype=jnp.float32, layers=None,
-    pages_per_seq=4, num_requests=4,
+    pages_per_seq=4, num_requests=4, with_slots=False,
 ):  # fmt: skip
-    """A random mixed prefill/decode batch; returns (args, scale) in the reference's order."""
+    """A random mixed prefill/decode batch; returns (args, scale) in the reference's order, and
+    with ``with_slots`` the slots the step wrote its tokens' k/v at (0 for padding)."""
     rng = np.random.default_rng(seed)
     chunks = []  # (start position, length) per request: two prefill chunks, two decode tokens
     for r in range(num_requests):
@@ -56,7 +57,17 @@ def ragged_batch(
     k, v = rng.standard_normal(cache_shape), rng.standard_normal(cache_shape)
     arrays = [jnp.asarray(a, dtype) for a in (q, k, v)]
     args = (*arrays, jnp.asarray(positions), jnp.asarray(token_req), jnp.asarray(tables))
-    return args, head_dim**-0.5
+    if not with_slots:
+        return args, head_dim**-0.5
+    return args, head_dim**-0.5, written_slots(positions, token_req, tables, page_size, padding)
+
+
+def written_slots(positions, token_req, tables, page_size, padding):
+    """i32[T]: where each real token's k/v went; the trailing ``padding`` tokens wrote none."""
+    positions, token_req, tables = map(np.asarray, (positions, token_req, tables))
+    slots = tables[token_req, positions // page_size] * page_size + positions % page_size
+    slots[len(slots) - padding :] = 0
+    return jnp.asarray(slots.astype(np.int32))
 
 
 def run(fn, *args, **kwargs):
@@ -265,3 +276,88 @@ def test_auto_on_cpu_is_the_blocked_path():
     args, scale = ragged_batch(9, head_dim=64, heads=4, kv_heads=2, page_size=16, pages_per_seq=6)
     auto = run(lambda *a: paged_attention(*a, scale), *args)
     np.testing.assert_array_equal(np.asarray(auto), np.asarray(blocked(args, scale)))
+
+
+# --- the step's own keys attended densely (aotlm/kernels/attention_in_step.py) ----------------
+
+
+@pytest.mark.parametrize(("head_dim", "heads", "kv_heads", "page_size", "dtype"), CASES[::2])
+@pytest.mark.parametrize("dense_tile", [256, 8])
+def test_in_step_keys_match_reference(head_dim, heads, kv_heads, page_size, dtype, dense_tile):
+    """With the step's slots, its own keys come from one dense product (a single tile, or tiles
+    of 8 so chunks straddle tiles and queries reach into the tile before) and only older keys
+    from the pages: same output as the reference for every real token."""
+    seed = zlib.crc32(repr((head_dim, heads, kv_heads, page_size, "in-step")).encode())
+    args, scale, slots = ragged_batch(
+        seed, head_dim=head_dim, heads=heads, kv_heads=kv_heads, page_size=page_size, dtype=dtype,
+        pages_per_seq=7, num_requests=6, with_slots=True,
+    )  # fmt: skip
+    out = blocked(args, scale, query_block=8, chunk_pages=2, slots=slots, dense_tile=dense_tile)
+    assert out.shape == args[0].shape and out.dtype == dtype
+    assert_close(out, reference(args, scale), dtype)
+
+
+@pytest.mark.parametrize("window", [1, 17, 40])
+@pytest.mark.parametrize("dense_tile", [256, 8])
+def test_in_step_keys_sliding_window(window, dense_tile):
+    args, scale, slots = ragged_batch(
+        300 + window, head_dim=64, heads=4, kv_heads=2, page_size=16, pages_per_seq=8,
+        with_slots=True,
+    )  # fmt: skip
+    out = blocked(
+        args, scale, window=window, query_block=8, chunk_pages=1, slots=slots,
+        dense_tile=dense_tile,
+    )  # fmt: skip
+    assert_close(out, reference(args, scale, window=window), jnp.float32)
+
+
+@pytest.mark.parametrize("dense_tile", [256, 8])
+def test_in_step_keys_with_garbage_everywhere_else(dense_tile):
+    """NaN in every slot no token can see, the trash page included (where padding writes): the
+    dense part must not take padding's keys or values, the merge must not leak the page walk's
+    empty state."""
+    args, scale, slots = ragged_batch(
+        37, head_dim=64, heads=8, kv_heads=2, page_size=16, layers=3, pages_per_seq=6,
+        with_slots=True,
+    )  # fmt: skip
+    q, k, v, positions, token_req, tables = args
+    visible = np.zeros(k.shape[1:3], bool)
+    for pos, req in zip(np.asarray(positions), np.asarray(token_req), strict=True):
+        for j in range(pos + 1):
+            visible[tables[req, j // 16], j % 16] = True
+    visible[0] = False  # the trash page
+    hide = jnp.asarray(~visible)[None, :, :, None, None]
+    clean = reference((q, k[2], v[2], positions, token_req, tables), scale)
+    k, v = jnp.where(hide, jnp.nan, k), jnp.where(hide, jnp.nan, v)
+    out = run(
+        lambda *a, layer, slots: paged_attention_blocked(
+            *a, scale, layer=layer, query_block=8, slots=slots, dense_tile=dense_tile
+        ),
+        q, k, v, positions, token_req, tables, layer=jnp.int32(2), slots=slots,
+    )  # fmt: skip
+    real = np.asarray(slots) != 0
+    assert np.isfinite(np.asarray(out)).all()
+    assert_close(np.asarray(out)[real], np.asarray(clean)[real], jnp.float32)
+
+
+@pytest.mark.parametrize("dense_tile", [256, 8])
+def test_in_step_token_ignores_other_requests(dense_tile):
+    """Other requests' contexts growing leaves a token's output bit-for-bit unchanged with the
+    dense part too: it only ever takes keys of the token's own request."""
+    args, scale, slots = ragged_batch(
+        5, head_dim=64, heads=4, kv_heads=2, page_size=16, pages_per_seq=8, with_slots=True
+    )
+    q, k, v, positions, token_req, tables = args
+    padding = int(np.sum(np.asarray(slots) == 0))
+    mine = np.asarray(token_req) == 1
+    kwargs = {"query_block": 8, "chunk_pages": 1, "dense_tile": dense_tile}
+    tables = jnp.asarray(np.where(tables == 0, 1, tables))  # every page a real one
+    base = blocked((*args[:5], tables), scale, slots=slots, **kwargs)
+    longer = np.where(mine, positions, np.maximum(positions, 120))
+    longer[len(longer) - padding :] = 0
+    longer = jnp.asarray(longer.astype(np.int32))
+    out = blocked(
+        (q, k, v, longer, token_req, tables), scale,
+        slots=written_slots(longer, token_req, tables, 16, padding), **kwargs,
+    )  # fmt: skip
+    np.testing.assert_array_equal(np.asarray(out)[mine], np.asarray(base)[mine])

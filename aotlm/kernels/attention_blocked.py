@@ -30,9 +30,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from aotlm.kernels.attention_in_step import (
+    DENSE_TILE,
+    MASK,
+    in_step_attention,
+    in_step_start,
+)
 from aotlm.kernels.work_items import BLOCK, HI, KV_HI, KV_LO, LO, MAX_POS, REQ, cdiv, work_items
 
-MASK = float(jnp.finfo(jnp.float32).min)
 # Keys per step of the KV loop. Measured on XLA:CPU (benchmarks/attention.py): 32-128 keys keep
 # a chunk's scores and values in cache; 512 was 2-3x slower per key.
 CHUNK_KEYS = 64
@@ -61,9 +66,16 @@ def paged_attention_blocked(
     layer: jax.Array | int | None = None,
     query_block: int | None = None,
     chunk_pages: int | None = None,
+    slots: jax.Array | None = None,
+    dense_tile: int = DENSE_TILE,
 ) -> jax.Array:
     """``paged_attention_ref``'s contract. k_pages/v_pages: one layer ``[N, S, KV, D]`` or the
-    whole cache ``[L, N, S, KV, D]`` with ``layer`` (gathered from directly: no layer copy)."""
+    whole cache ``[L, N, S, KV, D]`` with ``layer`` (gathered from directly: no layer copy).
+
+    slots: i32[T], where this step wrote each token's key and value (0: padding, wrote nothing
+    real). With it, steps of more than one query block per item attend to the step's own keys
+    densely (aotlm/kernels/attention_in_step.py) and walk the pages only for older keys.
+    """
     if k_pages.ndim == 4:
         k_pages, v_pages, layer = k_pages[None], v_pages[None], 0
     elif layer is None:
@@ -88,31 +100,45 @@ def paged_attention_blocked(
         bounds = (jnp.min(jnp.maximum(lo_key, 0)) // chunk_keys, jnp.max(positions) // chunk_keys)
         walk = _Walk(k_pages, v_pages, layer, chunk, scale, window)
         q1, pos1 = qg[:, None], positions[:, None]
-        state = walk(q1, pos1, positions, tables[token_req], *bounds, walk.start(q1))
-        return _finish(state).reshape(num_tokens, num_heads, head_dim).astype(q.dtype)
-    items = work_items(positions, token_req, num_requests, bq, chunk_keys, window)
+        state = walk(q1, pos1, pos1, positions, tables[token_req], *bounds, walk.start(q1))
+        return _finish(tuple(x[:, :, :, 0] for x in state), q.shape, q.dtype)
+    paged_hi, dense = positions, None
+    if slots is not None:
+        valid = slots != 0
+        lo = in_step_start(positions, token_req, valid, num_requests, dense_tile)
+        paged_hi = jnp.minimum(positions, lo - 1)  # the pages hold only what came before lo
+        page, offset = slots // page_size, slots % page_size
+        keys = k_pages[layer, page, offset], v_pages[layer, page, offset]  # [T, KV, D]
+        dense = in_step_attention(
+            qg, *keys, positions, token_req, valid, lo, scale, window, dense_tile
+        )
+    items = work_items(paged_hi, token_req, num_requests, bq, chunk_keys, window)
     meta, t_pad = items.meta, items.pos.shape[0]
-    valid = meta[LO] < meta[HI]
+    valid_item = meta[LO] < meta[HI]
     bounds = (
-        jnp.min(jnp.where(valid, meta[KV_LO], jnp.iinfo(jnp.int32).max)),
+        jnp.min(jnp.where(valid_item, meta[KV_LO], jnp.iinfo(jnp.int32).max)),
         jnp.max(meta[KV_HI]) - 1,
     )
     q_sorted = jnp.pad(qg[items.order], ((0, t_pad - num_tokens), (0, 0), (0, 0), (0, 0)))
     blocks = q_sorted.reshape(t_pad // bq, bq, kv_heads, group, head_dim)
+    win_pos = jnp.pad(positions[items.order], (0, t_pad - num_tokens), mode="edge")
     args = (
-        blocks[meta[BLOCK]], items.pos.reshape(-1, bq)[meta[BLOCK]], meta[MAX_POS],
-        tables[meta[REQ]],
+        blocks[meta[BLOCK]], items.pos.reshape(-1, bq)[meta[BLOCK]],
+        win_pos.reshape(-1, bq)[meta[BLOCK]], meta[MAX_POS], tables[meta[REQ]],
     )  # fmt: skip
     walk = _Walk(k_pages, v_pages, layer, chunk, scale, window)
-    out = _finish(_two_phases(walk, args, meta[KV_HI], bounds, num_requests))
-    # Each token's row: its item's output at its offset in the query block.
+    state = _two_phases(walk, args, meta[KV_HI], bounds, num_requests)
+    # Each token's row: its item's state at its offset in the query block.
     sorted_row = (
         jnp.zeros_like(items.order)
         .at[items.order]
         .set(jnp.arange(num_tokens, dtype=items.order.dtype))
     )
-    out = out[items.item_of_row[sorted_row], sorted_row % bq]
-    return out.reshape(num_tokens, num_heads, head_dim).astype(q.dtype)
+    item, offset = items.item_of_row[sorted_row], sorted_row % bq
+    state = tuple(x[item, :, :, offset] for x in state)  # [T, KV, G(, D)]
+    if dense is not None:
+        state = _merge(state, dense)
+    return _finish(state, q.shape, q.dtype)
 
 
 def _two_phases(walk: _Walk, args: tuple, kv_hi: jax.Array, bounds, num_requests: int):
@@ -134,19 +160,28 @@ def _two_phases(walk: _Walk, args: tuple, kv_hi: jax.Array, bounds, num_requests
     return tuple(x.at[top].set(y) for x, y in zip(state, sub, strict=True))
 
 
-def _finish(state) -> jax.Array:
-    """float32 [W, B, KV, G, D] from the online-softmax state."""
+def _merge(a, b):
+    """One online-softmax state (max, sum, output) from two over disjoint keys."""
+    m = jnp.maximum(a[0], b[0])
+    wa, wb = jnp.exp(a[0] - m), jnp.exp(b[0] - m)
+    return m, a[1] * wa + b[1] * wb, a[2] * wa[..., None] + b[2] * wb[..., None]
+
+
+def _finish(state, shape, dtype) -> jax.Array:
+    """The attention output [T, NH, D] from each token's state ([T, KV, G] stats)."""
     _, total, acc = state
-    # total >= 1 once any chunk ran (the row max contributes exp(0)); every real token's item
-    # walks at least its own chunk, the guard only keeps an unused item finite.
+    # total >= 1 once any key was seen (the row max contributes exp(0)); every real token sees
+    # at least its own key, the guard only keeps padding rows finite.
     out = acc / jnp.maximum(total, 1e-30)[..., None]
-    return out.transpose(0, 3, 1, 2, 4)
+    return out.reshape(shape).astype(dtype)
 
 
 class _Walk:
     """Online-softmax attention of W items over their request's pages, chunk by chunk.
 
-    Called with q: [W, B, KV, G, D] (B query rows per item); pos: i32[W, B]; item_max: i32[W],
+    Called with q: [W, B, KV, G, D] (B query rows per item); pos: i32[W, B], the last key
+    position each row sees; win_pos: i32[W, B], the positions a sliding window is counted from
+    (the rows' own; ``pos`` can stop before them); item_max: i32[W],
     the largest position of the item's own rows (its request has written every slot up to it);
     pages: i32[W, P'] (P' a multiple of ``chunk``); the first and last chunk index to visit
     (traced scalars; none when last < first); and the state to continue (``start`` makes one):
@@ -172,7 +207,7 @@ class _Walk:
             jnp.zeros((*stats, head_dim), jnp.float32),
         )
 
-    def __call__(self, q, pos, item_max, pages, first, last, state):
+    def __call__(self, q, pos, win_pos, item_max, pages, first, last, state):
         items, rows, kv_heads, group, head_dim = q.shape
         k_pages, v_pages, layer, chunk, window = (
             self.k_pages, self.v_pages, self.layer, self.chunk, self.window
@@ -194,7 +229,7 @@ class _Walk:
             key_pos = c * chunk_keys + jnp.arange(chunk_keys, dtype=jnp.int32)
             visible = key_pos[None, None, :] <= pos[:, :, None]  # [W, B, chunk_keys]
             if window is not None:
-                visible &= key_pos[None, None, :] > pos[:, :, None] - window
+                visible &= key_pos[None, None, :] > win_pos[:, :, None] - window
             s = jnp.where(visible[:, None, None], s, MASK)
             m_new = jnp.maximum(m, jnp.max(s, axis=-1))
             alpha = jnp.exp(m - m_new)

@@ -44,7 +44,9 @@ Impl = Literal["auto", "reference", "blocked", "pallas", "interpret"]
 IMPLS: tuple[str, ...] = ("auto", "reference", "blocked", "pallas", "interpret")
 
 
-def _reference(q, k_pages, v_pages, positions, token_req, block_tables, layer, *, scale, window):
+def _reference(
+    q, k_pages, v_pages, positions, token_req, block_tables, layer, slots, *, scale, window, split
+):  # fmt: skip
     if k_pages.ndim == 5:
         k_pages, v_pages = k_pages[layer], v_pages[layer]
     return paged_attention_ref(
@@ -52,16 +54,18 @@ def _reference(q, k_pages, v_pages, positions, token_req, block_tables, layer, *
     )
 
 
-def _blocked(q, k_pages, v_pages, positions, token_req, block_tables, layer, *, scale, window):
+def _blocked(
+    q, k_pages, v_pages, positions, token_req, block_tables, layer, slots, *, scale, window, split
+):  # fmt: skip
     return paged_attention_blocked(
         q, k_pages, v_pages, positions, token_req, block_tables, scale,
-        window=window, layer=layer if k_pages.ndim == 5 else None,
+        window=window, layer=layer if k_pages.ndim == 5 else None, slots=slots if split else None,
     )  # fmt: skip
 
 
 def _kernel(
-    q, k_pages, v_pages, positions, token_req, block_tables, layer, *,
-    scale, window, block_sizes, interpret=False,
+    q, k_pages, v_pages, positions, token_req, block_tables, layer, slots=None, *,
+    scale, window, block_sizes, split=False, interpret=False,
 ):  # fmt: skip
     return paged_attention_pallas(
         q, k_pages, v_pages, positions, token_req, block_tables, scale,
@@ -106,6 +110,7 @@ def paged_attention(
     layer: jax.Array | int | None = None,
     impl: Impl = "auto",
     block_sizes: BlockSizes = DEFAULT_BLOCK_SIZES,
+    slots: jax.Array | None = None,
 ) -> jax.Array:
     """Causal (optionally sliding-window) attention over the paged KV cache; see the reference.
 
@@ -115,7 +120,9 @@ def paged_attention(
 
     impl: "auto" (Pallas kernel on TPU, the blocked jnp path elsewhere, chosen per platform
     inside the graph), "reference", "blocked", "pallas" (TPU only), or "interpret" (the kernel in Pallas' TPU
-    interpreter; tests on CPU). ``block_sizes`` only affects the kernel.
+    interpreter; tests on CPU). ``block_sizes`` only affects the kernel. ``slots``: where this step
+    wrote each token's k/v (0 for padding); the blocked path then attends to the step's own keys
+    without walking the pages for them. The result is the same with or without it.
     """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS} (got {impl!r})")
@@ -123,7 +130,8 @@ def paged_attention(
         raise ValueError("a [L, num_pages, S, KV, D] cache needs layer=")
     args = (q, k_pages, v_pages, positions, token_req, block_tables)
     args += (jnp.asarray(0 if layer is None else layer, jnp.int32),)
-    params = {"scale": float(scale), "window": window}
+    args += (positions if slots is None else slots,)  # a placeholder when there are none
+    params = {"scale": float(scale), "window": window, "split": slots is not None}
     if impl == "reference":
         return _reference(*args, **params)
     if impl == "blocked":

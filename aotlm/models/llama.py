@@ -142,11 +142,13 @@ def forward(
     scale = cfg.head_dim**-0.5
     eps = cfg.rms_norm_eps
 
-    def attend(q, k_pages, v_pages, positions, token_req, block_tables, index, impl=attention_impl):
+    def attend(
+        q, k_pages, v_pages, positions, token_req, block_tables, index, slots, impl=attention_impl
+    ):  # fmt: skip
         return paged_attention(
             q, k_pages, v_pages, positions, token_req, block_tables, scale,
             layer=index, window=cfg.sliding_window, impl=impl,
-            block_sizes=block_sizes or BlockSizes(),
+            block_sizes=block_sizes or BlockSizes(), slots=slots,
         )  # fmt: skip
 
     if mesh is not None:
@@ -159,7 +161,7 @@ def forward(
         k_pages, v_pages = write_kv(k_pages, v_pages, index, k, v, slots)
         # The whole cache plus the layer index: slicing a layer out first would copy it for the
         # TPU custom call.
-        attn = attend(q, k_pages, v_pages, positions, token_req, block_tables, index)
+        attn = attend(q, k_pages, v_pages, positions, token_req, block_tables, index, slots)
         x = x + attn.reshape(attn.shape[0], -1) @ lp["wo"]
         h = rms_norm(x, lp["mlp_norm"], eps)
         x = x + (jax.nn.silu(h @ lp["w_gate"]) * (h @ lp["w_up"])) @ lp["w_down"]

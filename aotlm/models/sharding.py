@@ -105,7 +105,7 @@ def with_shardings(structs: Any, specs: Any, mesh: AbstractMesh | Mesh) -> Any:
 
 
 def shard_attention(fn: Callable, cfg: ModelConfig, mesh: AbstractMesh | Mesh) -> Callable:
-    """``fn(q, k_pages, v_pages, positions, token_req, block_tables, layer, impl=...)`` split
+    """``fn(q, k_pages, v_pages, positions, token_req, block_tables, layer, slots, impl=...)`` split
     over the mesh's heads (q [T, NH, D] sharded over heads, pages laid out by ``kv_spec``).
 
     KV heads split: ``shard_map``, each device attending with its own q heads [T, NH/tp, D] over
@@ -122,7 +122,7 @@ def shard_attention(fn: Callable, cfg: ModelConfig, mesh: AbstractMesh | Mesh) -
         return jax.shard_map(
             fn,
             mesh=mesh,
-            in_specs=(HEADS, pages, pages, REPLICATED, REPLICATED, REPLICATED, REPLICATED),
+            in_specs=(HEADS, pages, pages) + (REPLICATED,) * 5,
             out_specs=HEADS,
             check_vma=False,
         )
