@@ -7,7 +7,9 @@ read once (keys and values, all KV heads), plus q read and the output written. `
 over the device's peak bandwidth (a table for TPU/GPU kinds, or --peak-gbps), so ``x_floor`` =
 time / floor says how far an implementation is from the memory-bandwidth limit. The blocked jnp
 path (what every non-TPU platform serves with) and the reference run everywhere, in the same run
-(`blocked_vs_reference` is their speed ratio); the Pallas kernel only where jax's backend is TPU.
+(`blocked_vs_reference` is their speed ratio), and the blocked path given the step's slots
+(``in-step``: the step's own keys attended densely, the pages walked only for older keys, as the
+model's forward runs it; `in_step_vs_blocked`); the Pallas kernel only where jax's backend is TPU.
 On CPU pass --peak-gbps (the machine's memory bandwidth) to get the floor. Prints a table and
 writes benchmarks/results/attention.json.
 """
@@ -67,7 +69,8 @@ def shapes(small: bool) -> list[Shape]:
 
 
 def make_inputs(shape: Shape, seed: int = 0):
-    """Random q and cache with each request's pages scattered over the pool."""
+    """Random q and cache with each request's pages scattered over the pool; and the slots the
+    step's tokens were written at."""
     rng = np.random.default_rng(seed)
     s = shape.page_size
     pages_per_seq = max(-(-(c + n) // s) for c, n in shape.chunks)
@@ -81,12 +84,14 @@ def make_inputs(shape: Shape, seed: int = 0):
     arrays = [
         jnp.asarray(a, dtype) for a in (q, rng.standard_normal(cache), rng.standard_normal(cache))
     ]
-    return (
+    slots = free[token_req, positions // s] * s + positions % s
+    inputs = (
         *arrays,
         jnp.asarray(positions),
         jnp.asarray(token_req.astype(np.int32)),
         jnp.asarray(free.astype(np.int32)),
     )
+    return inputs, jnp.asarray(slots.astype(np.int32))
 
 
 def floor_bytes(shape: Shape) -> int:
@@ -118,18 +123,19 @@ def main() -> None:
     backend = jax.default_backend()
     kind = jax.devices()[0].device_kind
     peak = args.peak_gbps or next((v for k, v in PEAK_GBPS.items() if kind.startswith(k)), None)
-    impls = ["reference", "blocked"] + (["pallas"] if backend == "tpu" else [])
+    impls = ["reference", "blocked", "in-step"] + (["pallas"] if backend == "tpu" else [])
     note = "" if backend == "tpu" else f"{backend}: no Pallas kernel here (reference and blocked)"
     rows = []
     for shape in shapes(small=backend == "cpu"):
-        inputs = make_inputs(shape)
+        inputs, slots = make_inputs(shape)
         scale = shape.head_dim**-0.5
         floor = floor_bytes(shape)
         row = {**asdict(shape), "tokens": int(inputs[0].shape[0]), "floor_bytes": floor}
         row["floor_us"] = floor / (peak * 1e3) if peak else None
         for impl in impls:
+            kwargs = {"impl": "blocked", "slots": slots} if impl == "in-step" else {"impl": impl}
             us = time_us(
-                lambda *a, impl=impl, scale=scale: paged_attention(*a, scale, impl=impl),
+                lambda *a, kwargs=kwargs, scale=scale: paged_attention(*a, scale, **kwargs),
                 inputs,
                 args.repeats,
             )
@@ -137,6 +143,7 @@ def main() -> None:
             row[f"{impl}_gbps"] = floor / (us * 1e3)
             row[f"{impl}_x_floor"] = us / row["floor_us"] if peak else None
         row["blocked_vs_reference"] = row["reference_us"] / row["blocked_us"]
+        row["in_step_vs_blocked"] = row["blocked_us"] / row["in-step_us"]
         rows.append(row)
     report = {
         "backend": backend,
@@ -149,7 +156,7 @@ def main() -> None:
     print(f"backend {backend} ({kind})  peak {peak or '?'} GB/s  jax {jax.__version__}  {note}")
     head = f"{'shape':>11} {'tokens':>6} {'floor MB':>8} {'floor us':>9}"
     head += "".join(f" {i + ' us':>13} {'GB/s':>7} {'x floor':>7}" for i in impls)
-    print(head + " blocked/ref")
+    print(head + " blocked/ref in-step/blocked")
     for r in rows:
         line = f"{r['name']:>11} {r['tokens']:>6} {r['floor_bytes'] / 1e6:>8.2f} {r['floor_us'] or float('nan'):>9.1f}"
         for i in impls:
@@ -157,7 +164,7 @@ def main() -> None:
             line += (
                 f" {r[f'{i}_us']:>13.1f} {r[f'{i}_gbps']:>7.1f} {x if x else float('nan'):>7.1f}"
             )
-        print(line + f" {r['blocked_vs_reference']:>10.1f}x")
+        print(line + f" {r['blocked_vs_reference']:>10.1f}x {r['in_step_vs_blocked']:>14.2f}x")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     print(f"wrote {args.out}")
