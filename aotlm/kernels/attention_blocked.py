@@ -12,14 +12,15 @@ in XLA ops:
   softmax, and the loop stops at the longest context in the step (starts at the first page any
   token's window can see). A decode step at context 200 of a 2048-token model reads ~200 keys
   per token, not 2048. Chunks past a token's own position are masked, and leave its running
-  max, sum and output bit-for-bit unchanged, so a token's result does not depend on the
-  contexts of the other requests in its step.
-- The loop is vectorised over items, so every item walks every chunk visited. In two phases:
-  all items walk the chunks that all but the R longest-reaching items need, then only those R
-  (one per request at most: typically the decodes of a mixed step) walk the rest; a prefill
-  chunk's items no longer run to the longest decode context of the step.
+  max, sum and output unchanged: a token never sees another request's keys.
+- The loop is vectorised over items, so every item walks every chunk visited.
 - With a query block of 1 the items are the tokens themselves (no sort, no regrouping): the
-  decode-sized steps' shape.
+  decode-sized steps' shape. In larger steps a request with one token in the step (a decode
+  beside prefill chunks) is walked that way too, not as an item filling a query block with one
+  real row: a mixed step with 15 decodes and a 240-token chunk took half the attention time.
+  Such token walks run in phases of shrinking width (``_phases``), so a decode at context 20
+  does not walk to its neighbour's 2000. The items left (query blocks of prefill chunks) all
+  stop before their chunk's first position and walk in one loop.
 
 Numerics follow the reference: scores and softmax statistics in float32, probabilities cast to
 v's dtype before the value product, masked scores at float32 min so no row can become NaN.
@@ -95,23 +96,33 @@ def paged_attention_blocked(
         block_tables, ((0, 0), (0, cdiv(pages_per_seq, chunk) * chunk - pages_per_seq))
     )
     qg = q.reshape(num_tokens, kv_heads, group, head_dim)
+    walk = _Walk(k_pages, v_pages, layer, chunk, scale, window)
     if bq == 1:
-        lo_key = jnp.zeros_like(positions) if window is None else positions - window + 1
-        bounds = (jnp.min(jnp.maximum(lo_key, 0)) // chunk_keys, jnp.max(positions) // chunk_keys)
-        walk = _Walk(k_pages, v_pages, layer, chunk, scale, window)
-        q1, pos1 = qg[:, None], positions[:, None]
-        state = walk(q1, pos1, pos1, positions, tables[token_req], *bounds, walk.start(q1))
-        return _finish(tuple(x[:, :, :, 0] for x in state), q.shape, q.dtype)
-    paged_hi, dense = positions, None
+        state = _token_walk(walk, qg, positions, positions, tables[token_req])
+        return _finish(state, q.shape, q.dtype)
+    paged_hi, dense, single = positions, None, None
     if slots is not None:
         valid = slots != 0
         lo = in_step_start(positions, token_req, valid, num_requests, dense_tile)
-        paged_hi = jnp.minimum(positions, lo - 1)  # the pages hold only what came before lo
+        # The pages hold only what came before lo; padding (slot 0) sees nothing.
+        paged_hi = jnp.where(valid, jnp.minimum(positions, lo - 1), -1)
         page, offset = slots // page_size, slots % page_size
         keys = k_pages[layer, page, offset], v_pages[layer, page, offset]  # [T, KV, D]
         dense = in_step_attention(
             qg, *keys, positions, token_req, valid, lo, scale, window, dense_tile
         )
+        # A request with one token in the step (a decode) walks its pages on its own, as in a
+        # decode step: as an item it would fill a query block of bq rows, one of them real.
+        count = jax.ops.segment_sum(valid.astype(jnp.int32), token_req, num_requests)
+        alone = valid & (count[token_req] == 1)
+        rows = jnp.nonzero(alone, size=min(num_requests, num_tokens), fill_value=num_tokens)[0]
+        used, at = rows < num_tokens, jnp.minimum(rows, num_tokens - 1)
+        far = jnp.iinfo(jnp.int32).max // 2  # unused rows: no key visible, no chunk needed
+        single = rows, _token_walk(
+            walk, qg[at], jnp.where(used, paged_hi[at], -1), jnp.where(used, positions[at], far),
+            tables[token_req[at]],
+        )  # fmt: skip
+        paged_hi = jnp.where(alone, -1, paged_hi)  # nothing left for its item to walk
     items = work_items(paged_hi, token_req, num_requests, bq, chunk_keys, window)
     meta, t_pad = items.meta, items.pos.shape[0]
     valid_item = meta[LO] < meta[HI]
@@ -126,8 +137,9 @@ def paged_attention_blocked(
         blocks[meta[BLOCK]], items.pos.reshape(-1, bq)[meta[BLOCK]],
         win_pos.reshape(-1, bq)[meta[BLOCK]], meta[MAX_POS], tables[meta[REQ]],
     )  # fmt: skip
-    walk = _Walk(k_pages, v_pages, layer, chunk, scale, window)
-    state = _two_phases(walk, args, meta[KV_HI], bounds, num_requests)
+    # One loop: with the decodes walked apart, the items (query blocks of prefill chunks) of a
+    # request all stop at the same chunk, the last before the chunk's first position.
+    state = walk(*args, *bounds, walk.start(args[0]))
     # Each token's row: its item's state at its offset in the query block.
     sorted_row = (
         jnp.zeros_like(items.order)
@@ -136,28 +148,62 @@ def paged_attention_blocked(
     )
     item, offset = items.item_of_row[sorted_row], sorted_row % bq
     state = tuple(x[item, :, :, offset] for x in state)  # [T, KV, G(, D)]
+    if single is not None:
+        rows, walked = single
+        state = tuple(x.at[rows].set(y, mode="drop") for x, y in zip(state, walked, strict=True))
     if dense is not None:
         state = _merge(state, dense)
     return _finish(state, q.shape, q.dtype)
 
 
-def _two_phases(walk: _Walk, args: tuple, kv_hi: jax.Array, bounds, num_requests: int):
-    """Walk every item over the chunks all but the R longest-reaching items need, then only
-    those R over the rest. A mixed step's prefill items stop at their own positions while its
-    decode items (at most one per request) walk their whole contexts: the vectorised loop no
-    longer runs every prefill item to the longest decode's context."""
+def _token_walk(walk: _Walk, qg, hi, win_pos, pages):
+    """Each row its own item (a query block of one): qg [W, KV, G, D]; hi: i32[W], the last key
+    position a row sees (-1: none); win_pos: the position its window counts from; pages: its
+    request's page table. Returns the row states ([W, KV, G] stats, [W, KV, G, D] output)."""
+    chunk_keys = walk.chunk * walk.k_pages.shape[2]
+    lo_key = jnp.zeros_like(win_pos) if walk.window is None else win_pos - walk.window + 1
+    bounds = (jnp.min(jnp.maximum(lo_key, 0)) // chunk_keys, jnp.max(hi) // chunk_keys)
+    args = (qg[:, None], hi[:, None], win_pos[:, None], hi, pages)
+    state = _phases(walk, args, hi // chunk_keys + 1, bounds, phase_widths(qg.shape[0]))
+    return tuple(x[:, :, :, 0] for x in state)
+
+
+def phase_widths(rows: int) -> tuple[int, ...]:
+    """Static sub-batch sizes of a token walk's phases: every row, the furthest-reaching half,
+    then a quarter. More phases walked fewer masked chunks but each costs a copy of the loop to
+    compile, and measured no faster on XLA:CPU (16 decodes, contexts 16..448)."""
+    return tuple(sorted({w for w in (rows, rows // 2, rows // 4) if w}, reverse=True))
+
+
+def _phases(walk: _Walk, args: tuple, kv_end: jax.Array, bounds, widths: tuple[int, ...]):
+    """Walk the items in phases of shrinking width: phase k runs the ``widths[k]`` items that
+    reach furthest (all of them first) over the chunks only they still need; a vectorised loop
+    runs every item it holds to the furthest one's end. Each item still visits its own chunks
+    in order and never sees another's keys, but the width it runs at depends on the other
+    items, and XLA:CPU's reductions round differently per width: a token's output can move in
+    the last bits (1e-7 relative) with what else is in the step, as it already did between
+    request buckets. kv_end: i32[W], the chunk after each item's last."""
     first, last = bounds
-    items = kv_hi.shape[0]
-    long = min(num_requests, items)
     state = walk.start(args[0])
-    if long == items:
+    if len(widths) == 1:
         return walk(*args, first, last, state)
-    top = jnp.argsort(-kv_hi, stable=True)[:long]
-    split = jnp.maximum(jnp.max(kv_hi.at[top].set(0)), first)  # first chunk only `top` needs
-    state = walk(*args, first, split - 1, state)
-    sub = tuple(x[top] for x in state)
-    sub = walk(*(a[top] for a in args), split, last, sub)
-    return tuple(x.at[top].set(y) for x, y in zip(state, sub, strict=True))
+    order = jnp.argsort(-kv_end, stable=True)  # furthest-reaching first
+    ends = kv_end[order]
+    lo = first
+    for k, width in enumerate(widths):
+        # What items past the next phase's width need ends before ends[next width].
+        hi = last if k + 1 == len(widths) else jnp.minimum(ends[widths[k + 1]] - 1, last)
+        if k == 0:
+            state = walk(*args, lo, hi, state)
+        else:  # skipped when no chunk is left: its gathers would cost as much as a chunk
+
+            def run(state, top=order[:width], lo=lo, hi=hi):
+                sub = walk(*(a[top] for a in args), lo, hi, tuple(x[top] for x in state))
+                return tuple(x.at[top].set(y) for x, y in zip(state, sub, strict=True))
+
+            state = jax.lax.cond(lo <= hi, run, lambda state: state, state)
+        lo = jnp.maximum(lo, hi + 1)
+    return state
 
 
 def _merge(a, b):
