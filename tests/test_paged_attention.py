@@ -342,6 +342,25 @@ def test_in_step_keys_match_reference(head_dim, heads, kv_heads, page_size, dtyp
     assert_close(np.asarray(out)[real], np.asarray(reference(args, scale))[real], dtype)
 
 
+def test_in_step_single_tile_covers_a_chunk_across_tile_boundaries():
+    """In a step of at most one dense tile, a chunk's own keys all come from the dense product
+    however far they reach across multiples of the tile; the pages are walked only for the
+    context before the chunk (what made continuing chunks cheap: not their first 256 keys)."""
+    rng = np.random.default_rng(3)
+    page_size, kv_heads, heads, head_dim = 16, 2, 4, 64
+    tables = jnp.asarray([[1, 2, 3, 4], [5, 6, 7, 8]], jnp.int32)
+    positions = np.array([*range(10, 24), 40, 0], np.int32)  # a chunk across 16, a decode, pad
+    token_req = np.array([0] * 14 + [1, 0], np.int32)
+    q = jnp.asarray(rng.standard_normal((16, heads, head_dim)), jnp.float32)
+    shape = (9, page_size, kv_heads, head_dim)
+    k, v = (jnp.asarray(rng.standard_normal(shape), jnp.float32) for _ in "kv")
+    args = (q, k, v, jnp.asarray(positions), jnp.asarray(token_req), tables)
+    slots = written_slots(positions, token_req, tables, page_size, padding=1)
+    out = blocked(args, head_dim**-0.5, query_block=8, slots=slots, dense_tile=16)
+    ref = reference(args, head_dim**-0.5)
+    assert_close(np.asarray(out)[:15], np.asarray(ref)[:15], jnp.float32)
+
+
 @pytest.mark.parametrize("window", [1, 17, 40])
 @pytest.mark.parametrize("dense_tile", [256, 8])
 def test_in_step_keys_sliding_window(window, dense_tile):

@@ -18,9 +18,9 @@ in XLA ops:
   decode-sized steps' shape. In larger steps a request with one token in the step (a decode
   beside prefill chunks) is walked that way too, not as an item filling a query block with one
   real row: a mixed step with 15 decodes and a 240-token chunk took half the attention time.
-  Such token walks run in phases of shrinking width (``_phases``), so a decode at context 20
-  does not walk to its neighbour's 2000. The items left (query blocks of prefill chunks) all
-  stop before their chunk's first position and walk in one loop.
+  Walks run in phases of shrinking width (``_phases``), so a decode at context 20 does not
+  walk to its neighbour's 2000, nor a fresh prompt's query blocks to the older context of a
+  chunk continuing a long one.
 
 Numerics follow the reference: scores and softmax statistics in float32, probabilities cast to
 v's dtype before the value product, masked scores at float32 min so no row can become NaN.
@@ -137,9 +137,7 @@ def paged_attention_blocked(
         blocks[meta[BLOCK]], items.pos.reshape(-1, bq)[meta[BLOCK]],
         win_pos.reshape(-1, bq)[meta[BLOCK]], meta[MAX_POS], tables[meta[REQ]],
     )  # fmt: skip
-    # One loop: with the decodes walked apart, the items (query blocks of prefill chunks) of a
-    # request all stop at the same chunk, the last before the chunk's first position.
-    state = walk(*args, *bounds, walk.start(args[0]))
+    state = _phases(walk, args, meta[KV_HI], bounds, phase_widths(meta.shape[1]))
     # Each token's row: its item's state at its offset in the query block.
     sorted_row = (
         jnp.zeros_like(items.order)
@@ -169,9 +167,9 @@ def _token_walk(walk: _Walk, qg, hi, win_pos, pages):
 
 
 def phase_widths(rows: int) -> tuple[int, ...]:
-    """Static sub-batch sizes of a token walk's phases: every row, the furthest-reaching half,
-    then a quarter. More phases walked fewer masked chunks but each costs a copy of the loop to
-    compile, and measured no faster on XLA:CPU (16 decodes, contexts 16..448)."""
+    """Static sub-batch sizes of a walk's phases: every row, the furthest-reaching half, then a
+    quarter. More phases walk fewer masked chunks but each costs a copy of the loop to compile,
+    and measured no faster on XLA:CPU (16 decodes, contexts 16..448)."""
     return tuple(sorted({w for w in (rows, rows // 2, rows // 4) if w}, reverse=True))
 
 

@@ -7,8 +7,8 @@ keys are the step's tokens themselves, so they are taken once (one row per token
 and attended with plain [T, T] matmuls; the pages are walked only for the keys before them.
 
 The split, per query token i of request r: keys at positions ``[lo_i, pos_i]`` come from here and
-those before ``lo_i`` from the pages, with ``lo_i = max(first position of r in this step,
-pos_i rounded down to a multiple of DENSE_TILE)``. It depends only on the request's own tokens,
+those before ``lo_i`` from the pages, with ``lo_i`` = the first position of r in this step (and,
+in steps of more than DENSE_TILE tokens, at least pos_i rounded down to a multiple of it). It depends only on the request's own tokens,
 so a token's output does not depend on what else is in the step. Bounding ``pos_i - lo_i`` by
 the tile keeps the dense part linear in T: with T > DENSE_TILE, tokens are sorted by (request,
 position) and each tile of queries attends to its own tile and the one before it.
@@ -28,9 +28,14 @@ def in_step_start(
     positions: jax.Array, token_req: jax.Array, valid: jax.Array, num_requests: int, tile: int
 ) -> jax.Array:
     """i32[T]: lo_i, the first key position the dense part covers for each token (int32 max for
-    tokens whose request wrote nothing in this step: the pages hold all they see)."""
+    tokens whose request wrote nothing in this step: the pages hold all they see). A step of at
+    most one tile is one dense product over all its keys: lo_i is then the request's first
+    position in the step however far back, and only a chunk's older context is walked in the
+    pages (rounding to the tile there made a chunk starting at 56 walk its first 256 keys)."""
     big = jnp.iinfo(jnp.int32).max
     first = jax.ops.segment_min(jnp.where(valid, positions, big), token_req, num_requests)
+    if positions.shape[0] <= tile:
+        return first[token_req]
     return jnp.maximum(first[token_req], positions // tile * tile)
 
 
