@@ -19,6 +19,8 @@ from aotlm.runtime.async_engine import (
     AsyncEngine,
     EngineUnavailableError,
     RequestFailedError,
+    RequestStream,
+    _put_all,
     stable_text_end,
 )
 from aotlm.runtime.block_manager import BlockManager
@@ -43,6 +45,8 @@ class ByteTokenizer:
 
 
 class FakeEngine:
+    runs_on_host = True  # steps hand their outputs over and wait for the loop, as on XLA:CPU
+
     def __init__(self, max_waiting: int | None = None) -> None:
         self.tokenizer = ByteTokenizer()
         self.max_seq_len = 128
@@ -277,3 +281,46 @@ def test_a_slow_reader_gets_the_backlog_merged_losing_nothing(engine, fake):
     assert all(len(v[0]) == 40 for v in per_choice(slowly).values())
     assert len(slowly) < len(fast) and slowly[-1].finished
     _wait_idle(fake, engine)
+
+
+def _loop_thread() -> tuple[asyncio.AbstractEventLoop, threading.Thread]:
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    return loop, thread
+
+
+def test_handoff_returns_once_the_readers_took_the_outputs():
+    """With a wait, a step's outputs are in the readers' hands when _put_all returns (on the CPU
+    backend the next step then does not share the cores with their SSE writes)."""
+    loop, thread = _loop_thread()
+    stream = RequestStream(SimpleNamespace(), loop)
+    got: list[str] = []
+
+    async def reader() -> None:
+        got.append(await stream._queue.get())
+
+    for _ in range(20):
+        got.clear()
+        task = asyncio.run_coroutine_threadsafe(reader(), loop)
+        time.sleep(0.01)  # the reader is waiting on the queue
+        _put_all([(stream, "out")], wait=5.0)
+        assert got == ["out"]
+        task.result(timeout=5)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(timeout=5)
+
+
+def test_handoff_wait_is_bounded_by_a_busy_or_closed_loop():
+    loop, thread = _loop_thread()
+    stream = RequestStream(SimpleNamespace(), loop)
+    loop.call_soon_threadsafe(time.sleep, 0.5)  # the loop is stuck in a callback
+    start = time.monotonic()
+    _put_all([(stream, "out")], wait=0.05)
+    assert time.monotonic() - start < 0.4
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(timeout=5)
+    loop.close()
+    start = time.monotonic()
+    _put_all([(stream, "out")], wait=5.0)  # nobody listens any more: no wait at all
+    assert time.monotonic() - start < 1.0

@@ -84,6 +84,8 @@ class Engine:
         self.strict = strict
         self.tokenizer = BundleTokenizer(loaded.bundle, tuple(loaded.model.eos_token_ids))
         self.runner = ModelRunner(loaded)
+        # The device is the host's own cores (XLA:CPU): steps compete with the server for them.
+        self.runs_on_host = {d.platform for d in loaded.k_pages.sharding.device_set} == {"cpu"}
         self.decode_steps = decode_steps_for(loaded.bundle.path, loaded.serving, decode_steps)
         s = loaded.serving
         self.max_seq_len = s["max_seq_len"]
