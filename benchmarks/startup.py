@@ -16,6 +16,7 @@ each as a subprocess (wall time, imports included) and as the build's own `secon
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -76,16 +77,22 @@ def _jit_warmup(bundle: Path, counter) -> dict:
     b = open_bundle(bundle)
     model = model_config_from_dict(b.manifest["model"]["config"])
     params = jax.device_put(unflatten_params(read_safetensors(b.file(WEIGHTS_FILE))))
+    steps = b.manifest["serving"].get("decode_steps", 1)
     fns = {
-        n: jax.jit(f, donate_argnums=DONATE_ARGNUMS[n]) for n, f in step_functions(model).items()
+        n: jax.jit(
+            functools.partial(f, max_steps=steps) if n == "decode" else f,
+            donate_argnums=DONATE_ARGNUMS[n],
+        )
+        for n, f in step_functions(model).items()
     }
     leaves = jax.tree.leaves(params)
     for fn in b.manifest["functions"]:
         avals = fn["in_avals"]
-        if fn["name"] == "forward":
+        with_params = fn["name"] in ("forward", "decode")
+        if with_params:
             avals = avals[len(leaves) :]  # the real params come first
         dummies = [jax.device_put(np.zeros(shape, dtype)) for shape, dtype in avals]
-        args = [params, *dummies] if fn["name"] == "forward" else dummies
+        args = [params, *dummies] if with_params else dummies
         if fn["name"] == "logits":
             args[0] = params.get("lm_head", params["embed"])
         jax.block_until_ready(fns[fn["name"]](*args))
