@@ -8,10 +8,11 @@ and attended with plain [T, T] matmuls; the pages are walked only for the keys b
 
 The split, per query token i of request r: keys at positions ``[lo_i, pos_i]`` come from here and
 those before ``lo_i`` from the pages, with ``lo_i`` = the first position of r in this step (and,
-in steps of more than DENSE_TILE tokens, at least pos_i rounded down to a multiple of it). It depends only on the request's own tokens,
-so a token's output does not depend on what else is in the step. Bounding ``pos_i - lo_i`` by
-the tile keeps the dense part linear in T: with T > DENSE_TILE, tokens are sorted by (request,
-position) and each tile of queries attends to its own tile and the one before it.
+in steps of more than DENSE_TILE tokens, at least pos_i rounded down to a multiple of it). It
+depends only on the request's own tokens, so which keys a token sees does not depend on what
+else is in the step. Bounding ``pos_i - lo_i`` by the tile keeps the dense part linear in T:
+with T > DENSE_TILE, tokens are sorted by (request, position) and each tile of queries attends
+to its own tile and the one before it.
 """
 
 from __future__ import annotations
