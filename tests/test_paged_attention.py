@@ -290,20 +290,21 @@ def test_blocked_decodes_with_spread_contexts(prefill):
     num_pages = 1 + requests * pages_per_seq
     tables = (1 + rng.permutation(num_pages - 1)).reshape(requests, pages_per_seq)
     tables = jnp.asarray(tables.astype(np.int32))
-    num_tokens = decodes + prefill + 3  # three padding tokens
+    pad = 3 if prefill else 1  # padding tokens; without a chunk, a 16-token decode-sized step
+    num_tokens = decodes + prefill + pad
     q = rng.standard_normal((num_tokens, heads, head_dim))
     k, v = (rng.standard_normal((num_pages, page_size, kv_heads, head_dim)) for _ in "kv")
     q, k, v = (jnp.asarray(a, jnp.float32) for a in (q, k, v))
     chunk = np.arange(60, 60 + prefill)  # a later chunk: it also walks 60 older keys
-    token_req = np.concatenate([np.arange(1, requests), np.zeros(prefill + 3)]).astype(np.int32)
+    token_req = np.concatenate([np.arange(1, requests), np.zeros(prefill + pad)]).astype(np.int32)
     scale = head_dim**-0.5
 
     def step(contexts):
-        positions = np.concatenate([contexts, chunk, np.zeros(3)]).astype(np.int32)
+        positions = np.concatenate([contexts, chunk, np.zeros(pad)]).astype(np.int32)
         args = (q, k, v, jnp.asarray(positions), jnp.asarray(token_req), tables)
         if not prefill:
             return args, np.asarray(blocked(args, scale))
-        slots = written_slots(positions, token_req, tables, page_size, padding=3)
+        slots = written_slots(positions, token_req, tables, page_size, padding=pad)
         return args, np.asarray(blocked(args, scale, slots=slots))
 
     spread = rng.permutation(np.concatenate([[0, 399], rng.integers(1, 400, decodes - 2)]))
