@@ -124,6 +124,31 @@ class _TimedRunner:
         return sum(sum(v) for v in self.by_bucket.values())
 
 
+def closed_loop(engine, requests: Sequence[Request], concurrency: int) -> tuple[list, int]:
+    """Run `requests` (greedy, exactly max_tokens each) with `concurrency` in flight, the next
+    one added as soon as one finishes (between steps); returns (first sequence of each, steps)."""
+    from aotlm.runtime.sampling_params import SamplingParams
+
+    todo = iter(requests)
+    seqs = []
+
+    def add_next() -> None:
+        r = next(todo, None)
+        if r is not None:
+            params = SamplingParams(temperature=0.0, max_tokens=r.max_tokens, ignore_eos=True)
+            seqs.append(engine.add_request(r.prompt, params)[0])
+
+    for _ in range(concurrency):
+        add_next()
+    steps = 0
+    while engine.scheduler.has_unfinished:
+        for seq in engine.step():
+            if seq.is_finished:
+                add_next()
+        steps += 1
+    return seqs, steps
+
+
 def engine_offline(
     bundle: Path, requests: Sequence[Request], warm: Sequence[Request], concurrency: int
 ) -> dict:
@@ -135,37 +160,14 @@ def engine_offline(
     import jax
 
     from aotlm.runtime.engine import Engine
-    from aotlm.runtime.sampling_params import SamplingParams
 
     engine = Engine.from_bundle(bundle)
     timed = _TimedRunner(engine.runner)
     engine.runner = timed  # instrument this benchmark's own engine only
-
-    def params(r: Request) -> SamplingParams:
-        return SamplingParams(temperature=0.0, max_tokens=r.max_tokens, ignore_eos=True)
-
-    for r in warm:
-        engine.add_request(r.prompt, params(r))
-    while engine.scheduler.has_unfinished:
-        engine.step()
+    closed_loop(engine, warm, concurrency)
     timed.by_bucket.clear()
-    todo = iter(requests)
-    seqs = []
-
-    def add_next() -> None:
-        r = next(todo, None)
-        if r is not None:
-            seqs.append(engine.add_request(r.prompt, params(r))[0])
-
-    steps = 0
     start, cpu = time.perf_counter(), time.process_time()
-    for _ in range(concurrency):
-        add_next()
-    while engine.scheduler.has_unfinished:
-        for seq in engine.step():
-            if seq.is_finished:
-                add_next()
-        steps += 1
+    seqs, steps = closed_loop(engine, requests, concurrency)
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     tokens = sum(r.max_tokens for r in requests)
     return {
