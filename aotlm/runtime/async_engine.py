@@ -171,18 +171,20 @@ def _put_all(outputs: Seq[tuple[RequestStream, RequestOutput]], wait: float = 0.
         by_loop.setdefault(stream._loop, []).append((stream._queue, out))
     handed: list[threading.Event] = []
     for loop, items in by_loop.items():
-        done = threading.Event()
+        done = threading.Event() if wait > 0 else None
         with contextlib.suppress(RuntimeError):  # the loop is closed: nobody listens any more
             loop.call_soon_threadsafe(_put_items, items, loop, done)
-            handed.append(done)
-    for done in handed if wait > 0 else ():
+            if done is not None:
+                handed.append(done)
+    for done in handed:
         done.wait(wait)
 
 
-def _put_items(items: list, loop: asyncio.AbstractEventLoop, done: threading.Event) -> None:
+def _put_items(items: list, loop: asyncio.AbstractEventLoop, done: threading.Event | None) -> None:
     for queue, out in items:
         queue.put_nowait(out)
-    loop.call_soon(done.set)  # runs after the readers woken above took their turn
+    if done is not None:
+        loop.call_soon(done.set)  # runs after the readers woken above took their turn
 
 
 @dataclass
