@@ -23,6 +23,7 @@ from aotlm.bundle.format import FORMAT_NAME, WEIGHTS_FILE
 from aotlm.cache import BuildCache, LocalRegistry, cache_key, default_cache_dir
 from aotlm.config import BuildConfig
 from aotlm.errors import CheckpointError, ConfigError
+from aotlm.kernels.cpu_attention import TARGET as CPU_ATTENTION_TARGET
 from aotlm.kernels.paged_attention_pallas import BlockSizes
 from aotlm.models import ModelConfig
 from aotlm.models.checkpoint import flatten_params
@@ -103,7 +104,7 @@ def source_version() -> str:
     root = Path(aotlm.__file__).parent
     h = hashlib.sha256()
     for sub in ("models", "kernels", "trace"):
-        for path in sorted((root / sub).rglob("*.py")):
+        for path in sorted(p for p in (root / sub).rglob("*") if p.suffix in (".py", ".cc")):
             h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
     return h.hexdigest()
 
@@ -143,12 +144,15 @@ class _Builder:
             if build.tp > 1
             else family.step_functions(cfg)
         )
-        if "forward" in self.fns and build.attention_blocks != (None, None):
-            # The kernel's block sizes are static arguments of the traced forward (and of the
-            # forward inside decode).
-            blocks = BlockSizes(*build.attention_blocks)
+        if "forward" in self.fns:
+            # Static arguments of the traced forward (and of the forward inside decode): what a
+            # cpu target's attention runs, and the Pallas kernel's block sizes.
+            static: dict = {"cpu_attention": build.attention_cpu}
+            if build.attention_blocks != (None, None):
+                static["block_sizes"] = BlockSizes(*build.attention_blocks)
             for name in ("forward", "decode"):
-                self.fns[name] = functools.partial(self.fns[name], block_sizes=blocks)
+                if name in self.fns:
+                    self.fns[name] = functools.partial(self.fns[name], **static)
         if "decode" in self.fns:
             self.fns["decode"] = functools.partial(self.fns["decode"], max_steps=build.decode_steps)
         self.platforms = target_platforms(build.targets)
@@ -161,6 +165,7 @@ class _Builder:
             "jaxlib": jaxlib.__version__,
             "source": source_version(),
             "attention_blocks": list(build.attention_blocks),
+            "attention_cpu": build.attention_cpu,
         }
         self.decode_steps = build.decode_steps
 
@@ -260,9 +265,18 @@ def _serving(build: BuildConfig, family: ModelFamily, platforms: tuple[str, ...]
 
 
 def _attention(build: BuildConfig, cfg, family: ModelFamily) -> dict:
-    """The attention kernel and its resolved block sizes (decoders): what a TPU target runs."""
+    """What attention runs per platform (decoders): the Pallas kernel's resolved block sizes
+    (TPU), aotlm's CPU kernel or the blocked jnp path (CPU), and the custom calls a loader must
+    have registered before it deserializes the graphs."""
     if family.kind != DECODER:
         return {}
+    platforms = target_platforms(build.targets)
+    cpu_kernel = build.attention_cpu == "kernel" and "cpu" in platforms
+    if cpu_kernel and cfg.head_dim % 8:
+        raise ConfigError(
+            f"{build.source.name}: attention.cpu: the CPU kernel needs a head_dim that is a "
+            f"multiple of 8 (this model's is {cfg.head_dim}); set `attention: {{cpu: jnp}}`"
+        )
     try:
         blocks = BlockSizes(*build.attention_blocks).resolve(
             group=cfg.num_heads // cfg.num_kv_heads,
@@ -275,9 +289,11 @@ def _attention(build: BuildConfig, cfg, family: ModelFamily) -> dict:
         raise ConfigError(f"{build.source.name}: attention: {e}") from None
     return {
         "attention": {
-            "impl": "pallas on tpu, blocked jnp elsewhere",
+            "impl": f"pallas on tpu, {build.attention_cpu} on cpu, blocked jnp on gpu",
             "kernel": "aotlm_ragged_paged_attention",
             "block_sizes": blocks.as_dict(),
+            "cpu": build.attention_cpu,
+            "custom_calls": [CPU_ATTENTION_TARGET] if cpu_kernel else [],
         }
     }
 

@@ -230,7 +230,9 @@ def inspect(bundle_dir: Path, as_json: bool) -> None:
             blocks = s["attention"]["block_sizes"]
             click.echo(
                 f"attention {s['attention']['kernel']} block_queries={blocks['queries']} "
-                f"block_kv_pages={blocks['kv_pages']} (TPU)"
+                f"block_kv_pages={blocks['kv_pages']} (TPU); cpu: "
+                + s["attention"].get("cpu", "jnp")
+                + "".join(f" ({c})" for c in s["attention"].get("custom_calls", []))
             )
     if "plan" in m["buckets"]:
         click.echo(_plan_line(m["buckets"]["plan"]))

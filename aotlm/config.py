@@ -41,6 +41,7 @@ _TOP_KEYS = (
     "attention",
     "decode_steps",
 )
+CPU_ATTENTION = ("kernel", "jnp")
 _REQUIRED_TOP = ("model", "dtype", "max_seq_len", "buckets")
 _BUCKET_KEYS = ("tokens", "requests", "page_size")
 
@@ -81,6 +82,9 @@ class BuildConfig:
     # tokens per block, KV pages per block), tuned per target; None picks the kernel's default.
     # The resolved sizes are recorded in the manifest's serving.attention.
     attention_blocks: tuple[int | None, int | None] = (None, None)
+    # `attention: {cpu: kernel | jnp}`: what a cpu target's attention runs, aotlm's C++ kernel
+    # (default) or the blocked jnp path (for a serving machine where the kernel is not built).
+    attention_cpu: str = "kernel"
     # `decode_steps: K` (decoders): also build decode[R], which runs up to K decode steps in one
     # device call when every running sequence is decoding and none waits; 1: no such graphs.
     decode_steps: int = 1
@@ -207,6 +211,7 @@ def parse_build_config(data: dict, source: Path) -> BuildConfig:
         bucket_plan=bucket_plan,
         tp=tp,
         attention_blocks=_attention_blocks(check, data.get("attention")),
+        attention_cpu=_attention_cpu(check, data.get("attention")),
         decode_steps=_decode_steps(check, data.get("decode_steps", 1)),
     )
 
@@ -332,11 +337,21 @@ def _attention_blocks(check: _Checker, value: Any) -> tuple[int | None, int | No
     if value is None:
         return (None, None)
     keys = ("block_queries", "block_kv_pages")
-    check.keys(value, "attention", keys, ())
+    check.keys(value, "attention", (*keys, "cpu"), ())
     return tuple(  # type: ignore[return-value]
         None if value.get(k) is None else check.positive_int(value[k], f"attention.{k}")
         for k in keys
     )
+
+
+def _attention_cpu(check: _Checker, value: Any) -> str:
+    """`attention: {cpu: kernel | jnp}` -> what a cpu target's attention runs (default kernel)."""
+    choice = "kernel" if value is None else value.get("cpu", "kernel")
+    if choice not in CPU_ATTENTION:
+        raise check.error(
+            "attention.cpu", f"must be one of {', '.join(CPU_ATTENTION)} (got {choice!r})"
+        )
+    return choice
 
 
 def _decode_steps(check: _Checker, value: Any) -> int:

@@ -10,5 +10,5 @@ if ! command -v docker-registry >/dev/null; then
   (apt-get update -qq && apt-get install -y -qq docker-registry) >/dev/null 2>&1 ||
     echo "warning: could not install docker-registry; registry tests will skip" >&2
 fi
-.venv/bin/ruff check aotlm tests benchmarks
+.venv/bin/ruff check aotlm tests benchmarks setup.py
 .venv/bin/python -m pytest -q "$@"

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Create .venv/ in the repo root when missing and install aotlm with pinned dependencies.
-# Usage: scripts/venv.sh [EXTRAS]   (EXTRAS: e.g. "test" or "test,tpu"). Re-installs only when pyproject.toml or this script changed.
+# Usage: scripts/venv.sh [EXTRAS]   (EXTRAS: e.g. "test" or "test,tpu"). Re-installs only when
+# pyproject.toml, setup.py, the C++ kernel or this script changed, or the kernel's library is gone.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extra="${1:-}"
@@ -9,8 +10,9 @@ if [ ! -x .venv/bin/python ]; then
   "$python" -m venv .venv
   .venv/bin/python -m pip install -q --upgrade pip
 fi
-stamp=".venv/.aotlm-installed-$(cat pyproject.toml scripts/venv.sh | sha256sum | cut -c1-16)${extra:+-$extra}"
-if [ ! -f "$stamp" ]; then
+inputs=$(cat pyproject.toml setup.py scripts/venv.sh aotlm/kernels/cpu/*.cc | sha256sum | cut -c1-16)
+stamp=".venv/.aotlm-installed-${inputs}${extra:+-$extra}"
+if [ ! -f "$stamp" ] || ! compgen -G "aotlm/kernels/_cpu_attention*.so" >/dev/null; then
   spec="."
   [ -n "$extra" ] && spec=".[$extra]"
   .venv/bin/python -m pip install -q -e "$spec"

@@ -7,7 +7,7 @@ written by a newer aotlm: the error says which one, so the user upgrades aotlm o
 from __future__ import annotations
 
 FORMAT_NAME = "aotlm-bundle"
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
 
 # version -> (date, what changed). Add a line for every change a reader can observe.
 CHANGELOG: dict[int, tuple[str, str]] = {
@@ -48,6 +48,14 @@ CHANGELOG: dict[int, tuple[str, str]] = {
         "logprobs they return zeros instead of computing the log-softmax and top-k. On CPU and "
         "GPU, forward's attention is the blocked jnp path (same contract as the reference). "
         "Version 3 bundles still load and serve one step per call, always with logprobs.",
+    ),
+    5: (
+        "2026-11-23",
+        "On CPU, forward's attention is aotlm's C++ kernel, the XLA FFI custom call "
+        "`aotlm_paged_attention_cpu_v1` (model.yaml `attention: {cpu: jnp}` keeps the blocked jnp "
+        "path). Decoders' `serving.attention` records `cpu` (kernel or jnp) and `custom_calls`, the "
+        "targets a CPU loader must have registered; it refuses the bundle before deserializing "
+        "anything when one is missing. Version 4 bundles still load.",
     ),
 }
 

@@ -34,14 +34,17 @@ from jax.interpreters import mlir
 
 from aotlm.kernels.attention import paged_attention_ref
 from aotlm.kernels.attention_blocked import paged_attention_blocked
+from aotlm.kernels.cpu_attention import paged_attention_cpu
 from aotlm.kernels.paged_attention_pallas import (
     DEFAULT_BLOCK_SIZES,
     BlockSizes,
     paged_attention_pallas,
 )
 
-Impl = Literal["auto", "reference", "blocked", "pallas", "interpret"]
-IMPLS: tuple[str, ...] = ("auto", "reference", "blocked", "pallas", "interpret")
+Impl = Literal["auto", "reference", "blocked", "pallas", "interpret", "cpu"]
+IMPLS: tuple[str, ...] = ("auto", "reference", "blocked", "pallas", "interpret", "cpu")
+CpuImpl = Literal["kernel", "jnp"]
+CPU_IMPLS: tuple[str, ...] = ("kernel", "jnp")
 
 
 def _reference(
@@ -61,6 +64,20 @@ def _blocked(
         q, k_pages, v_pages, positions, token_req, block_tables, scale,
         window=window, layer=layer if k_pages.ndim == 5 else None, slots=slots if split else None,
     )  # fmt: skip
+
+
+def _cpu_kernel(
+    q, k_pages, v_pages, positions, token_req, block_tables, layer, slots, *, scale, window, split
+):  # fmt: skip
+    # The cache already holds this step's keys, so slots are not needed.
+    return paged_attention_cpu(
+        q, k_pages, v_pages, positions, token_req, block_tables, layer, scale, window
+    )
+
+
+def _cpu(ctx, *args, cpu, block_sizes, **params):
+    impl = _cpu_kernel if cpu == "kernel" else _blocked
+    return mlir.lower_fun(functools.partial(impl, **params), multiple_results=False)(ctx, *args)
 
 
 def _kernel(
@@ -84,15 +101,16 @@ _by_platform_p.def_impl(_by_platform_impl)
 _by_platform_p.def_abstract_eval(lambda q, *_, **__: jax.core.ShapedArray(q.shape, q.dtype))
 mlir.register_lowering(
     _by_platform_p,
-    lambda ctx, *a, block_sizes, **p: mlir.lower_fun(
+    lambda ctx, *a, block_sizes, cpu, **p: mlir.lower_fun(
         functools.partial(_blocked, **p), multiple_results=False
     )(ctx, *a),
 )
+mlir.register_lowering(_by_platform_p, _cpu, platform="cpu")
 mlir.register_lowering(
     _by_platform_p,
-    lambda ctx, *a, **p: mlir.lower_fun(functools.partial(_kernel, **p), multiple_results=False)(
-        ctx, *a
-    ),
+    lambda ctx, *a, cpu, **p: mlir.lower_fun(
+        functools.partial(_kernel, **p), multiple_results=False
+    )(ctx, *a),
     platform="tpu",
 )
 
@@ -111,6 +129,7 @@ def paged_attention(
     impl: Impl = "auto",
     block_sizes: BlockSizes = DEFAULT_BLOCK_SIZES,
     slots: jax.Array | None = None,
+    cpu: CpuImpl = "kernel",
 ) -> jax.Array:
     """Causal (optionally sliding-window) attention over the paged KV cache; see the reference.
 
@@ -118,14 +137,17 @@ def paged_attention(
     ``[L, num_pages, S, KV, D]`` with ``layer`` (pass the whole cache inside a layer scan: the
     kernel DMAs pages of that layer directly, instead of XLA copying the layer out first).
 
-    impl: "auto" (Pallas kernel on TPU, the blocked jnp path elsewhere, chosen per platform
-    inside the graph), "reference", "blocked", "pallas" (TPU only), or "interpret" (the kernel in Pallas' TPU
-    interpreter; tests on CPU). ``block_sizes`` only affects the kernel. ``slots``: where this step
+    impl: "auto" (the Pallas kernel on TPU, on CPU the C++ kernel or with ``cpu="jnp"`` the
+    blocked jnp path, the blocked path on GPU; chosen per platform inside the graph),
+    "reference", "blocked", "pallas" (TPU only), "interpret" (the Pallas kernel in its TPU
+    interpreter; tests on CPU) or "cpu" (the C++ kernel). ``block_sizes`` only affects the Pallas kernel. ``slots``: where this step
     wrote each token's k/v (0 for padding); the blocked path then attends to the step's own keys
     without walking the pages for them. The result is the same with or without it.
     """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS} (got {impl!r})")
+    if cpu not in CPU_IMPLS:
+        raise ValueError(f"cpu must be one of {CPU_IMPLS} (got {cpu!r})")
     if k_pages.ndim == 5 and layer is None:
         raise ValueError("a [L, num_pages, S, KV, D] cache needs layer=")
     args = (q, k_pages, v_pages, positions, token_req, block_tables)
@@ -136,8 +158,10 @@ def paged_attention(
         return _reference(*args, **params)
     if impl == "blocked":
         return _blocked(*args, **params)
+    if impl == "cpu":
+        return _cpu_kernel(*args, **params)
     if impl == "pallas":
         return _kernel(*args, **params, block_sizes=block_sizes)
     if impl == "interpret":
         return _kernel(*args, **params, block_sizes=block_sizes, interpret=pltpu.InterpretParams())
-    return _by_platform_p.bind(*args, **params, block_sizes=block_sizes)
+    return _by_platform_p.bind(*args, **params, block_sizes=block_sizes, cpu=cpu)

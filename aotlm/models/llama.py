@@ -122,6 +122,7 @@ def forward(
     *,
     attention_impl: str = "auto",
     block_sizes: BlockSizes | None = None,
+    cpu_attention: str = "kernel",
     mesh: AbstractMesh | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """One step over a flat, padded batch of T tokens from up to R requests (internals.md).
@@ -130,8 +131,9 @@ def forward(
     k_pages, v_pages: [L, num_pages, S, KV, D] (donate them). Each layer first writes the tokens'
     k/v at ``slots`` and then attends over the token's request pages to positions <= its own.
     Returns (hidden [T, H] after the final norm, k_pages, v_pages). ``cfg`` is static.
-    Attention is the Pallas kernel on TPU and the blocked jnp path elsewhere, chosen inside the graph
-    (``attention_impl="auto"``), so one multi-platform export carries both. ``mesh``: the
+    Attention is the Pallas kernel on TPU, aotlm's C++ kernel on CPU (``cpu_attention="jnp"``:
+    the blocked jnp path) and the blocked jnp path on GPU, chosen inside the graph
+    (``attention_impl="auto"``), so one multi-platform export carries them all. ``mesh``: the
     tensor-parallel mesh the arguments are sharded over (aotlm/models/sharding.py), which
     decides how attention is split; None: one device.
     """
@@ -148,7 +150,7 @@ def forward(
         return paged_attention(
             q, k_pages, v_pages, positions, token_req, block_tables, scale,
             layer=index, window=cfg.sliding_window, impl=impl,
-            block_sizes=block_sizes or BlockSizes(), slots=slots,
+            block_sizes=block_sizes or BlockSizes(), slots=slots, cpu=cpu_attention,
         )  # fmt: skip
 
     if mesh is not None:

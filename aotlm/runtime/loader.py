@@ -24,8 +24,9 @@ from jax import export as jax_export
 from jax.sharding import Mesh
 
 from aotlm.bundle import Bundle, open_bundle
-from aotlm.bundle.format import WEIGHTS_FILE
+from aotlm.bundle.format import MANIFEST_FILE, WEIGHTS_FILE
 from aotlm.errors import BundleError
+from aotlm.kernels import cpu_attention
 from aotlm.models import ModelConfig
 from aotlm.models.bert import EncoderConfig
 from aotlm.models.checkpoint import unflatten_params
@@ -96,6 +97,28 @@ def _check_platform(bundle: Bundle) -> None:
             f"{bundle.path}: built for {platforms}, but this process runs on {platform!r}: "
             f"rebuild with `--target {platform}`"
         )
+
+
+def _check_custom_calls(bundle: Bundle) -> None:
+    """Every aotlm kernel the graphs call on this platform is registered, or the bundle is refused
+    before anything is deserialized (XLA would fail later, naming only the missing target)."""
+    if local_platform() != "cpu":
+        return
+    needed = bundle.manifest["serving"].get("attention", {}).get("custom_calls", [])
+    for target in needed:
+        if target != cpu_attention.TARGET:
+            raise BundleError(
+                f"{bundle.path / MANIFEST_FILE}: the graphs call kernel {target!r}, which this "
+                f"aotlm does not have (it has {cpu_attention.TARGET}): rebuild the bundle with "
+                "this aotlm, or serve it with the aotlm that built it"
+            )
+        try:
+            cpu_attention.require()
+        except cpu_attention.KernelUnavailable as e:
+            raise BundleError(
+                f"{bundle.path}: {e}; or rebuild the bundle with `attention: {{cpu: jnp}}` in "
+                "model.yaml"
+            ) from None
 
 
 def _deserialize_export(bundle: Bundle, entry: dict) -> jax_export.Exported:
@@ -192,6 +215,7 @@ def load_bundle(
     t0 = time.perf_counter()
     bundle = open_bundle(path)
     _check_platform(bundle)
+    _check_custom_calls(bundle)
     mesh = serving_mesh(bundle)  # None: one device; refused when this process has too few
     t1 = time.perf_counter()
     family = family_for_manifest(bundle.manifest, bundle.path)

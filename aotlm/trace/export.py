@@ -7,6 +7,7 @@ from collections.abc import Callable
 import jax
 from jax import export as jax_export
 
+from aotlm.kernels.cpu_attention import TARGET as CPU_ATTENTION
 from aotlm.trace.signatures import StepSpec
 from aotlm.trace.steps import DONATE_ARGNUMS
 
@@ -17,12 +18,19 @@ def target_platforms(targets: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(platforms))
 
 
+# aotlm's own CPU kernel is not on jax.export's list of custom calls with a compatibility
+# guarantee; its stability is ours (a versioned target name, which the loader checks).
+DISABLED_CHECKS = (jax_export.DisabledSafetyCheck.custom_call(CPU_ATTENTION),)
+
+
 def export_step(fn: Callable, spec: StepSpec, platforms: tuple[str, ...]) -> jax_export.Exported:
     """On a mesh, the export carries its input shardings (from ``spec.args``) and outputs'
     (``spec.out_shardings``); it is traced against an abstract mesh, so no devices are needed."""
     kwargs = {} if spec.out_shardings is None else {"out_shardings": spec.out_shardings}
     jitted = jax.jit(fn, donate_argnums=DONATE_ARGNUMS[spec.name], **kwargs)
-    return jax_export.export(jitted, platforms=platforms)(*spec.args)
+    return jax_export.export(jitted, platforms=platforms, disabled_checks=DISABLED_CHECKS)(
+        *spec.args
+    )
 
 
 def aval_list(avals) -> list[list]:

@@ -1,0 +1,439 @@
+// Paged attention for XLA:CPU as an XLA FFI custom call (target aotlm_paged_attention_cpu_v1).
+//
+// Why a kernel: on XLA:CPU the blocked jnp path spends most of a decode step gathering KV pages
+// (~6 GB/s effective inside its loops) and in loop/thunk overhead. This walks each request's
+// pages in place, once per (query block, KV head), with an online softmax.
+//
+// Contract: exactly aotlm/kernels/attention.py:paged_attention_ref (its jnp twin and oracle).
+// Token t attends to key positions [max(0, pos - window + 1), pos] of request token_req[t]
+// (window 0: no window); scores and softmax in float32; output in q's dtype. Page ids and
+// positions past a request's block table are clamped, as XLA's gather clamps them.
+// Bump the target's version when this contract changes: bundles name the version they need.
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+// Consecutive tokens of one request share a key walk (their keys are read once for all).
+constexpr int kBlockQueries = 8;
+// Below this many (query row x key) products a step runs on the calling thread alone.
+constexpr int64_t kParallelWork = 1 << 12;
+
+inline float Bf16ToF32(uint16_t h) {
+  uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+inline uint16_t F32ToBf16(float f) {  // round to nearest even, NaN stays NaN
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+enum class Kind { kF32, kBf16, kF16 };
+
+inline float Load(const void* base, int64_t i, Kind kind) {
+  switch (kind) {
+    case Kind::kF32:
+      return static_cast<const float*>(base)[i];
+    case Kind::kBf16:
+      return Bf16ToF32(static_cast<const uint16_t*>(base)[i]);
+    case Kind::kF16:
+      return static_cast<float>(static_cast<const _Float16*>(base)[i]);
+  }
+  return 0.0f;
+}
+
+inline void Store(void* base, int64_t i, float x, Kind kind) {
+  switch (kind) {
+    case Kind::kF32:
+      static_cast<float*>(base)[i] = x;
+      break;
+    case Kind::kBf16:
+      static_cast<uint16_t*>(base)[i] = F32ToBf16(x);
+      break;
+    case Kind::kF16:
+      static_cast<_Float16*>(base)[i] = static_cast<_Float16>(x);
+      break;
+  }
+}
+
+bool KindOf(ffi::DataType t, Kind* kind) {
+  switch (t) {
+    case ffi::DataType::F32:
+      *kind = Kind::kF32;
+      return true;
+    case ffi::DataType::BF16:
+      *kind = Kind::kBf16;
+      return true;
+    case ffi::DataType::F16:
+      *kind = Kind::kF16;
+      return true;
+    default:
+      return false;
+  }
+}
+
+// One unit of work: up to kBlockQueries consecutive tokens of one request, one KV head.
+struct Item {
+  int32_t first, count, req, kv_head, lo, hi;  // tokens [first, first+count), keys [lo, hi)
+};
+
+struct Problem {
+  const void* q;
+  const void* k;
+  const void* v;
+  void* out;
+  Kind q_kind, kv_kind;
+  const int32_t* positions;
+  const int32_t* block_tables;
+  int64_t heads, kv_heads, group, dim, page_size, num_pages, pages_per_seq, layer_offset;
+  float scale;
+  int32_t window;
+};
+
+// Rows [n, dim] of one KV head starting at element `offset` of the cache, as float32: a pointer
+// into the cache itself when it is float32, else converted into `scratch`.
+const float* Rows(const Problem& p, const void* cache, int64_t offset, int64_t n,
+                  int64_t* stride, float* scratch) {
+  const int64_t row_stride = p.kv_heads * p.dim;
+  if (p.kv_kind == Kind::kF32) {
+    *stride = row_stride;
+    return static_cast<const float*>(cache) + offset;
+  }
+  for (int64_t r = 0; r < n; ++r)
+    for (int64_t d = 0; d < p.dim; ++d)
+      scratch[r * p.dim + d] = Load(cache, offset + r * row_stride + d, p.kv_kind);
+  *stride = p.dim;
+  return scratch;
+}
+
+struct Scratch {
+  std::vector<float> q, acc, m, l, s, keys, values;
+};
+
+// exp(x) for x <= 0 in float32 (relative error ~2e-7), branch-free so loops over it vectorize;
+// std::exp is a libm call per element.
+inline float ExpNonPositive(float x) {
+  x = std::max(x, -87.0f);
+  const float n = std::nearbyint(x * 1.44269504088896341f);
+  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;  // x - n ln2 in two parts
+  float y = 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * r * r + r + 1.0f;
+  int32_t bits;
+  std::memcpy(&bits, &y, sizeof(bits));
+  bits += static_cast<int32_t>(n) << 23;  // * 2^n; n >= -126 since x >= -87
+  std::memcpy(&y, &bits, sizeof(y));
+  return y;
+}
+
+// Eight float lanes in GCC/Clang's portable vector extension: the compiler maps it to AVX/NEON
+// registers where they exist and splits it where they do not.
+typedef float V8 __attribute__((vector_size(32)));
+typedef float V8Unaligned __attribute__((vector_size(32), aligned(4)));
+constexpr int64_t kLanes = 8;
+
+inline V8 LoadV(const float* x) { return *reinterpret_cast<const V8Unaligned*>(x); }
+
+inline void StoreV(float* x, V8 v) { *reinterpret_cast<V8Unaligned*>(x) = v; }
+
+// r[i] = sum of a[i]'s lanes: eight horizontal sums in 7 shuffle-adds instead of 8 x 3.
+inline V8 Sum8(const V8* a) {
+  V8 t[4], u[2];
+  for (int i = 0; i < 4; ++i)
+    t[i] = __builtin_shufflevector(a[2 * i], a[2 * i + 1], 0, 8, 2, 10, 4, 12, 6, 14) +
+           __builtin_shufflevector(a[2 * i], a[2 * i + 1], 1, 9, 3, 11, 5, 13, 7, 15);
+  for (int i = 0; i < 2; ++i)
+    u[i] = __builtin_shufflevector(t[2 * i], t[2 * i + 1], 0, 1, 8, 9, 4, 5, 12, 13) +
+           __builtin_shufflevector(t[2 * i], t[2 * i + 1], 2, 3, 10, 11, 6, 7, 14, 15);
+  return __builtin_shufflevector(u[0], u[1], 0, 1, 2, 3, 8, 9, 10, 11) +
+         __builtin_shufflevector(u[0], u[1], 4, 5, 6, 7, 12, 13, 14, 15);
+}
+
+// The same tree as Sum8, so a score does not depend on which path summed it.
+inline float Sum(V8 v) { return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7])); }
+
+// Rows [r0, r0 + B) of an item over keys [0, n) of one page: scores, online softmax, values.
+// B rows share every key and value load; their accumulators stay in registers over the keys.
+template <int B>
+void RowBlock(const Problem& p, const Item& it, Scratch& w, int64_t r0, int64_t start, int64_t n,
+              const float* keys, int64_t ks, const float* values, int64_t vs) {
+  constexpr float kNone = -std::numeric_limits<float>::infinity();
+  const int64_t dim = p.dim, page_size = p.page_size;
+  int64_t lo[B], hi[B];
+  int64_t j_lo = n, j_hi = 0;
+  for (int b = 0; b < B; ++b) {
+    const int64_t pos = p.positions[it.first + (r0 + b) / p.group];
+    hi[b] = std::min<int64_t>(n, pos - start + 1);
+    lo[b] = p.window > 0 ? std::max<int64_t>(0, pos - p.window + 1 - start) : 0;
+    if (hi[b] > lo[b]) {
+      j_lo = std::min(j_lo, lo[b]);
+      j_hi = std::max(j_hi, hi[b]);
+    }
+  }
+  if (j_hi <= j_lo) return;
+  const float* q[B];
+  float* s[B];
+  for (int b = 0; b < B; ++b) {
+    q[b] = w.q.data() + (r0 + b) * dim;
+    s[b] = w.s.data() + b * page_size;
+  }
+  // Scores in tiles of B rows x (8 / B) keys: eight accumulators reduced together.
+  constexpr int kKeys = kLanes / B;
+  int64_t j = j_lo;
+  for (; j + kKeys <= j_hi; j += kKeys) {
+    V8 acc[kLanes] = {};
+    for (int64_t d = 0; d < dim; d += kLanes) {
+#pragma GCC unroll 8
+      for (int kk = 0; kk < kKeys; ++kk) {
+        const V8 k = LoadV(keys + (j + kk) * ks + d);
+#pragma GCC unroll 4
+        for (int b = 0; b < B; ++b) acc[kk * B + b] += LoadV(q[b] + d) * k;
+      }
+    }
+    const V8 sums = Sum8(acc);
+#pragma GCC unroll 8
+    for (int kk = 0; kk < kKeys; ++kk)
+#pragma GCC unroll 4
+      for (int b = 0; b < B; ++b) s[b][j + kk] = sums[kk * B + b];
+  }
+  for (; j < j_hi; ++j) {
+    const float* kj = keys + j * ks;
+    V8 acc[B] = {};
+    for (int64_t d = 0; d < dim; d += kLanes) {
+      const V8 k = LoadV(kj + d);
+#pragma GCC unroll 4
+      for (int b = 0; b < B; ++b) acc[b] += LoadV(q[b] + d) * k;
+    }
+#pragma GCC unroll 4
+    for (int b = 0; b < B; ++b) s[b][j] = Sum(acc[b]);
+  }
+  for (int b = 0; b < B; ++b)
+    for (int64_t jj = j_lo; jj < j_hi; ++jj)
+      if (jj < lo[b] || jj >= hi[b]) s[b][jj] = kNone;
+  float correction[B];
+  for (int b = 0; b < B; ++b) {
+    const int64_t r = r0 + b;
+    float page_max = kNone;
+    for (int64_t j = j_lo; j < j_hi; ++j) page_max = std::max(page_max, s[b][j]);
+    if (page_max == kNone) {  // nothing visible to this row on this page
+      correction[b] = 1.0f;
+      for (int64_t j = j_lo; j < j_hi; ++j) s[b][j] = 0.0f;
+      continue;
+    }
+    const float m_new = std::max(w.m[r], page_max);
+    correction[b] = ExpNonPositive(w.m[r] - m_new);  // 0 on a row's first visible key
+#pragma omp simd
+    for (int64_t j = j_lo; j < j_hi; ++j) {
+      const float e = ExpNonPositive(s[b][j] - m_new);
+      s[b][j] = s[b][j] == kNone ? 0.0f : e;
+    }
+    // In key order, not vectorised: a vector sum's lanes would depend on j_lo, which depends
+    // on the other rows of the block, and a row's output must not.
+    float sum = 0.0f;
+    for (int64_t j = j_lo; j < j_hi; ++j) sum += s[b][j];
+    w.l[r] = w.l[r] * correction[b] + sum;
+    w.m[r] = m_new;
+  }
+  for (int64_t d = 0; d < dim; d += kLanes) {
+    V8 acc[B];
+#pragma GCC unroll 4
+    for (int b = 0; b < B; ++b) acc[b] = LoadV(w.acc.data() + (r0 + b) * dim + d) * correction[b];
+    for (int64_t j = j_lo; j < j_hi; ++j) {
+      const V8 v = LoadV(values + j * vs + d);
+#pragma GCC unroll 4
+      for (int b = 0; b < B; ++b) acc[b] += s[b][j] * v;
+    }
+#pragma GCC unroll 4
+    for (int b = 0; b < B; ++b) StoreV(w.acc.data() + (r0 + b) * dim + d, acc[b]);
+  }
+}
+
+void RunItem(const Problem& p, const Item& it, Scratch& w) {
+  const int64_t rows = it.count * p.group, dim = p.dim, page_size = p.page_size;
+  w.q.resize(rows * dim);
+  w.acc.assign(rows * dim, 0.0f);
+  w.m.assign(rows, -std::numeric_limits<float>::infinity());
+  w.l.assign(rows, 0.0f);
+  w.s.resize(4 * page_size);
+  w.keys.resize(page_size * dim);
+  w.values.resize(page_size * dim);
+  // Query rows: token i, head kv_head * group + g -> row i * group + g; the scale folded in.
+  for (int64_t i = 0; i < it.count; ++i)
+    for (int64_t g = 0; g < p.group; ++g) {
+      const int64_t src = ((it.first + i) * p.heads + it.kv_head * p.group + g) * dim;
+      float* dst = w.q.data() + (i * p.group + g) * dim;
+      for (int64_t d = 0; d < dim; ++d) dst[d] = Load(p.q, src + d, p.q_kind) * p.scale;
+    }
+  const int32_t* table = p.block_tables + static_cast<int64_t>(it.req) * p.pages_per_seq;
+  for (int64_t start = it.lo; start < it.hi;) {
+    const int64_t logical = start / page_size;
+    const int64_t begin = start % page_size;
+    const int64_t n = std::min<int64_t>(page_size, it.hi - logical * page_size) - begin;
+    const int64_t page = std::clamp<int64_t>(table[logical], 0, p.num_pages - 1);
+    const int64_t offset =
+        ((p.layer_offset + page) * page_size + begin) * p.kv_heads * dim + it.kv_head * dim;
+    int64_t ks, vs;
+    const float* keys = Rows(p, p.k, offset, n, &ks, w.keys.data());
+    const float* values = Rows(p, p.v, offset, n, &vs, w.values.data());
+    int64_t r = 0;
+    for (; r + 4 <= rows; r += 4) RowBlock<4>(p, it, w, r, start, n, keys, ks, values, vs);
+    for (; r + 2 <= rows; r += 2) RowBlock<2>(p, it, w, r, start, n, keys, ks, values, vs);
+    for (; r < rows; ++r) RowBlock<1>(p, it, w, r, start, n, keys, ks, values, vs);
+    start += n;
+  }
+  for (int64_t i = 0; i < it.count; ++i)
+    for (int64_t g = 0; g < p.group; ++g) {
+      const int64_t r = i * p.group + g;
+      const int64_t dst = ((it.first + i) * p.heads + it.kv_head * p.group + g) * dim;
+      // A row that saw no key (cannot happen for a valid position) is 0, never NaN.
+      const float inv = w.l[r] > 0.0f ? 1.0f / w.l[r] : 0.0f;
+      for (int64_t d = 0; d < dim; ++d) Store(p.out, dst + d, w.acc[r * dim + d] * inv, p.q_kind);
+    }
+}
+
+// Runs items over the caller and the intra-op pool. The caller claims items too, so the step
+// finishes even if no pool thread ever picks a task up; helpers that start after the last item
+// was claimed touch nothing but the shared counters.
+struct Shared {
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+  std::mutex mu;
+  std::condition_variable cv;
+};
+
+void Drain(const Problem& p, const std::vector<Item>& items, Shared& shared) {
+  thread_local Scratch scratch;
+  const int64_t total = static_cast<int64_t>(items.size());
+  for (int64_t i; (i = shared.next.fetch_add(1)) < total;) {
+    RunItem(p, items[i], scratch);
+    if (shared.done.fetch_add(1) + 1 == total) {
+      std::lock_guard<std::mutex> lock(shared.mu);
+      shared.cv.notify_all();
+    }
+  }
+}
+
+ffi::Error Impl(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k_pages,
+                ffi::AnyBuffer v_pages, ffi::Buffer<ffi::S32> positions,
+                ffi::Buffer<ffi::S32> token_req, ffi::Buffer<ffi::S32> block_tables,
+                ffi::Buffer<ffi::S32> layer, ffi::Result<ffi::AnyBuffer> out, float scale,
+                int32_t window) {
+  const auto qd = q.dimensions();
+  const auto kd = k_pages.dimensions();
+  const auto bd = block_tables.dimensions();
+  if (qd.size() != 3 || kd.size() != 5 || bd.size() != 2)
+    return ffi::Error::InvalidArgument("aotlm paged attention: q [T,NH,D], cache [L,N,S,KV,D], "
+                                       "block_tables [R,P] expected");
+  if (v_pages.dimensions().size() != 5 || v_pages.element_type() != k_pages.element_type() ||
+      out->element_type() != q.element_type())
+    return ffi::Error::InvalidArgument("aotlm paged attention: mismatched cache or output types");
+  Problem p;
+  if (!KindOf(q.element_type(), &p.q_kind) || !KindOf(k_pages.element_type(), &p.kv_kind))
+    return ffi::Error::InvalidArgument("aotlm paged attention: dtypes f32, bf16 or f16 only");
+  const int64_t tokens = qd[0];
+  p.heads = qd[1];
+  p.dim = qd[2];
+  p.num_pages = kd[1];
+  p.page_size = kd[2];
+  p.kv_heads = kd[3];
+  if (kd[4] != p.dim || p.kv_heads <= 0 || p.heads % p.kv_heads != 0)
+    return ffi::Error::InvalidArgument("aotlm paged attention: head dims do not match");
+  if (p.dim % kLanes != 0)
+    return ffi::Error::InvalidArgument("aotlm paged attention: head_dim must be a multiple of 8");
+  p.group = p.heads / p.kv_heads;
+  p.pages_per_seq = bd[1];
+  const int64_t requests = bd[0];
+  const int64_t layers = kd[0];
+  const int64_t l = std::clamp<int64_t>(layer.typed_data()[0], 0, layers - 1);
+  p.layer_offset = l * p.num_pages;
+  p.q = q.untyped_data();
+  p.k = k_pages.untyped_data();
+  p.v = v_pages.untyped_data();
+  p.out = out->untyped_data();
+  p.positions = positions.typed_data();
+  p.block_tables = block_tables.typed_data();
+  p.scale = scale;
+  p.window = window;
+  if (tokens == 0) return ffi::Error::Success();
+  if (requests == 0 || p.pages_per_seq == 0 || p.num_pages == 0)
+    return ffi::Error::InvalidArgument("aotlm paged attention: empty block tables or cache");
+
+  const int32_t* pos = positions.typed_data();
+  const int32_t* req = token_req.typed_data();
+  const int64_t max_keys = p.pages_per_seq * p.page_size;
+  std::vector<Item> items;
+  int64_t work = 0;
+  for (int64_t t = 0; t < tokens;) {
+    int64_t n = 1;
+    while (t + n < tokens && n < kBlockQueries && req[t + n] == req[t] &&
+           pos[t + n] == pos[t + n - 1] + 1)
+      ++n;
+    const int32_t r = static_cast<int32_t>(std::clamp<int64_t>(req[t], 0, requests - 1));
+    const int64_t first_pos = std::max<int64_t>(pos[t], 0);
+    const int64_t last_pos = std::max<int64_t>(pos[t + n - 1], 0);
+    const int64_t hi = std::min<int64_t>(last_pos + 1, max_keys);
+    const int64_t lo = window > 0 ? std::clamp<int64_t>(first_pos - window + 1, 0, hi) : 0;
+    for (int64_t h = 0; h < p.kv_heads; ++h)
+      items.push_back({static_cast<int32_t>(t), static_cast<int32_t>(n), r,
+                       static_cast<int32_t>(h), static_cast<int32_t>(lo),
+                       static_cast<int32_t>(hi)});
+    work += (hi - lo) * n * p.heads;
+    t += n;
+  }
+  // Longest walks first, so the last items to finish are short ones.
+  std::stable_sort(items.begin(), items.end(), [](const Item& a, const Item& b) {
+    return static_cast<int64_t>(a.hi - a.lo) * a.count > static_cast<int64_t>(b.hi - b.lo) * b.count;
+  });
+
+  auto shared = std::make_shared<Shared>();
+  const int64_t helpers =
+      work < kParallelWork ? 0 : std::min<int64_t>(pool.num_threads(), items.size()) - 1;
+  // Helpers copy the problem and hold the item list alive until they return.
+  auto state = std::make_shared<std::pair<Problem, std::vector<Item>>>(p, std::move(items));
+  for (int64_t i = 0; i < helpers; ++i)
+    pool.Schedule([shared, state] { Drain(state->first, state->second, *shared); });
+  Drain(state->first, state->second, *shared);
+  const int64_t total = static_cast<int64_t>(state->second.size());
+  std::unique_lock<std::mutex> lock(shared->mu);
+  shared->cv.wait(lock, [&] { return shared->done.load() == total; });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AotlmPagedAttentionCpuV1, Impl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()         // q [T, NH, D]
+                                  .Arg<ffi::AnyBuffer>()         // k_pages [L, N, S, KV, D]
+                                  .Arg<ffi::AnyBuffer>()         // v_pages
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // positions [T]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // token_req [T]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // block_tables [R, P]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // layer []
+                                  .Ret<ffi::AnyBuffer>()         // out [T, NH, D]
+                                  .Attr<float>("scale")
+                                  .Attr<int32_t>("window"));
