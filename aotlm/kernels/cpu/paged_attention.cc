@@ -91,9 +91,10 @@ bool KindOf(ffi::DataType t, Kind* kind) {
   }
 }
 
-// One unit of work: up to kBlockQueries consecutive tokens of one request, one KV head.
+// One unit of work: up to kBlockQueries consecutive tokens of one request, every KV head (a
+// page is read whole, front to back, by one thread).
 struct Item {
-  int32_t first, count, req, kv_head, lo, hi;  // tokens [first, first+count), keys [lo, hi)
+  int32_t first, count, req, lo, hi;  // tokens [first, first+count), keys [lo, hi)
 };
 
 struct Problem {
@@ -177,9 +178,11 @@ inline float Sum(V8 v) { return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5])
 
 // Rows [r0, r0 + B) of an item over keys [0, n) of one page: scores, online softmax, values.
 // B rows share every key and value load; their accumulators stay in registers over the keys.
+// Rows of one KV head are w's rows [base, base + count * group); r0 counts from base.
 template <int B>
-void RowBlock(const Problem& p, const Item& it, Scratch& w, int64_t r0, int64_t start, int64_t n,
-              const float* keys, int64_t ks, const float* values, int64_t vs) {
+void RowBlock(const Problem& p, const Item& it, Scratch& w, int64_t base, int64_t r0,
+              int64_t start, int64_t n, const float* keys, int64_t ks, const float* values,
+              int64_t vs) {
   constexpr float kNone = -std::numeric_limits<float>::infinity();
   const int64_t dim = p.dim, page_size = p.page_size;
   int64_t lo[B], hi[B];
@@ -197,7 +200,7 @@ void RowBlock(const Problem& p, const Item& it, Scratch& w, int64_t r0, int64_t 
   const float* q[B];
   float* s[B];
   for (int b = 0; b < B; ++b) {
-    q[b] = w.q.data() + (r0 + b) * dim;
+    q[b] = w.q.data() + (base + r0 + b) * dim;
     s[b] = w.s.data() + b * page_size;
   }
   // Scores in tiles of B rows x (8 / B) keys: eight accumulators reduced together.
@@ -235,7 +238,7 @@ void RowBlock(const Problem& p, const Item& it, Scratch& w, int64_t r0, int64_t 
       if (jj < lo[b] || jj >= hi[b]) s[b][jj] = kNone;
   float correction[B];
   for (int b = 0; b < B; ++b) {
-    const int64_t r = r0 + b;
+    const int64_t r = base + r0 + b;
     float page_max = kNone;
     for (int64_t j = j_lo; j < j_hi; ++j) page_max = std::max(page_max, s[b][j]);
     if (page_max == kNone) {  // nothing visible to this row on this page
@@ -260,19 +263,21 @@ void RowBlock(const Problem& p, const Item& it, Scratch& w, int64_t r0, int64_t 
   for (int64_t d = 0; d < dim; d += kLanes) {
     V8 acc[B];
 #pragma GCC unroll 4
-    for (int b = 0; b < B; ++b) acc[b] = LoadV(w.acc.data() + (r0 + b) * dim + d) * correction[b];
+    for (int b = 0; b < B; ++b)
+      acc[b] = LoadV(w.acc.data() + (base + r0 + b) * dim + d) * correction[b];
     for (int64_t j = j_lo; j < j_hi; ++j) {
       const V8 v = LoadV(values + j * vs + d);
 #pragma GCC unroll 4
       for (int b = 0; b < B; ++b) acc[b] += s[b][j] * v;
     }
 #pragma GCC unroll 4
-    for (int b = 0; b < B; ++b) StoreV(w.acc.data() + (r0 + b) * dim + d, acc[b]);
+    for (int b = 0; b < B; ++b) StoreV(w.acc.data() + (base + r0 + b) * dim + d, acc[b]);
   }
 }
 
 void RunItem(const Problem& p, const Item& it, Scratch& w) {
-  const int64_t rows = it.count * p.group, dim = p.dim, page_size = p.page_size;
+  const int64_t head_rows = it.count * p.group, rows = it.count * p.heads;
+  const int64_t dim = p.dim, page_size = p.page_size;
   w.q.resize(rows * dim);
   w.acc.assign(rows * dim, 0.0f);
   w.m.assign(rows, -std::numeric_limits<float>::infinity());
@@ -280,34 +285,54 @@ void RunItem(const Problem& p, const Item& it, Scratch& w) {
   w.s.resize(4 * page_size);
   w.keys.resize(page_size * dim);
   w.values.resize(page_size * dim);
-  // Query rows: token i, head kv_head * group + g -> row i * group + g; the scale folded in.
+  // w's row of token i, query head h (KV head h / group): its KV head's rows, then i, then h's
+  // place in the group; the scale folded into q.
+  auto row = [&](int64_t i, int64_t h) {
+    return (h / p.group) * head_rows + i * p.group + h % p.group;
+  };
   for (int64_t i = 0; i < it.count; ++i)
-    for (int64_t g = 0; g < p.group; ++g) {
-      const int64_t src = ((it.first + i) * p.heads + it.kv_head * p.group + g) * dim;
-      float* dst = w.q.data() + (i * p.group + g) * dim;
+    for (int64_t h = 0; h < p.heads; ++h) {
+      const int64_t src = ((it.first + i) * p.heads + h) * dim;
+      float* dst = w.q.data() + row(i, h) * dim;
       for (int64_t d = 0; d < dim; ++d) dst[d] = Load(p.q, src + d, p.q_kind) * p.scale;
     }
   const int32_t* table = p.block_tables + static_cast<int64_t>(it.req) * p.pages_per_seq;
+  const int64_t page_elems = page_size * p.kv_heads * dim;
+  const int64_t page_bytes = page_elems * (p.kv_kind == Kind::kF32 ? 4 : 2);
   for (int64_t start = it.lo; start < it.hi;) {
     const int64_t logical = start / page_size;
     const int64_t begin = start % page_size;
     const int64_t n = std::min<int64_t>(page_size, it.hi - logical * page_size) - begin;
     const int64_t page = std::clamp<int64_t>(table[logical], 0, p.num_pages - 1);
-    const int64_t offset =
-        ((p.layer_offset + page) * page_size + begin) * p.kv_heads * dim + it.kv_head * dim;
-    int64_t ks, vs;
-    const float* keys = Rows(p, p.k, offset, n, &ks, w.keys.data());
-    const float* values = Rows(p, p.v, offset, n, &vs, w.values.data());
-    int64_t r = 0;
-    for (; r + 4 <= rows; r += 4) RowBlock<4>(p, it, w, r, start, n, keys, ks, values, vs);
-    for (; r + 2 <= rows; r += 2) RowBlock<2>(p, it, w, r, start, n, keys, ks, values, vs);
-    for (; r < rows; ++r) RowBlock<1>(p, it, w, r, start, n, keys, ks, values, vs);
+    if (start + n < it.hi) {
+      // The next page is anywhere in the pool: no hardware prefetcher guesses it.
+      const int64_t next = std::clamp<int64_t>(table[logical + 1], 0, p.num_pages - 1);
+      const int64_t at = (p.layer_offset + next) * page_bytes;
+      for (int64_t b = 0; b < page_bytes; b += 64) {
+        __builtin_prefetch(static_cast<const char*>(p.k) + at + b);
+        __builtin_prefetch(static_cast<const char*>(p.v) + at + b);
+      }
+    }
+    for (int64_t kv = 0; kv < p.kv_heads; ++kv) {
+      const int64_t offset =
+          ((p.layer_offset + page) * page_size + begin) * p.kv_heads * dim + kv * dim;
+      int64_t ks, vs;
+      const float* keys = Rows(p, p.k, offset, n, &ks, w.keys.data());
+      const float* values = Rows(p, p.v, offset, n, &vs, w.values.data());
+      const int64_t base = kv * head_rows;
+      int64_t r = 0;
+      for (; r + 4 <= head_rows; r += 4)
+        RowBlock<4>(p, it, w, base, r, start, n, keys, ks, values, vs);
+      for (; r + 2 <= head_rows; r += 2)
+        RowBlock<2>(p, it, w, base, r, start, n, keys, ks, values, vs);
+      for (; r < head_rows; ++r) RowBlock<1>(p, it, w, base, r, start, n, keys, ks, values, vs);
+    }
     start += n;
   }
   for (int64_t i = 0; i < it.count; ++i)
-    for (int64_t g = 0; g < p.group; ++g) {
-      const int64_t r = i * p.group + g;
-      const int64_t dst = ((it.first + i) * p.heads + it.kv_head * p.group + g) * dim;
+    for (int64_t h = 0; h < p.heads; ++h) {
+      const int64_t r = row(i, h);
+      const int64_t dst = ((it.first + i) * p.heads + h) * dim;
       // A row that saw no key (cannot happen for a valid position) is 0, never NaN.
       const float inv = w.l[r] > 0.0f ? 1.0f / w.l[r] : 0.0f;
       for (int64_t d = 0; d < dim; ++d) Store(p.out, dst + d, w.acc[r * dim + d] * inv, p.q_kind);
@@ -396,10 +421,8 @@ ffi::Error Impl(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k_pages,
     const int64_t last_pos = std::max<int64_t>(pos[t + n - 1], 0);
     const int64_t hi = std::min<int64_t>(last_pos + 1, max_keys);
     const int64_t lo = window > 0 ? std::clamp<int64_t>(first_pos - window + 1, 0, hi) : 0;
-    for (int64_t h = 0; h < p.kv_heads; ++h)
-      items.push_back({static_cast<int32_t>(t), static_cast<int32_t>(n), r,
-                       static_cast<int32_t>(h), static_cast<int32_t>(lo),
-                       static_cast<int32_t>(hi)});
+    items.push_back({static_cast<int32_t>(t), static_cast<int32_t>(n), r,
+                     static_cast<int32_t>(lo), static_cast<int32_t>(hi)});
     work += (hi - lo) * n * p.heads;
     t += n;
   }
