@@ -9,6 +9,7 @@ engine requests, which frees their KV pages at the next engine iteration.
 
 from __future__ import annotations
 
+import gc
 import logging
 import signal
 import threading
@@ -364,11 +365,17 @@ def run_server(
     )
     server = uvicorn.Server(config)
 
-    def stop_if_load_fails() -> None:
+    def after_load() -> None:
         if not engine.wait_loaded():
             server.should_exit = True
+            return
+        # What loading allocated (weights' host copies, executables, tokenizer) lives as long as
+        # the process: frozen out of the collector's view, a collection while serving walks only
+        # what requests allocate (it had taken ~5% of the engine thread's time).
+        gc.collect()
+        gc.freeze()
 
-    threading.Thread(target=stop_if_load_fails, daemon=True).start()
+    threading.Thread(target=after_load, daemon=True).start()
     # uvicorn re-raises the signal it drained for; a no-op SIGTERM handler makes that exit 0.
     in_main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, lambda *_: None) if in_main else None
