@@ -1,4 +1,4 @@
-"""Paged attention: jnp reference vs blocked jnp path vs Pallas kernel, against the bytes floor.
+"""Paged attention: jnp reference vs blocked jnp path vs the kernels, against the bytes floor.
 
     .venv/bin/python benchmarks/attention.py [--repeats 20] [--peak-gbps X] [--out PATH]
 
@@ -9,7 +9,8 @@ time / floor says how far an implementation is from the memory-bandwidth limit. 
 path (what every non-TPU platform serves with) and the reference run everywhere, in the same run
 (`blocked_vs_reference` is their speed ratio), and the blocked path given the step's slots
 (``in-step``: the step's own keys attended densely, the pages walked only for older keys, as the
-model's forward runs it; `in_step_vs_blocked`); the Pallas kernel only where jax's backend is TPU.
+model's forward runs it; `in_step_vs_blocked`); the Pallas kernel only where jax's backend is TPU,
+aotlm's C++ kernel (``cpu``) where it is CPU (`cpu_vs_in_step`: against the jnp path it replaced).
 On CPU pass --peak-gbps (the machine's memory bandwidth) to get the floor. Prints a table and
 writes benchmarks/results/attention.json.
 """
@@ -123,8 +124,9 @@ def main() -> None:
     backend = jax.default_backend()
     kind = jax.devices()[0].device_kind
     peak = args.peak_gbps or next((v for k, v in PEAK_GBPS.items() if kind.startswith(k)), None)
-    impls = ["reference", "blocked", "in-step"] + (["pallas"] if backend == "tpu" else [])
-    note = "" if backend == "tpu" else f"{backend}: no Pallas kernel here (reference and blocked)"
+    kernel = {"tpu": ["pallas"], "cpu": ["cpu"]}.get(backend, [])
+    impls = ["reference", "blocked", "in-step", *kernel]
+    note = "" if kernel else f"{backend}: no kernel here (reference and blocked)"
     rows = []
     for shape in shapes(small=backend == "cpu"):
         inputs, slots = make_inputs(shape)
@@ -144,6 +146,8 @@ def main() -> None:
             row[f"{impl}_x_floor"] = us / row["floor_us"] if peak else None
         row["blocked_vs_reference"] = row["reference_us"] / row["blocked_us"]
         row["in_step_vs_blocked"] = row["blocked_us"] / row["in-step_us"]
+        if "cpu" in impls:
+            row["cpu_vs_in_step"] = row["in-step_us"] / row["cpu_us"]
         rows.append(row)
     report = {
         "backend": backend,
@@ -156,7 +160,7 @@ def main() -> None:
     print(f"backend {backend} ({kind})  peak {peak or '?'} GB/s  jax {jax.__version__}  {note}")
     head = f"{'shape':>11} {'tokens':>6} {'floor MB':>8} {'floor us':>9}"
     head += "".join(f" {i + ' us':>13} {'GB/s':>7} {'x floor':>7}" for i in impls)
-    print(head + " blocked/ref in-step/blocked")
+    print(head + " blocked/ref in-step/blocked" + (" cpu/in-step" if "cpu" in impls else ""))
     for r in rows:
         line = f"{r['name']:>11} {r['tokens']:>6} {r['floor_bytes'] / 1e6:>8.2f} {r['floor_us'] or float('nan'):>9.1f}"
         for i in impls:
@@ -164,7 +168,8 @@ def main() -> None:
             line += (
                 f" {r[f'{i}_us']:>13.1f} {r[f'{i}_gbps']:>7.1f} {x if x else float('nan'):>7.1f}"
             )
-        print(line + f" {r['blocked_vs_reference']:>10.1f}x {r['in_step_vs_blocked']:>14.2f}x")
+        line += f" {r['blocked_vs_reference']:>10.1f}x {r['in_step_vs_blocked']:>14.2f}x"
+        print(line + (f" {r['cpu_vs_in_step']:>10.2f}x" if "cpu_vs_in_step" in r else ""))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     print(f"wrote {args.out}")
