@@ -49,29 +49,45 @@ inline uint16_t F32ToBf16(float f) {  // round to nearest even, NaN stays NaN
 
 enum class Kind { kF32, kBf16, kF16 };
 
-inline float Load(const void* base, int64_t i, Kind kind) {
+// x[offset, offset + n) * scale as float32 into dst; one loop per dtype so each vectorises.
+void ToF32(const void* x, int64_t offset, int64_t n, Kind kind, float scale, float* dst) {
   switch (kind) {
-    case Kind::kF32:
-      return static_cast<const float*>(base)[i];
-    case Kind::kBf16:
-      return Bf16ToF32(static_cast<const uint16_t*>(base)[i]);
-    case Kind::kF16:
-      return static_cast<float>(static_cast<const _Float16*>(base)[i]);
+    case Kind::kF32: {
+      const float* src = static_cast<const float*>(x) + offset;
+      for (int64_t i = 0; i < n; ++i) dst[i] = src[i] * scale;
+      break;
+    }
+    case Kind::kBf16: {
+      const uint16_t* src = static_cast<const uint16_t*>(x) + offset;
+      for (int64_t i = 0; i < n; ++i) dst[i] = Bf16ToF32(src[i]) * scale;
+      break;
+    }
+    case Kind::kF16: {
+      const _Float16* src = static_cast<const _Float16*>(x) + offset;
+      for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]) * scale;
+      break;
+    }
   }
-  return 0.0f;
 }
 
-inline void Store(void* base, int64_t i, float x, Kind kind) {
+// src[0, n) * scale stored into x[offset, offset + n) in x's dtype.
+void FromF32(const float* src, int64_t n, float scale, Kind kind, void* x, int64_t offset) {
   switch (kind) {
-    case Kind::kF32:
-      static_cast<float*>(base)[i] = x;
+    case Kind::kF32: {
+      float* dst = static_cast<float*>(x) + offset;
+      for (int64_t i = 0; i < n; ++i) dst[i] = src[i] * scale;
       break;
-    case Kind::kBf16:
-      static_cast<uint16_t*>(base)[i] = F32ToBf16(x);
+    }
+    case Kind::kBf16: {
+      uint16_t* dst = static_cast<uint16_t*>(x) + offset;
+      for (int64_t i = 0; i < n; ++i) dst[i] = F32ToBf16(src[i] * scale);
       break;
-    case Kind::kF16:
-      static_cast<_Float16*>(base)[i] = static_cast<_Float16>(x);
+    }
+    case Kind::kF16: {
+      _Float16* dst = static_cast<_Float16*>(x) + offset;
+      for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<_Float16>(src[i] * scale);
       break;
+    }
   }
 }
 
@@ -120,8 +136,7 @@ const float* Rows(const Problem& p, const void* cache, int64_t offset, int64_t n
     return static_cast<const float*>(cache) + offset;
   }
   for (int64_t r = 0; r < n; ++r)
-    for (int64_t d = 0; d < p.dim; ++d)
-      scratch[r * p.dim + d] = Load(cache, offset + r * row_stride + d, p.kv_kind);
+    ToF32(cache, offset + r * row_stride, p.dim, p.kv_kind, 1.0f, scratch + r * p.dim);
   *stride = p.dim;
   return scratch;
 }
@@ -293,8 +308,7 @@ void RunItem(const Problem& p, const Item& it, Scratch& w) {
   for (int64_t i = 0; i < it.count; ++i)
     for (int64_t h = 0; h < p.heads; ++h) {
       const int64_t src = ((it.first + i) * p.heads + h) * dim;
-      float* dst = w.q.data() + row(i, h) * dim;
-      for (int64_t d = 0; d < dim; ++d) dst[d] = Load(p.q, src + d, p.q_kind) * p.scale;
+      ToF32(p.q, src, dim, p.q_kind, p.scale, w.q.data() + row(i, h) * dim);
     }
   const int32_t* table = p.block_tables + static_cast<int64_t>(it.req) * p.pages_per_seq;
   const int64_t page_elems = page_size * p.kv_heads * dim;
@@ -335,7 +349,7 @@ void RunItem(const Problem& p, const Item& it, Scratch& w) {
       const int64_t dst = ((it.first + i) * p.heads + h) * dim;
       // A row that saw no key (cannot happen for a valid position) is 0, never NaN.
       const float inv = w.l[r] > 0.0f ? 1.0f / w.l[r] : 0.0f;
-      for (int64_t d = 0; d < dim; ++d) Store(p.out, dst + d, w.acc[r * dim + d] * inv, p.q_kind);
+      FromF32(w.acc.data() + r * dim, dim, inv, p.q_kind, p.out, dst);
     }
 }
 
