@@ -25,6 +25,7 @@ import numpy as np
 TARGET = "aotlm_paged_attention_cpu_v1"
 _SYMBOL = "AotlmPagedAttentionCpuV1"
 _LIBRARY_STEM = "_cpu_attention"
+_LOADED: list[ctypes.CDLL] = []
 
 
 class KernelUnavailable(RuntimeError):
@@ -51,9 +52,11 @@ def _register() -> str | None:
             "(`pip install -e .` or scripts/venv.sh, which compile it with the C++ compiler)"
         )
     try:
-        handler = getattr(ctypes.CDLL(str(path)), _SYMBOL)
+        library = ctypes.CDLL(str(path))
+        handler = getattr(library, _SYMBOL)
     except (OSError, AttributeError) as e:
         return f"{path} cannot be loaded ({e}): reinstall aotlm to rebuild it"
+    _LOADED.append(library)  # XLA keeps calling into it: never let it be collected
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(handler), platform="cpu")
     return None
 
