@@ -155,10 +155,13 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def served(bundle: Path, port: int, log: Path) -> Iterator[tuple[str, float, int]]:
+def served(
+    bundle: Path, port: int, log: Path, stream_interval: int = 1
+) -> Iterator[tuple[str, float, int]]:
     """`aotlm serve` in a subprocess; yields (base url, seconds until /ready answered 200, pid)."""
     cmd = [sys.executable, "-m", "aotlm", "serve", str(bundle), "--port", str(port)]
     cmd += ["--max-queued-requests", "4096", "--drain-timeout", "5"]
+    cmd += ["--stream-interval", str(stream_interval)]
     base = f"http://127.0.0.1:{port}"
     with log.open("wb") as out:
         start = time.perf_counter()
@@ -381,6 +384,12 @@ def parse_args() -> argparse.Namespace:
         help="Load generator: httpx + json.loads (default: light, so the client takes less of "
         "the cores the server runs on) or the official openai client.",
     )
+    ap.add_argument(
+        "--stream-interval",
+        type=int,
+        default=1,
+        help="The server's --stream-interval: tokens per SSE event (first and last at once).",
+    )
     ap.add_argument("--seed", type=int, default=0, help="Seed of prompt and output lengths.")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/serve.json")
     return ap.parse_args()
@@ -389,7 +398,8 @@ def parse_args() -> argparse.Namespace:
 def serve_workloads(
     args, log: Path, bundle: Path, model: str, workloads: dict, warm: list[Request]
 ) -> dict:
-    with served(bundle, args.port or free_port(), log) as (base, ready_s, pid):
+    port = args.port or free_port()
+    with served(bundle, port, log, args.stream_interval) as (base, ready_s, pid):
         warm_up = _closed_loop(base, model, warm, args.concurrency, client_kind=args.client)
         asyncio.run(warm_up)  # untimed: first runs of the executables happen here
         note(f"serving {bundle} on {base} (ready in {ready_s:.1f} s)")

@@ -163,6 +163,34 @@ def test_n_choices_each_finish(engine, fake):
     assert all(len(c.logprobs) == len(c.token_ids) for o in outs for c in o.choices)
 
 
+@pytest.mark.parametrize("n", [1, 2])
+def test_stream_interval_sends_fuller_events_losing_nothing(fake, n):
+    """interval 4, one token per step: the first token at once, then events of 4, and the
+    last (short) one at once; the same tokens and text as interval 1, for every choice."""
+    params = SamplingParams(n=n, max_tokens=10)
+    streams = {}
+    for interval in (1, 4):
+        ae = AsyncEngine(lambda: fake, stream_interval=interval)
+        assert ae.wait_loaded(5)
+        try:
+            streams[interval] = _run(_collect(ae, "hi", params))
+        finally:
+            ae.shutdown()
+    for index in range(n):
+        sizes = {
+            k: [len(c.token_ids) for o in outs for c in o.choices if c.index == index]
+            for k, outs in streams.items()
+        }
+        assert sizes == {1: [1] * 10, 4: [1, 4, 4, 1]}
+        texts = {
+            k: "".join(c.text for o in outs for c in o.choices if c.index == index)
+            for k, outs in streams.items()
+        }
+        assert texts[1] == texts[4] != ""
+    with pytest.raises(ValueError, match="stream_interval"):
+        AsyncEngine(lambda: fake, stream_interval=0)
+
+
 def test_leaving_the_stream_aborts_and_frees_pages(engine, fake):
     fake.step_delay = 0.005
 

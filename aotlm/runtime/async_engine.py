@@ -226,7 +226,11 @@ def _settle(future: asyncio.Future, error: BaseException | None) -> None:
 class AsyncEngine(BackgroundWorker[Engine]):
     """Owns the engine thread. Build with `from_bundle`; `load` runs on the engine thread."""
 
-    def __init__(self, load: Callable[[], Engine]) -> None:
+    def __init__(self, load: Callable[[], Engine], stream_interval: int = 1) -> None:
+        if stream_interval < 1:
+            raise ValueError(f"stream_interval must be >= 1 (got {stream_interval})")
+        # A request's tokens go out once this many are unsent (its first and last at once).
+        self.stream_interval = stream_interval
         self._inbox: list[_Add | _Abort] = []  # guarded by _cv
         self._in_flight = 0  # requests submitted and not yet finished; guarded by _cv
         self._queued = 0  # of those, not yet scheduled once; guarded by _cv
@@ -234,9 +238,11 @@ class AsyncEngine(BackgroundWorker[Engine]):
         super().__init__(load, "aotlm-engine")
 
     @classmethod
-    def from_bundle(cls, path: Path | str, **engine_kwargs: object) -> AsyncEngine:
+    def from_bundle(
+        cls, path: Path | str, *, stream_interval: int = 1, **engine_kwargs: object
+    ) -> AsyncEngine:
         """Start loading `path` in the background (`/ready` says when it is done)."""
-        return cls(lambda: Engine.from_bundle(path, **engine_kwargs))
+        return cls(lambda: Engine.from_bundle(path, **engine_kwargs), stream_interval)
 
     @property
     def num_queued(self) -> int:
@@ -369,7 +375,7 @@ class AsyncEngine(BackgroundWorker[Engine]):
         outputs = []
         for rid, seqs in by_request.items():
             tracked = self._requests.get(rid)
-            if tracked is None:
+            if tracked is None or self._holds(tracked, seqs):
                 continue
             out = self._output(engine, tracked, seqs, now)
             outputs.append((tracked.stream, out))
@@ -377,6 +383,20 @@ class AsyncEngine(BackgroundWorker[Engine]):
                 del self._requests[rid]
                 self._release(engine, tracked)
         _put_all(outputs, HANDOFF_WAIT_S if engine.runs_on_host else 0.0)
+        return True
+
+    def _holds(self, tracked: _Tracked, seqs: list[Sequence]) -> bool:
+        """Whether a request's new tokens wait for more (`stream_interval`): every SSE event
+        costs the event loop the same whatever it carries, so fewer, fuller events leave more
+        of the machine to the engine. Nothing waits that is a choice's first token or last."""
+        if self.stream_interval == 1:
+            return False
+        for seq in seqs:
+            sent = tracked.sent_tokens[seq.index]
+            if seq.is_finished or sent == 0:
+                return False
+            if seq.num_output_tokens - sent >= self.stream_interval:
+                return False
         return True
 
     def _output(

@@ -61,6 +61,14 @@ from aotlm.runtime.trust import TrustPolicy
     "streaming; more: fewer host round trips, tokens streamed in bursts.",
 )
 @click.option(
+    "--stream-interval",
+    default=1,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Stream a choice's tokens in events of at least N (its first token and its last at "
+    "once): fewer, fuller SSE events cost the server less per token; 1: every step's tokens.",
+)
+@click.option(
     "--record-trace",
     type=click.Path(dir_okay=False, path_type=Path),
     default=None,
@@ -78,6 +86,7 @@ def serve(
     drain_timeout: float,
     served_model_name: str | None,
     decode_steps: int | None,
+    stream_interval: int,
     record_trace: Path | None,
     trust: TrustPolicy,
     require_signed: bool,
@@ -101,6 +110,7 @@ def serve(
             trust=trust,
             record_trace=record_trace,
             decode_steps=decode_steps,
+            stream_interval=stream_interval,
         )
     except AotlmError as e:
         raise click.ClickException(str(e)) from e

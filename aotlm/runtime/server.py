@@ -332,10 +332,13 @@ def run_server(
     trust: TrustPolicy | None = None,
     record_trace: Path | str | None = None,
     decode_steps: int | None = None,
+    stream_interval: int = 1,
 ) -> None:
     """Load `bundle` in the background and serve it until SIGTERM / SIGINT.
 
     `decode_steps`: the engine's most decode steps per device call (None: the bundle's).
+    `stream_interval`: a streamed choice's tokens go out in events of at least this many (its
+    first token and its last at once).
 
     `record_trace` appends one line per served sequence to that JSONL file (see trace_recorder).
 
@@ -355,7 +358,11 @@ def run_server(
     else:
         decode_steps_for(bundle, manifest["serving"], decode_steps)  # refused before loading
         engine = AsyncEngine.from_bundle(
-            bundle, strict=strict, trust=trust, decode_steps=decode_steps
+            bundle,
+            stream_interval=stream_interval,
+            strict=strict,
+            trust=trust,
+            decode_steps=decode_steps,
         )
     app = create_app(
         engine, model_name=name, api_key=api_key, max_queued=max_queued_requests, trace=trace
