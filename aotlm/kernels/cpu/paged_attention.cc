@@ -175,6 +175,25 @@ inline V8 LoadV(const float* x) { return *reinterpret_cast<const V8Unaligned*>(x
 
 inline void StoreV(float* x, V8 v) { *reinterpret_cast<V8Unaligned*>(x) = v; }
 
+typedef int32_t I8 __attribute__((vector_size(32)));
+
+inline V8 Splat(float x) { return V8{} + x; }
+
+// ExpNonPositive on eight lanes: the same polynomial, the rounding by the 1.5 * 2^23 trick.
+inline V8 ExpV(V8 x) {
+  x = x < Splat(-87.0f) ? Splat(-87.0f) : x;
+  const V8 n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  const V8 r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+  V8 y = Splat(1.9875691500e-4f);
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * r * r + r + 1.0f;
+  return (V8)((I8)y + (__builtin_convertvector(n, I8) << 23));
+}
+
 // r[i] = sum of a[i]'s lanes: eight horizontal sums in 7 shuffle-adds instead of 8 x 3.
 inline V8 Sum8(const V8* a) {
   V8 t[4], u[2];
@@ -214,9 +233,11 @@ void RowBlock(const Problem& p, const Item& it, Scratch& w, int64_t base, int64_
   if (j_hi <= j_lo) return;
   const float* q[B];
   float* s[B];
+  const int64_t sp = (page_size + kLanes - 1) / kLanes * kLanes;  // a row of w.s
   for (int b = 0; b < B; ++b) {
     q[b] = w.q.data() + (base + r0 + b) * dim;
-    s[b] = w.s.data() + b * page_size;
+    s[b] = w.s.data() + b * sp;
+    for (int64_t c = 0; c < sp; c += kLanes) StoreV(s[b] + c, Splat(kNone));
   }
   // Scores in tiles of B rows x (8 / B) keys: eight accumulators reduced together.
   constexpr int kKeys = kLanes / B;
@@ -251,28 +272,33 @@ void RowBlock(const Problem& p, const Item& it, Scratch& w, int64_t base, int64_
   for (int b = 0; b < B; ++b)
     for (int64_t jj = j_lo; jj < j_hi; ++jj)
       if (jj < lo[b] || jj >= hi[b]) s[b][jj] = kNone;
+  // The softmax over the whole (padded) page row, invisible keys at -inf: every lane holds the
+  // same key whichever keys the block's other rows see, so a row's sums never depend on them.
   float correction[B];
   for (int b = 0; b < B; ++b) {
     const int64_t r = base + r0 + b;
+    V8 most = Splat(kNone);
+    for (int64_t c = 0; c < sp; c += kLanes) {
+      const V8 x = LoadV(s[b] + c);
+      most = x > most ? x : most;
+    }
     float page_max = kNone;
-    for (int64_t j = j_lo; j < j_hi; ++j) page_max = std::max(page_max, s[b][j]);
+    for (int i = 0; i < kLanes; ++i) page_max = std::max(page_max, most[i]);
     if (page_max == kNone) {  // nothing visible to this row on this page
       correction[b] = 1.0f;
-      for (int64_t j = j_lo; j < j_hi; ++j) s[b][j] = 0.0f;
+      for (int64_t c = 0; c < sp; c += kLanes) StoreV(s[b] + c, V8{});
       continue;
     }
     const float m_new = std::max(w.m[r], page_max);
     correction[b] = ExpNonPositive(w.m[r] - m_new);  // 0 on a row's first visible key
-#pragma omp simd
-    for (int64_t j = j_lo; j < j_hi; ++j) {
-      const float e = ExpNonPositive(s[b][j] - m_new);
-      s[b][j] = s[b][j] == kNone ? 0.0f : e;
+    V8 sum = {};
+    for (int64_t c = 0; c < sp; c += kLanes) {
+      const V8 x = LoadV(s[b] + c);
+      const V8 e = x == Splat(kNone) ? V8{} : ExpV(x - m_new);
+      StoreV(s[b] + c, e);
+      sum += e;
     }
-    // In key order, not vectorised: a vector sum's lanes would depend on j_lo, which depends
-    // on the other rows of the block, and a row's output must not.
-    float sum = 0.0f;
-    for (int64_t j = j_lo; j < j_hi; ++j) sum += s[b][j];
-    w.l[r] = w.l[r] * correction[b] + sum;
+    w.l[r] = w.l[r] * correction[b] + Sum(sum);
     w.m[r] = m_new;
   }
   for (int64_t d = 0; d < dim; d += kLanes) {
@@ -297,7 +323,7 @@ void RunItem(const Problem& p, const Item& it, Scratch& w) {
   w.acc.assign(rows * dim, 0.0f);
   w.m.assign(rows, -std::numeric_limits<float>::infinity());
   w.l.assign(rows, 0.0f);
-  w.s.resize(4 * page_size);
+  w.s.resize(4 * ((page_size + kLanes - 1) / kLanes * kLanes));
   w.keys.resize(page_size * dim);
   w.values.resize(page_size * dim);
   // w's row of token i, query head h (KV head h / group): its KV head's rows, then i, then h's
@@ -313,10 +339,11 @@ void RunItem(const Problem& p, const Item& it, Scratch& w) {
   const int32_t* table = p.block_tables + static_cast<int64_t>(it.req) * p.pages_per_seq;
   const int64_t page_elems = page_size * p.kv_heads * dim;
   const int64_t page_bytes = page_elems * (p.kv_kind == Kind::kF32 ? 4 : 2);
-  for (int64_t start = it.lo; start < it.hi;) {
+  // Whole pages from the one holding it.lo: a key's place in a page row (its softmax lane)
+  // never depends on where the block's window starts; keys before a row's window are masked.
+  for (int64_t start = it.lo / page_size * page_size; start < it.hi;) {
     const int64_t logical = start / page_size;
-    const int64_t begin = start % page_size;
-    const int64_t n = std::min<int64_t>(page_size, it.hi - logical * page_size) - begin;
+    const int64_t n = std::min<int64_t>(page_size, it.hi - start);
     const int64_t page = std::clamp<int64_t>(table[logical], 0, p.num_pages - 1);
     if (start + n < it.hi) {
       // The next page is anywhere in the pool: no hardware prefetcher guesses it.
@@ -329,7 +356,7 @@ void RunItem(const Problem& p, const Item& it, Scratch& w) {
     }
     for (int64_t kv = 0; kv < p.kv_heads; ++kv) {
       const int64_t offset =
-          ((p.layer_offset + page) * page_size + begin) * p.kv_heads * dim + kv * dim;
+          (p.layer_offset + page) * page_size * p.kv_heads * dim + kv * dim;
       int64_t ks, vs;
       const float* keys = Rows(p, p.k, offset, n, &ks, w.keys.data());
       const float* values = Rows(p, p.v, offset, n, &vs, w.values.data());
