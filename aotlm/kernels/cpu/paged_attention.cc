@@ -2,7 +2,7 @@
 //
 // Why a kernel: on XLA:CPU the blocked jnp path spends most of a decode step gathering KV pages
 // (~6 GB/s effective inside its loops) and in loop/thunk overhead. This walks each request's
-// pages in place, once per (query block, KV head), with an online softmax.
+// pages in place, once per block of up to 8 of its tokens (all heads), with an online softmax.
 //
 // Contract: exactly aotlm/kernels/attention.py:paged_attention_ref (its jnp twin and oracle).
 // Token t attends to key positions [max(0, pos - window + 1), pos] of request token_req[t]
