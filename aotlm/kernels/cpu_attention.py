@@ -5,8 +5,9 @@ overhead; the kernel walks each request's pages in place. Its twin and oracle is
 ``attention.paged_attention_ref`` (same contract, tests compare them).
 
 The library is compiled when aotlm is installed (setup.py, against jaxlib's FFI headers) and
-registered with XLA when this module is imported, before any bundle is deserialized: a compiled
-or StableHLO graph that calls ``TARGET`` only resolves it when XLA compiles or loads it. The
+registered with XLA on first use: when a graph lowers the kernel, and by the loader before it
+deserializes a bundle whose manifest lists ``TARGET`` (a compiled or StableHLO graph that calls
+it resolves the target only when XLA compiles or loads it). The
 target name carries a version: a change to the kernel's contract gets a new name, so a bundle
 never runs against a kernel that computes something else.
 """
@@ -59,10 +60,6 @@ def _register() -> str | None:
     _LOADED.append(library)  # XLA keeps calling into it: never let it be collected
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(handler), platform="cpu")
     return None
-
-
-def available() -> bool:
-    return _register() is None
 
 
 def require() -> None:
