@@ -140,9 +140,10 @@ def paged_attention(
     impl: "auto" (the Pallas kernel on TPU, on CPU the C++ kernel or with ``cpu="jnp"`` the
     blocked jnp path, the blocked path on GPU; chosen per platform inside the graph),
     "reference", "blocked", "pallas" (TPU only), "interpret" (the Pallas kernel in its TPU
-    interpreter; tests on CPU) or "cpu" (the C++ kernel). ``block_sizes`` only affects the Pallas kernel. ``slots``: where this step
-    wrote each token's k/v (0 for padding); the blocked path then attends to the step's own keys
-    without walking the pages for them. The result is the same with or without it.
+    interpreter; tests on CPU) or "cpu" (the C++ kernel). ``block_sizes`` only affects the
+    Pallas kernel. ``slots``: where this step wrote each token's k/v (0 for padding); the blocked
+    path then attends to the step's own keys without walking the pages for them. The result is
+    the same with or without it.
     """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS} (got {impl!r})")
