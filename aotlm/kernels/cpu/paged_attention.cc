@@ -145,26 +145,6 @@ struct Scratch {
   std::vector<float> q, acc, m, l, s, keys, values;
 };
 
-// exp(x) for x <= 0 in float32 (relative error ~2e-7), branch-free so loops over it vectorize;
-// std::exp is a libm call per element.
-inline float ExpNonPositive(float x) {
-  x = std::max(x, -87.0f);
-  const float n = std::nearbyint(x * 1.44269504088896341f);
-  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;  // x - n ln2 in two parts
-  float y = 1.9875691500e-4f;
-  y = y * r + 1.3981999507e-3f;
-  y = y * r + 8.3334519073e-3f;
-  y = y * r + 4.1665795894e-2f;
-  y = y * r + 1.6666665459e-1f;
-  y = y * r + 5.0000001201e-1f;
-  y = y * r * r + r + 1.0f;
-  int32_t bits;
-  std::memcpy(&bits, &y, sizeof(bits));
-  bits += static_cast<int32_t>(n) << 23;  // * 2^n; n >= -126 since x >= -87
-  std::memcpy(&y, &bits, sizeof(y));
-  return y;
-}
-
 // Eight float lanes in GCC/Clang's portable vector extension: the compiler maps it to AVX/NEON
 // registers where they exist and splits it where they do not.
 typedef float V8 __attribute__((vector_size(32)));
@@ -179,7 +159,8 @@ typedef int32_t I8 __attribute__((vector_size(32)));
 
 inline V8 Splat(float x) { return V8{} + x; }
 
-// ExpNonPositive on eight lanes: the same polynomial, the rounding by the 1.5 * 2^23 trick.
+// exp(x) for x <= 0 on eight lanes in float32 (relative error ~2e-7): branch-free, so it
+// vectorises (std::exp is a libm call per element); rounds by the 1.5 * 2^23 trick.
 inline V8 ExpV(V8 x) {
   x = x < Splat(-87.0f) ? Splat(-87.0f) : x;
   const V8 n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
@@ -290,7 +271,7 @@ void RowBlock(const Problem& p, const Item& it, Scratch& w, int64_t base, int64_
       continue;
     }
     const float m_new = std::max(w.m[r], page_max);
-    correction[b] = ExpNonPositive(w.m[r] - m_new);  // 0 on a row's first visible key
+    correction[b] = ExpV(Splat(w.m[r] - m_new))[0];  // ~0 first: acc, l still 0
     V8 sum = {};
     for (int64_t c = 0; c < sp; c += kLanes) {
       const V8 x = LoadV(s[b] + c);
