@@ -1,12 +1,14 @@
-"""The device sampler (aotlm/kernels/sampling.py): penalties against a numpy reference."""
+"""The device sampler (aotlm/kernels/sampling.py): greedy picks against jnp.argmax, penalties against
+a numpy reference."""
 
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from aotlm.kernels.sampling import apply_penalties, sample, sample_penalized
+from aotlm.kernels.sampling import apply_penalties, greedy_tokens, sample, sample_penalized
 
 V, S = 50, 24
 
@@ -40,6 +42,22 @@ def random_inputs(rng: np.random.Generator, rows: int):
     frequency = rng.uniform(-2, 2, rows).astype(np.float32)
     repetition = rng.uniform(0.5, 2.5, rows).astype(np.float32)
     return logits, history, prompt_len, presence, frequency, repetition
+
+
+@pytest.mark.parametrize("dtype", [np.float32, jnp.bfloat16])
+def test_greedy_tokens_equal_argmax_with_ties_nans_and_infinities(dtype):
+    rng = np.random.default_rng(0)
+    logits = rng.integers(-3, 4, (12, V)).astype(np.float32)  # small integers: many ties
+    logits[1] = -np.inf  # nothing allowed: index 0, as argmax
+    logits[2, [5, 9]] = np.nan  # the first NaN wins, as in argmax
+    logits[3] = np.nan
+    logits[4, 7] = np.inf
+    logits[5, [3, 30]] = np.inf
+    x = jnp.asarray(logits, dtype)
+    got = np.asarray(jax.jit(greedy_tokens)(x))
+    assert got.dtype == np.int32
+    np.testing.assert_array_equal(got, np.asarray(jnp.argmax(x, axis=-1)))
+    assert got[2] == 5 and got[5] == 3
 
 
 @pytest.mark.parametrize("seed", range(6))

@@ -41,8 +41,19 @@ def _mask_row(logits: jax.Array, top_k: jax.Array, top_p: jax.Array, min_p: jax.
     return logits
 
 
+def greedy_tokens(logits: jax.Array) -> jax.Array:
+    """``jnp.argmax(logits, axis=-1)`` as i32, ties and NaNs included (the first maximum, or the
+    first NaN), in two plain reductions: XLA:CPU runs argmax's (value, index) reduction one element
+    at a time, 3.8x slower on 16 x 1000 logits, and a decode step pays it for every token."""
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    vocab = logits.shape[-1]
+    hits = (logits == top) | jnp.isnan(logits)
+    ids = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+    return jnp.min(jnp.where(hits, ids, vocab), axis=-1)
+
+
 def _sample_row(logits, temperature, top_k, top_p, min_p, seed, step):
-    greedy = jnp.argmax(logits).astype(jnp.int32)
+    greedy = greedy_tokens(logits)
     safe_t = jnp.where(temperature > 0, temperature, 1.0)
     masked = _mask_row(logits / safe_t, top_k, top_p, min_p)
     key = jax.random.fold_in(jax.random.key(seed), step)
@@ -56,7 +67,7 @@ def _choose(logits, temperature, top_k, top_p, min_p, seed, step) -> jax.Array:
     return jax.lax.cond(
         jnp.any(temperature > 0),
         lambda: jax.vmap(_sample_row)(logits, temperature, top_k, top_p, min_p, seed, step),
-        lambda: jnp.argmax(logits, axis=-1).astype(jnp.int32),
+        lambda: greedy_tokens(logits),
     )
 
 
