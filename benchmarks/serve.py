@@ -11,8 +11,8 @@ finished (closed loop). The client is benchmarks/sse_client.py, one keep-alive c
 task, SSE parsed off the socket: client CPU per output token here 0.014 ms, against 0.052 ms for
 httpx (`--client httpx`) and 0.117 ms for the official client (`--client openai`,
 `max_retries=0`); on a 2-core machine the client's CPU is taken from the server, which served
-4982 / 4797 / 4007 tok/s with the three in one run. Prompts are token ids: windows of the tokenized corpus that ships
-in aotlm/data/, at distinct seeded offsets, after BOS. Workloads:
+4982 / 4797 / 4007 tok/s with the three in one run. Prompts are token ids: windows of the
+tokenized corpus that ships in aotlm/data/, at distinct seeded offsets, after BOS. Workloads:
 
   mixed          random prompt lengths (16..320 tokens) and output lengths (16..128 tokens);
                  --passes of them (mixed, mixed#2, ...), each with fresh prompts and lengths
