@@ -1,10 +1,10 @@
 """Serving benchmark: `aotlm serve` under load vs Hugging Face `transformers` generation.
 
-    .venv/bin/python benchmarks/serve.py [--requests 64] [--passes 5] [--concurrency 16]
+    .venv/bin/python benchmarks/serve.py [--requests 64] [--passes 7] [--concurrency 16]
         [--bundle DIR] [--client lean|httpx|openai] [--port P]
 
 Starts `aotlm serve` on 127.0.0.1 (on --bundle, or on a bundle built into a temp dir from the tiny
-checkpoint with tokens up to 512 and decode_steps 16, BENCH_YAML below) and drives it with
+checkpoint with tokens up to 512 and decode_steps 32, BENCH_YAML below) and drives it with
 streaming completions (greedy, `ignore_eos` so every request generates exactly its `max_tokens`)
 from `--concurrency` client tasks that each send the next request as soon as the last one
 finished (closed loop). The client is benchmarks/sse_client.py, one keep-alive connection per
@@ -24,15 +24,18 @@ untimed. Both prefix workloads send their first request alone, then the rest at 
 state of a long-lived system prompt, where only the very first request computes it (requests that
 arrive together before any of them has computed the prefix cannot share it).
 
-In the same run, after the server stops: aotlm's engine in this process without HTTP, in the same
+In the same run, interleaved with the served passes: `transformers` `model.generate` on the same
+checkpoint runs each mixed pass right after the server did (static batches of --concurrency, left
+padding, greedy, max_new_tokens = the batch's largest request; only requested tokens count), in
+two worker processes loaded before the server starts, one with 1 torch thread and one with a
+thread per core (torch's default), the faster counting per pass; the server idles meanwhile.
+Each pass's ratio compares the two sides a few seconds apart, so a slow spell of a shared machine
+hits both. After the server stops: aotlm's engine in this process without HTTP, in the same
 closed loop on the first mixed pass (splits served time into engine step time, by token bucket,
-and server/client overhead); then `transformers` `model.generate` on the same checkpoint and every
-mixed pass (static batches of --concurrency, left padding, greedy, max_new_tokens = the batch's
-largest request; only requested tokens count), in fresh processes with 1 torch thread and with
-one per core (torch's default), the faster counting per pass. The ratio reported is the median
-over passes of served / transformers output tokens per second, each pass on the same prompts.
-Greedy outputs are compared (served vs engine text, engine vs transformers token ids) so both
-sides are known to do the same work. Prints a table and writes benchmarks/results/serve.json.
+and server/client overhead). The ratio reported is the median over passes of served /
+transformers output tokens per second. Greedy outputs are compared (served vs engine text, engine
+vs transformers token ids) so both sides are known to do the same work. Prints a table and writes
+benchmarks/results/serve.json.
 Throughput is wall-clock, so on a shared machine it moves with the load (recorded before and
 after); CPU time per output token (server, client, engine alone, transformers) moves much less
 and says where the time goes.
@@ -78,7 +81,7 @@ buckets:
   page_size: 16
 targets: [cpu]
 name: tiny-llama-serve
-decode_steps: 16
+decode_steps: 32
 """
 PREFIX_TOKENS = 208  # 13 full pages of 16: all of it can be shared
 PREFIX_OUTPUT = 16
@@ -389,7 +392,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument(
         "--passes",
         type=int,
-        default=5,
+        default=7,
         help="Mixed-workload passes (fresh prompts each, served and transformers alike); the "
         "reported ratio is the median of the per-pass ratios.",
     )
@@ -420,8 +423,10 @@ def parse_args() -> argparse.Namespace:
 
 
 def serve_workloads(
-    args, log: Path, bundle: Path, model: str, workloads: dict, warm: list[Request]
+    args, log: Path, bundle: Path, model: str, workloads: dict, warm: list[Request], hf
 ) -> dict:
+    """Every workload on the server; right after each mixed pass, `hf` (TransformersBaseline) on
+    the same prompts while the server idles, so both sides of a pass's ratio see the same load."""
     port = args.port or free_port()
     with served(bundle, port, log, args.stream_interval) as (base, ready_s, pid):
         warm_up = _closed_loop(base, model, warm, args.concurrency, client_kind=args.client)
@@ -432,38 +437,70 @@ def serve_workloads(
             note(f"  {n}: {len(reqs)} requests at concurrency {args.concurrency}")
             lead = n.startswith("prefix")
             results[n] = run_workload(base, pid, model, reqs, args, lead)
+            if n.startswith("mixed"):
+                hf.run(reqs)
         compiles = scrape(base).get("aotlm:compiles_after_ready", float("nan"))
     return {"ready_s": ready_s, "workloads": results, "compiles_after_ready": compiles}
 
 
-def transformers_subprocess(
-    tmp: Path, args, passes: list[list[Request]], warm: list[Request], threads: int
-) -> list:
-    """The transformers baseline in a fresh process (no jax there) with `threads` torch threads."""
-    path = tmp / "requests.json"
-    data = {"warm": [asdict(r) for r in warm], "passes": [[asdict(r) for r in p] for p in passes]}
-    path.write_text(json.dumps(data), encoding="utf-8")
-    script = Path(__file__).with_name("serve_baselines.py")
-    cmd = [sys.executable, str(script), str(path), str(args.checkpoint), str(args.concurrency)]
-    proc = subprocess.run([*cmd, str(threads)], capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        raise RuntimeError(f"transformers baseline failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+# Seconds between one side's pass and the other's: the finished side's idle worker threads
+# (OpenMP's, XLA's) may spin a little before they sleep.
+SETTLE_S = 0.5
 
 
-def transformers_baseline(
-    tmp: Path, args, passes: list[list[Request]], warm: list[Request]
-) -> dict:
-    """Every pass with 1 torch thread and with one per core; per pass the faster counts. Returns
-    the first pass's result (with its token ids, for the agreement check) and "passes"."""
-    counts = sorted({1, os.cpu_count() or 1})
-    runs = {t: transformers_subprocess(tmp, args, passes, warm, t) for t in counts}
-    best = []
-    for i in range(len(passes)):
-        t = max(counts, key=lambda t: runs[t][i]["output_tok_s"])
-        tok_s = {f"threads={c}": runs[c][i]["output_tok_s"] for c in counts}
-        best.append(runs[t][i] | {"threads": t, "tok_s_by_threads": tok_s})
-    return best[0] | {"passes": [{k: v for k, v in p.items() if k != "token_ids"} for p in best]}
+class TransformersBaseline:
+    """transformers `generate` workers (serve_baselines.py, no jax in them), one with 1 torch
+    thread and one with a thread per core, loaded and warmed before the server starts; `run`
+    times a pass on each, the faster counting for that pass."""
+
+    def __init__(self, args, warm: list[Request]) -> None:
+        self.threads = sorted({1, os.cpu_count() or 1})
+        script = Path(__file__).with_name("serve_baselines.py")
+        cmd = [sys.executable, str(script), str(args.checkpoint), str(args.concurrency)]
+        self.procs = {
+            t: subprocess.Popen(
+                [*cmd, str(t)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+            )
+            for t in self.threads
+        }
+        self.passes: list[dict] = []
+        for t in self.threads:
+            self._ask(t, warm)
+
+    def _ask(self, threads: int, requests: Sequence[Request]) -> dict:
+        proc = self.procs[threads]
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write(json.dumps([asdict(r) for r in requests]) + "\n")
+        proc.stdin.flush()
+        line = proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"transformers baseline ({threads} threads) exited: {proc.wait()}")
+        return json.loads(line)
+
+    def run(self, requests: Sequence[Request]) -> None:
+        runs = {}
+        for t in self.threads:
+            time.sleep(SETTLE_S)
+            runs[t] = self._ask(t, requests)
+        time.sleep(SETTLE_S)
+        best = max(self.threads, key=lambda t: runs[t]["output_tok_s"])
+        tok_s = {f"threads={t}": runs[t]["output_tok_s"] for t in self.threads}
+        self.passes.append(runs[best] | {"threads": best, "tok_s_by_threads": tok_s})
+
+    def result(self) -> dict:
+        """The first pass's result (with its token ids, for the agreement check) and "passes"."""
+        passes = [{k: v for k, v in p.items() if k != "token_ids"} for p in self.passes]
+        return self.passes[0] | {"passes": passes}
+
+    def close(self) -> None:
+        for proc in self.procs.values():
+            if proc.stdin is not None:
+                proc.stdin.close()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
 def check_checkpoint(checkpoint: Path, cfg: dict) -> None:
@@ -486,7 +523,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         if args.bundle is None:
             note(
-                "building a bundle (tokens up to 512, requests up to 16, decode_steps 16, "
+                "building a bundle (tokens up to 512, requests up to 16, decode_steps 32, "
                 "max_seq_len 512)"
             )
         bundle = args.bundle or build_default_bundle(Path(tmp), args.checkpoint)
@@ -505,13 +542,16 @@ def main() -> None:
         workloads |= {f"mixed#{i + 1}": p for i, p in enumerate(passes) if i}
         workloads |= {"prefix-cold": cold, "prefix-shared": shared}
         log = Path(tmp) / "server.log"
-        served_run = serve_workloads(args, log, bundle, manifest["name"], workloads, warm)
+        note("transformers generate: workers with 1 and per-core torch threads, after each pass")
+        baseline = TransformersBaseline(args, warm)
+        try:
+            name = manifest["name"]
+            served_run = serve_workloads(args, log, bundle, name, workloads, warm, baseline)
+        finally:
+            baseline.close()
+        hf = baseline.result()
         note("aotlm engine in-process, no HTTP: mixed")
         offline = engine_offline(bundle, mixed, warm, args.concurrency)
-        note(
-            f"transformers generate: {args.passes} mixed passes, with 1 and per-core torch threads"
-        )
-        hf = transformers_baseline(Path(tmp), args, passes, warm)
     report = make_report(args, manifest, digest, load_avg, served_run, offline, hf)
     print_report(report)
     args.out.parent.mkdir(parents=True, exist_ok=True)

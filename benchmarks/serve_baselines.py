@@ -1,12 +1,14 @@
-"""Baselines for benchmarks/serve.py, run on the same prompts once the server has stopped.
+"""Baselines for benchmarks/serve.py, run on the same prompts as the served passes.
 
-- `transformers_generate`: what a Hugging Face user would do: `model.generate` over static batches
-  of `batch_size` prompts (left padding, attention mask), greedy, `max_new_tokens` = the largest
-  request of the batch, EOS ignored; only each request's own `max_tokens` count as useful output.
-  serve.py runs it in a fresh process (`python serve_baselines.py REQUESTS_JSON CHECKPOINT BATCH
-  THREADS` prints one JSON line: a list of passes), so no jax is loaded beside torch. PyTorch's
-  OpenMP threads degrade badly when the cores are oversubscribed, so serve.py runs every pass with
-  1 thread and with one per core (torch's default) and keeps the faster of the two per pass.
+- `transformers_generator`: what a Hugging Face user would do: `model.generate` over static
+  batches of `batch_size` prompts (left padding, attention mask), greedy, `max_new_tokens` = the
+  largest request of the batch, EOS ignored; only each request's own `max_tokens` count as useful
+  output. serve.py runs it in a worker process of its own (`python serve_baselines.py CHECKPOINT
+  BATCH THREADS`, see `worker`), so no jax is loaded beside torch, and has it run each mixed pass
+  right after the server ran the same pass: both sides of a ratio see the same machine load.
+  PyTorch's OpenMP threads degrade badly when the cores are oversubscribed, so serve.py keeps a
+  worker with 1 thread and one with a thread per core (torch's default) and counts the faster of
+  the two per pass.
 - `engine_offline`: aotlm's engine in this process with no HTTP, in the same closed loop as the
   served run (`concurrency` requests in flight), so the served numbers can be split into engine
   time and server/client overhead.
@@ -18,7 +20,7 @@ import copy
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,16 +33,11 @@ class Request:
     max_tokens: int
 
 
-def transformers_generate(
-    checkpoint: Path,
-    passes: Sequence[Sequence[Request]],
-    batch_size: int,
-    threads: int,
-    warm: Sequence[Request] = (),
-) -> list[dict]:
-    """Greedy `model.generate` over static batches, pass after pass (one model load), after an
-    untimed batch of `warm`; returns each pass's throughput and each request's tokens."""
-    requests = passes[0]
+def transformers_generator(
+    checkpoint: Path, threads: int
+) -> Callable[[Sequence[Request]], list[list[int]]]:
+    """The checkpoint loaded with `threads` torch threads; returns greedy `model.generate` over one
+    static batch (each request's own `max_tokens` tokens)."""
     import torch
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
@@ -70,11 +67,10 @@ def transformers_generate(
             )
         return [out[i, width : width + r.max_tokens].tolist() for i, r in enumerate(batch)]
 
-    generate(warm[:batch_size] or [Request(requests[0].prompt, 4)])  # warm-up, untimed
-    return [_timed_pass(generate, p, batch_size) for p in passes]
+    return generate
 
 
-def _timed_pass(generate, requests: Sequence[Request], batch_size: int) -> dict:
+def timed_pass(generate, requests: Sequence[Request], batch_size: int) -> dict:
     batches = [requests[i : i + batch_size] for i in range(0, len(requests), batch_size)]
     token_ids: list[list[int]] = []
     start, cpu = time.perf_counter(), time.process_time()
@@ -190,13 +186,24 @@ def engine_offline(
     }
 
 
+def worker(checkpoint: Path, batch_size: int, threads: int) -> None:
+    """The transformers baseline as a process serve.py drives: each stdin line is a JSON list of
+    requests ({"prompt", "max_tokens"}); the first is run untimed (warm-up) and answered with
+    {"ready": true}, every other one is a timed pass answered with `timed_pass`'s JSON line."""
+    generate = transformers_generator(checkpoint, threads)
+    for n, line in enumerate(sys.stdin):
+        requests = [Request(r["prompt"], r["max_tokens"]) for r in json.loads(line)]
+        if n == 0:
+            generate(requests[:batch_size])
+            result: dict = {"ready": True}
+        else:
+            result = timed_pass(generate, requests, batch_size)
+        print(json.dumps(result), flush=True)
+
+
 def main(argv: Sequence[str]) -> None:
-    requests_json, checkpoint, batch_size, threads = argv
-    data = json.loads(Path(requests_json).read_text(encoding="utf-8"))
-    passes = [[Request(r["prompt"], r["max_tokens"]) for r in p] for p in data["passes"]]
-    warm = [Request(r["prompt"], r["max_tokens"]) for r in data["warm"]]
-    result = transformers_generate(Path(checkpoint), passes, int(batch_size), int(threads), warm)
-    print(json.dumps(result))
+    checkpoint, batch_size, threads = argv
+    worker(Path(checkpoint), int(batch_size), int(threads))
 
 
 if __name__ == "__main__":
