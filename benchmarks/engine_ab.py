@@ -16,43 +16,25 @@ benchmarks/results/engine_ab.json.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import time
 from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import numpy as np
-from serve import PromptSource, mixed_requests
+from paired import ab_parser, paired_report, pass_meta, workload
 from serve_baselines import closed_loop
-
-from aotlm.bundle.reader import read_manifest
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("bundles", type=Path, nargs=2, metavar="BUNDLE", help="A (baseline), B")
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--passes", type=int, default=3, help="Distinct prompt sets per round.")
-    ap.add_argument("--requests", type=int, default=64, help="Requests per pass.")
-    ap.add_argument("--concurrency", type=int, default=16)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/engine_ab.json")
+    ap = ab_parser(__doc__, ROOT / "benchmarks/results/engine_ab.json")
     args = ap.parse_args()
 
     from aotlm.runtime.engine import Engine
 
-    manifest, _ = read_manifest(args.bundles[0])
-    cfg, max_seq = manifest["model"]["config"], manifest["serving"]["max_seq_len"]
-    rng = np.random.default_rng(args.seed)
-    tokenizer = args.bundles[0] / "tokenizer/tokenizer.json"
-    src = PromptSource(tokenizer, cfg["bos_token_id"], rng)
-    passes = [mixed_requests(src, rng, args.requests, max_seq) for _ in range(args.passes)]
-    warm = mixed_requests(src, rng, 2 * args.concurrency, max_seq)
+    _, passes, warm = workload(args.bundles[0], args)
     engines = [Engine.from_bundle(b) for b in args.bundles]
     for engine in engines:
         closed_loop(engine, warm, args.concurrency)
@@ -70,34 +52,8 @@ def main() -> None:
                 for s in seqs:
                     engine.release(s)
             differ.append(sum(a != b for a, b in zip(*ids, strict=True)))
-    ratios = np.asarray(tok_s[1]) / np.asarray(tok_s[0])
-    report = {
-        "bundles": [str(b) for b in args.bundles],
-        "rounds": args.rounds,
-        "passes": args.passes,
-        "requests": args.requests,
-        "concurrency": args.concurrency,
-        "tok_s": {"A": tok_s[0], "B": tok_s[1]},
-        "ratio_b_over_a": {
-            "median": float(np.median(ratios)),
-            "p10": float(np.percentile(ratios, 10)),
-            "p90": float(np.percentile(ratios, 90)),
-            "wins": int((ratios > 1).sum()),
-            "pairs": len(ratios),
-        },
-        "greedy_sequences_differing": differ,
-        "load_avg": os.getloadavg()[0],
-    }
-    print(f"{'pair':>5}{'A tok/s':>10}{'B tok/s':>10}{'B/A':>7}{'differ':>8}")
-    for i, (a, b) in enumerate(zip(*tok_s, strict=True)):
-        print(f"{i:>5}{a:>10.0f}{b:>10.0f}{b / a:>7.2f}{differ[i]:>8}")
-    r = report["ratio_b_over_a"]
-    print(
-        f"B/A median {r['median']:.3f} (p10 {r['p10']:.3f}, p90 {r['p90']:.3f}); B faster in "
-        f"{r['wins']}/{r['pairs']} pairs; greedy sequences differing: {sum(differ)} in total"
-    )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    meta = {"bundles": [str(b) for b in args.bundles]} | pass_meta(args)
+    paired_report(tok_s, differ, meta, args.out)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Serving benchmark: `aotlm serve` under load vs Hugging Face `transformers` generation.
 
-    .venv/bin/python benchmarks/serve.py [--requests 64] [--passes 7] [--concurrency 16]
+    .venv/bin/python benchmarks/serve.py [--requests 128] [--passes 7] [--concurrency 16]
         [--bundle DIR] [--client lean|httpx|openai] [--port P]
 
 Starts `aotlm serve` on 127.0.0.1 (on --bundle, or on a bundle built into a temp dir from the tiny
@@ -162,16 +162,27 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def served(
-    bundle: Path, port: int, log: Path, stream_interval: int = 1
+    bundle: Path,
+    port: int,
+    log: Path,
+    stream_interval: int = 1,
+    extra_args: Sequence[str] = (),
+    source: Path | None = None,
 ) -> Iterator[tuple[str, float, int]]:
-    """`aotlm serve` in a subprocess; yields (base url, seconds until /ready answered 200, pid)."""
+    """`aotlm serve` in a subprocess; yields (base url, seconds until /ready answered 200, pid).
+
+    extra_args: more `aotlm serve` options; source: run the aotlm package of this source tree
+    (e.g. a `git worktree` of a baseline) instead of the installed one."""
     cmd = [sys.executable, "-m", "aotlm", "serve", str(bundle), "--port", str(port)]
     cmd += ["--max-queued-requests", "4096", "--drain-timeout", "5"]
-    cmd += ["--stream-interval", str(stream_interval)]
+    cmd += ["--stream-interval", str(stream_interval), *extra_args]
+    env = None
+    if source is not None:
+        env = os.environ | {"PYTHONPATH": str(source.resolve())}
     base = f"http://127.0.0.1:{port}"
     with log.open("wb") as out:
         start = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
         try:
             while not _ready(base):
                 if proc.poll() is not None or time.perf_counter() - start > 300:
@@ -388,7 +399,13 @@ def summarize(requests, results: list[Result], wall: float, delta: dict[str, flo
 
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--requests", type=int, default=64, help="Requests in the mixed workload.")
+    ap.add_argument(
+        "--requests",
+        type=int,
+        default=128,
+        help="Requests per mixed pass (a served pass of 64 lasts ~0.7 s here: a short spell of "
+        "a shared machine's load moves it by tens of percent).",
+    )
     ap.add_argument(
         "--passes",
         type=int,
