@@ -164,8 +164,10 @@ def _put_all(outputs: Seq[tuple[RequestStream, RequestOutput]], wait: float = 0.
     On the CPU backend XLA splits every op of the next step across the same cores the event loop
     and its SSE writes run on; a reader that takes a core mid-step stalls the op's other half, and
     the step took ~30% longer served than alone (2 cores). Waiting the ~1 ms for the writes to go
-    out first was worth 5-10% of served throughput there. Devices that are not the host's cores
-    (TPU, GPU) do not wait: the step runs while the loop writes."""
+    out first was worth 5-10% of served throughput there (single steps; with 32-step decode
+    calls, whose matmuls of 16 rows leave a core idle, it is neutral: benchmarks/serve_ab.py,
+    9 pairs, B/A 1.001). Devices that are not the host's cores (TPU, GPU) do not wait: the step
+    runs while the loop writes."""
     by_loop: dict[asyncio.AbstractEventLoop, list] = {}
     for stream, out in outputs:
         by_loop.setdefault(stream._loop, []).append((stream._queue, out))
