@@ -16,7 +16,8 @@ tokenized corpus that ships in aotlm/data/, at distinct seeded offsets, after BO
 
   mixed          random prompt lengths (16..320 tokens) and output lengths (16..128 tokens);
                  --passes of them (mixed, mixed#2, ...), each with fresh prompts and lengths
-  prefix-cold    a 208-token prefix (13 KV pages) + an 8..32-token suffix, 16 output tokens;
+  prefix-cold    a 208-token prefix (13 KV pages of 16; whole pages, fewer where max_seq_len
+                 leaves no room) + an 8..32-token suffix, 16 output tokens;
                  every request has its own prefix, so nothing can be reused
   prefix-shared  the same suffixes and lengths, one prefix shared by every request
 Every side (server, engine alone, transformers) first runs 2 x --concurrency other mixed requests
@@ -133,11 +134,16 @@ def mixed_requests(src: PromptSource, rng: np.random.Generator, n: int, max_seq:
     ]
 
 
-def prefix_requests(src: PromptSource, rng: np.random.Generator, n: int) -> tuple[list, list]:
-    """(cold, shared): the same suffixes and lengths, distinct prefixes vs one shared prefix."""
+def prefix_requests(
+    src: PromptSource, rng: np.random.Generator, n: int, max_seq: int, page_size: int
+) -> tuple[list, list]:
+    """(cold, shared): the same suffixes and lengths, distinct prefixes vs one shared prefix of
+    whole pages (PREFIX_TOKENS, or what fits beside the longest suffix and the output)."""
+    room = (max_seq - 32 - PREFIX_OUTPUT) // page_size * page_size
+    prefix = min(PREFIX_TOKENS, room)
     suffixes = [src.window(int(k)) for k in rng.integers(8, 33, n)]
-    shared = src.prompt(PREFIX_TOKENS)
-    cold = [Request(src.prompt(PREFIX_TOKENS) + s, PREFIX_OUTPUT) for s in suffixes]
+    shared = src.prompt(prefix)
+    cold = [Request(src.prompt(prefix) + s, PREFIX_OUTPUT) for s in suffixes]
     return cold, [Request(shared + s, PREFIX_OUTPUT) for s in suffixes]
 
 
@@ -552,7 +558,8 @@ def main() -> None:
         max_seq = manifest["serving"]["max_seq_len"]
         passes = [mixed_requests(src, rng, args.requests, max_seq) for _ in range(args.passes)]
         mixed = passes[0]
-        cold, shared = prefix_requests(src, rng, args.prefix_requests)
+        page_size = manifest["serving"]["page_size"]
+        cold, shared = prefix_requests(src, rng, args.prefix_requests, max_seq, page_size)
         # Untimed warm-up for every side: fresh mixed prompts (no page shared with the timed ones).
         warm = mixed_requests(src, rng, 2 * args.concurrency, max_seq)
         workloads = {"mixed": mixed}
