@@ -487,8 +487,12 @@ class TransformersBaseline:
             for t in self.threads
         }
         self.passes: list[dict] = []
-        for t in self.threads:
-            self._ask(t, warm)
+        try:
+            for t in self.threads:
+                self._ask(t, warm)
+        except BaseException:
+            self.close()
+            raise
 
     def _ask(self, threads: int, requests: Sequence[Request]) -> dict:
         proc = self.procs[threads]

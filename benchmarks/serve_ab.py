@@ -28,7 +28,7 @@ from pathlib import Path
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 from paired import ab_parser, paired_report, pass_meta, workload
-from serve import _closed_loop, free_port, served
+from serve import SETTLE_S, _closed_loop, free_port, served
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -68,7 +68,7 @@ def main() -> None:
             for requests in passes:
                 texts = []
                 for side, base in enumerate(bases):
-                    time.sleep(0.5)  # the other server's idle threads settle
+                    time.sleep(SETTLE_S)  # the other server's idle threads settle
                     rate, text = run(base, requests)
                     tok_s[side].append(rate)
                     texts.append(text)
