@@ -17,10 +17,23 @@ import jaxlib
 from jax import export as jax_export
 
 import aotlm
-from aotlm.bundle import FORMAT_VERSION, write_bundle
+from aotlm.bundle import write_bundle
+from aotlm.bundle.built_here import BuiltHere
 from aotlm.bundle.digest import sha256_bytes
-from aotlm.bundle.format import FORMAT_NAME, WEIGHTS_FILE
-from aotlm.cache import BuildCache, LocalRegistry, cache_key, default_cache_dir
+from aotlm.bundle.executables import compile_exported, memory_stats, serialize_compiled
+from aotlm.bundle.format import WEIGHTS_FILE
+from aotlm.bundle.manifest import (
+    Attention,
+    Buckets,
+    CompiledTarget,
+    Executable,
+    Function,
+    Manifest,
+    ModelInfo,
+    Serving,
+    TargetEntry,
+)
+from aotlm.cache import BuildCache, cache_key
 from aotlm.config import BuildConfig
 from aotlm.errors import CheckpointError, ConfigError
 from aotlm.kernels.cpu_attention import TARGET as CPU_ATTENTION_TARGET
@@ -30,7 +43,7 @@ from aotlm.models.checkpoint import flatten_params
 from aotlm.models.registry import DECODER, ModelFamily, family_for_checkpoint
 from aotlm.models.sharding import check_mesh
 from aotlm.safetensors_io import serialize_safetensors
-from aotlm.trace.compile import compile_exported, memory_stats, serialize_compiled
+from aotlm.state_dir import default_cache_dir
 from aotlm.trace.export import aval_list, export_step, shardings_entry, target_platforms
 from aotlm.trace.memory import check_plan, memory_plan, nbytes
 from aotlm.trace.signatures import StepSpec, params_avals
@@ -220,56 +233,56 @@ def _build_steps(builder: _Builder, specs, jobs: int, progress: Progress | None)
     return results
 
 
-def _target_entries(build, plans, steps, resident) -> tuple[dict, dict]:
-    """(manifest "compiled", manifest "targets"); checks each target's memory plan."""
+def _target_entries(
+    build, plans, steps, resident
+) -> tuple[dict[str, CompiledTarget], dict[str, TargetEntry]]:
+    """(manifest `compiled`, manifest `targets`); checks each target's memory plan."""
     compiled, targets = {}, {}
     for plan in plans:
         t = plan.target
         execs = None
         if plan.tier == COMPILED:
-            entries = [
-                {
-                    "name": s.spec.name,
-                    "bucket": s.spec.bucket,
-                    "file": compiled_file(t, s.spec),
-                    "memory": s.compiled[t.name][1],
-                }
+            entries = tuple(
+                Executable(
+                    s.spec.name, s.spec.bucket, compiled_file(t, s.spec), s.compiled[t.name][1]
+                )
                 for s in steps
-            ]
-            compiled[t.name] = {"fingerprint": plan.fingerprint, "executables": entries}
-            execs = {e["file"]: e["memory"] for e in entries}
+            )
+            compiled[t.name] = CompiledTarget(plan.fingerprint, entries)
+            execs = {e.file: e.memory for e in entries}
         mem = memory_plan(t, build, *resident, execs)
         check_plan(t, build, mem)
-        targets[t.name] = {"tier": plan.tier, "reason": plan.reason, "memory_plan": mem}
+        targets[t.name] = TargetEntry(plan.tier, plan.reason, mem)
     return compiled, targets
 
 
-def _serving(build: BuildConfig, family: ModelFamily, platforms: tuple[str, ...]) -> dict:
+def _serving(
+    build: BuildConfig, cfg, family: ModelFamily, platforms: tuple[str, ...]
+) -> Serving:
     """The manifest's serving shape; only decoders have a KV cache (page size, page count)."""
-    serving = {
-        "dtype": build.dtype,
-        "max_seq_len": build.max_seq_len,
-        "targets": list(build.targets),
-        "platforms": list(platforms),
-    }
-    if family.kind == DECODER:
-        serving |= {
-            "page_size": build.page_size,
-            "kv_pages": build.kv_pages,
-            "pages_per_seq": build.pages_per_seq,
-            "decode_steps": build.decode_steps,
-        }
-    if build.tp > 1:  # absent: one device
-        serving["mesh"] = {"tp": build.tp}
-    return serving
+    common = dict(
+        dtype=build.dtype,
+        max_seq_len=build.max_seq_len,
+        targets=tuple(build.targets),
+        platforms=tuple(platforms),
+        tp=build.tp,
+    )
+    if family.kind != DECODER:
+        return Serving(**common)
+    return Serving(
+        **common,
+        page_size=build.page_size,
+        kv_pages=build.kv_pages,
+        pages_per_seq=build.pages_per_seq,
+        decode_steps=build.decode_steps,
+        attention=_attention(build, cfg),
+    )
 
 
-def _attention(build: BuildConfig, cfg, family: ModelFamily) -> dict:
-    """What attention runs per platform (decoders): the Pallas kernel's resolved block sizes
+def _attention(build: BuildConfig, cfg) -> Attention:
+    """What a decoder's attention runs per platform: the Pallas kernel's resolved block sizes
     (TPU), aotlm's CPU kernel or the blocked jnp path (CPU), and the custom calls a loader must
     have registered before it deserializes the graphs."""
-    if family.kind != DECODER:
-        return {}
     platforms = target_platforms(build.targets)
     cpu_kernel = build.attention_cpu == "kernel" and "cpu" in platforms
     if cpu_kernel and cfg.head_dim % 8:
@@ -287,23 +300,19 @@ def _attention(build: BuildConfig, cfg, family: ModelFamily) -> dict:
         )
     except ValueError as e:
         raise ConfigError(f"{build.source.name}: attention: {e}") from None
-    return {
-        "attention": {
-            "impl": f"pallas on tpu, {build.attention_cpu} on cpu, blocked jnp on gpu",
-            "kernel": "aotlm_ragged_paged_attention",
-            "block_sizes": blocks.as_dict(),
-            "cpu": build.attention_cpu,
-            "custom_calls": [CPU_ATTENTION_TARGET] if cpu_kernel else [],
-        }
-    }
+    return Attention(
+        impl=f"pallas on tpu, {build.attention_cpu} on cpu, blocked jnp on gpu",
+        kernel="aotlm_ragged_paged_attention",
+        block_sizes=blocks.as_dict(),
+        cpu=build.attention_cpu,
+        custom_calls=(CPU_ATTENTION_TARGET,) if cpu_kernel else (),
+    )
 
 
-def _buckets(build: BuildConfig) -> dict:
+def _buckets(build: BuildConfig) -> Buckets:
     """The ladders, and the plan that chose them when model.yaml gave `buckets.plan`."""
-    out: dict = {"tokens": list(build.token_buckets), "requests": list(build.request_buckets)}
-    if build.bucket_plan is not None:
-        out["plan"] = json.loads(build.bucket_plan)
-    return out
+    plan = json.loads(build.bucket_plan) if build.bucket_plan is not None else None
+    return Buckets(tuple(build.token_buckets), tuple(build.request_buckets), plan)
 
 
 def compiled_file(target: Target, spec: StepSpec) -> str:
@@ -369,40 +378,39 @@ def build_bundle(
         for plan in builder.plans:
             files[compiled_file(plan.target, s.spec)] = s.compiled[plan.target.name][0]
         functions.append(
-            {
-                "name": s.spec.name,
-                "bucket": s.spec.bucket,
-                "file": s.spec.file,
-                "donate_argnums": list(DONATE_ARGNUMS[s.spec.name]),
-                "in_avals": aval_list(s.exp.in_avals),
-                "out_avals": aval_list(s.exp.out_avals),
-                **shardings_entry(s.exp),
-            }
+            Function(
+                name=s.spec.name,
+                bucket=s.spec.bucket,
+                file=s.spec.file,
+                donate_argnums=tuple(DONATE_ARGNUMS[s.spec.name]),
+                in_avals=aval_list(s.exp.in_avals),
+                out_avals=aval_list(s.exp.out_avals),
+                shardings=shardings_entry(s.exp) or None,
+            )
         )
-    manifest = {
-        "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
-        "aotlm_version": aotlm.__version__,
-        "jax_version": jax.__version__,
-        "jaxlib_version": jaxlib.__version__,
-        "name": build.name,
-        "model": {
-            "kind": family.kind,
-            "architecture": cfg.architecture,
-            "config": cfg.to_dict(),
+    manifest = Manifest(
+        name=build.name,
+        model=ModelInfo(
+            kind=family.kind,
+            architecture=cfg.architecture,
+            config=cfg.to_dict(),
             **family.manifest_extra(cfg),
-        },
-        "serving": _serving(build, family, builder.platforms) | _attention(build, cfg, family),
-        "buckets": _buckets(build),
-        "functions": functions,
-        "compiled": compiled,
-        "targets": target_entries,
-    }
+        ),
+        serving=_serving(build, cfg, family, builder.platforms),
+        buckets=_buckets(build),
+        functions=tuple(functions),
+        compiled=compiled,
+        targets=target_entries,
+        aotlm_version=aotlm.__version__,
+        jax_version=jax.__version__,
+        jaxlib_version=jaxlib.__version__,
+    )
     digest = write_bundle(out_dir, manifest, files)
-    LocalRegistry(cache_root).record(digest, Path(out_dir))
+    BuiltHere(cache_root).record(digest, Path(out_dir))
+    wire = manifest.to_dict()
     rows = [
         {**f, "size": len(files[f["file"]]), "seconds": s.seconds}
-        for f, s in zip(functions, steps, strict=True)
+        for f, s in zip(wire["functions"], steps, strict=True)
     ]
     return BuildResult(
         out_dir=Path(out_dir),
@@ -410,7 +418,7 @@ def build_bundle(
         functions=rows,
         seconds=time.perf_counter() - start,
         total_bytes=sum(len(b) for b in files.values()),
-        targets=target_entries,
+        targets=wire["targets"],
         exported=sum(s.exported for s in steps),
         compiled=sum(s.compiled_count for s in steps),
         cached=sum(1 + len(s.compiled) - s.exported - s.compiled_count for s in steps),

@@ -1,11 +1,10 @@
-"""This machine's aotlm state: a content-addressed build cache and the record of bundles built here.
+"""The build cache: content-addressed exports and compiled executables, shared by builds.
 
     <cache dir>/build/ab/<key>.bin    bytes of one export or one compiled executable
     <cache dir>/build/ab/<key>.json   {"sha256", "size", "meta"}: checked on every read
-    <cache dir>/built/<digest>.json   a bundle digest this machine built (the "local" trust marker)
 
-The cache dir is `--cache-dir`, else `$XDG_CACHE_HOME/aotlm`, else `~/.cache/aotlm`. Nothing here
-goes into a bundle's manifest, so bundles stay reproducible. Entries are written atomically
+The cache dir is aotlm/state_dir.py's (the record of bundles built here: bundle/built_here.py).
+Nothing here goes into a bundle's manifest, so bundles stay reproducible. Entries are written atomically
 (temporary file, then rename), so concurrent builds share a cache safely. The cache only stores
 and returns bytes; it never unpickles anything.
 """
@@ -14,36 +13,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 from aotlm.bundle.digest import sha256_bytes
-
-
-def default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "aotlm"
+from aotlm.state_dir import write_atomic
 
 
 def cache_key(**parts: Any) -> str:
     """sha256 of the parts as canonical JSON: equal inputs, equal key."""
     blob = json.dumps(parts, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class BuildCache:
@@ -69,24 +49,6 @@ class BuildCache:
 
     def put(self, key: str, data: bytes, meta: dict | None = None) -> None:
         data_path, meta_path = self._paths(key)
-        _write_atomic(data_path, data)  # data first: an entry is visible only once complete
+        write_atomic(data_path, data)  # data first: an entry is visible only once complete
         entry = {"sha256": sha256_bytes(data), "size": len(data), "meta": meta or {}}
-        _write_atomic(meta_path, json.dumps(entry, sort_keys=True).encode())
-
-
-class LocalRegistry:
-    """Digests of the bundles this machine built: what trust policy "local" accepts.
-
-    A digest is the sha256 of a manifest that holds every file's sha256, so a bundle with a
-    recorded digest has exactly the bytes this machine wrote, wherever it was copied to.
-    """
-
-    def __init__(self, root: Path | str) -> None:
-        self.dir = Path(root) / "built"
-
-    def record(self, digest: str, bundle_dir: Path) -> None:
-        info = {"digest": digest, "path": str(Path(bundle_dir).absolute()), "at": time.time()}
-        _write_atomic(self.dir / f"{digest}.json", json.dumps(info).encode())
-
-    def contains(self, digest: str) -> bool:
-        return len(digest) == 64 and (self.dir / f"{digest}.json").is_file()
+        write_atomic(meta_path, json.dumps(entry, sort_keys=True).encode())

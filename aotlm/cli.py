@@ -179,7 +179,8 @@ def inspect(bundle_dir: Path, as_json: bool) -> None:
     """Show a bundle's model, buckets, functions, files and digest."""
     from aotlm.bundle import read_manifest
 
-    m, digest = read_manifest(bundle_dir)
+    manifest, digest = read_manifest(bundle_dir)
+    m = manifest.to_dict()  # inspect shows the manifest as it is written
     counts = Counter(f["name"] for f in m["functions"])
     summary = {
         "bundle": str(bundle_dir),
@@ -268,7 +269,7 @@ def verify(bundle_dir: Path) -> None:
     from aotlm.bundle import open_bundle
 
     b = open_bundle(bundle_dir)
-    click.echo(f"ok  {len(b.manifest['files'])} files verified  sha256:{b.digest}")
+    click.echo(f"ok  {len(b.manifest.files)} files verified  sha256:{b.digest}")
 
 
 @main.command("tiny-checkpoint")

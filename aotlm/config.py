@@ -19,7 +19,9 @@ import yaml
 
 from aotlm.buckets.ladder import ladder_from_spec
 from aotlm.buckets.plan_spec import check_plan_keys, planned_ladders
+from aotlm.bundle.manifest import ENCODER
 from aotlm.errors import ConfigError
+from aotlm.models.catalog import checkpoint_kind
 
 DTYPES = ("float32", "bfloat16")
 MAX_PAGE_SIZE = 1024
@@ -154,7 +156,7 @@ def parse_build_config(data: dict, source: Path) -> BuildConfig:
     max_seq_len = check.positive_int(data["max_seq_len"], "max_seq_len")
     model = _checkpoint_dir(check, data["model"], source.parent)
     tp = _mesh_tp(check, data.get("mesh"))
-    if _checkpoint_kind(model) == "encoder":
+    if checkpoint_kind(model) == ENCODER:
         if tp > 1:
             raise check.error(
                 "mesh", "the checkpoint is an encoder (embedding model): it runs on one device"
@@ -220,14 +222,6 @@ def with_targets(config: BuildConfig, targets: Sequence[str]) -> BuildConfig:
     """A copy of ``config`` that builds for ``targets`` (the ``aotlm build --target`` override)."""
     checked = _targets(_Checker("aotlm build"), list(targets), key="--target")
     return dataclasses.replace(config, targets=checked)
-
-
-def _checkpoint_kind(model: Path) -> str | None:
-    """The checkpoint's kind by its architecture (decoder, encoder); None when unsupported (the
-    build names the supported ones). Imported here: the registry imports this module."""
-    from aotlm.models.registry import checkpoint_kind
-
-    return checkpoint_kind(model)
 
 
 def _encoder_config(

@@ -40,7 +40,7 @@ def pass_meta(args: argparse.Namespace) -> dict:
 def workload(bundle: Path, args: argparse.Namespace) -> tuple[dict, list, list]:
     """(manifest, the mixed passes, an untimed warm-up set sharing no page with them)."""
     manifest, _ = read_manifest(bundle)
-    cfg, max_seq = manifest["model"]["config"], manifest["serving"]["max_seq_len"]
+    cfg, max_seq = manifest.model.config, manifest.serving.max_seq_len
     rng = np.random.default_rng(args.seed)
     src = PromptSource(bundle / "tokenizer/tokenizer.json", cfg["bos_token_id"], rng)
     passes = [mixed_requests(src, rng, args.requests, max_seq) for _ in range(args.passes)]

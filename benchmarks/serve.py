@@ -555,14 +555,14 @@ def main() -> None:
             )
         bundle = args.bundle or build_default_bundle(Path(tmp), args.checkpoint)
         manifest, digest = read_manifest(bundle)
-        cfg = manifest["model"]["config"]
+        cfg = manifest.model.config
         check_checkpoint(args.checkpoint, cfg)
         rng = np.random.default_rng(args.seed)
         src = PromptSource(bundle / "tokenizer/tokenizer.json", cfg["bos_token_id"], rng)
-        max_seq = manifest["serving"]["max_seq_len"]
+        max_seq = manifest.serving.max_seq_len
         passes = [mixed_requests(src, rng, args.requests, max_seq) for _ in range(args.passes)]
         mixed = passes[0]
-        page_size = manifest["serving"]["page_size"]
+        page_size = manifest.serving.page_size
         cold, shared = prefix_requests(src, rng, args.prefix_requests, max_seq, page_size)
         # Untimed warm-up for every side: fresh mixed prompts (no page shared with the timed ones).
         warm = mixed_requests(src, rng, 2 * args.concurrency, max_seq)
@@ -573,7 +573,7 @@ def main() -> None:
         note("transformers generate: workers with 1 and per-core torch threads, after each pass")
         baseline = TransformersBaseline(args, warm)
         try:
-            name = manifest["name"]
+            name = manifest.name
             served_run = serve_workloads(args, log, bundle, name, workloads, warm, baseline)
         finally:
             baseline.close()

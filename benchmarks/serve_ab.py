@@ -43,7 +43,7 @@ def main() -> None:
     ap.add_argument("--client", choices=("lean", "httpx", "openai"), default="lean")
     args = ap.parse_args()
     manifest, passes, warm = workload(args.bundles[0], args)
-    model = manifest["name"]
+    model = manifest.name
     sides = [
         (args.bundles[0], shlex.split(args.a_args), args.a_source),
         (args.bundles[1], shlex.split(args.b_args), args.b_source),

@@ -38,10 +38,10 @@ def make_report(args, manifest, digest, load_avg, served_run, offline, hf) -> di
         f"{sum(x['requests'] for x in w.values())}",
     }
     return {
-        "model": manifest["name"],
+        "model": manifest.name,
         "bundle_digest": f"sha256:{digest}",
-        "buckets": manifest["buckets"],
-        "max_seq_len": manifest["serving"]["max_seq_len"],
+        "buckets": {"tokens": manifest.buckets.tokens, "requests": manifest.buckets.requests},
+        "max_seq_len": manifest.serving.max_seq_len,
         "concurrency": args.concurrency,
         "client": args.client,
         "seed": args.seed,

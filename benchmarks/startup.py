@@ -75,9 +75,9 @@ def _jit_warmup(bundle: Path, counter) -> dict:
 
     start = time.perf_counter()
     b = open_bundle(bundle)
-    model = model_config_from_dict(b.manifest["model"]["config"])
+    model = model_config_from_dict(b.manifest.model.config)
     params = jax.device_put(unflatten_params(read_safetensors(b.file(WEIGHTS_FILE))))
-    steps = b.manifest["serving"].get("decode_steps", 1)
+    steps = b.manifest.serving.decode_steps
     fns = {
         n: jax.jit(
             functools.partial(f, max_steps=steps) if n == "decode" else f,
@@ -86,16 +86,16 @@ def _jit_warmup(bundle: Path, counter) -> dict:
         for n, f in step_functions(model).items()
     }
     leaves = jax.tree.leaves(params)
-    for fn in b.manifest["functions"]:
-        avals = fn["in_avals"]
-        with_params = fn["name"] in ("forward", "decode")
+    for fn in b.manifest.functions:
+        avals = fn.in_avals
+        with_params = fn.name in ("forward", "decode")
         if with_params:
             avals = avals[len(leaves) :]  # the real params come first
         dummies = [jax.device_put(np.zeros(shape, dtype)) for shape, dtype in avals]
         args = [params, *dummies] if with_params else dummies
-        if fn["name"] == "logits":
+        if fn.name == "logits":
             args[0] = params.get("lm_head", params["embed"])
-        jax.block_until_ready(fns[fn["name"]](*args))
+        jax.block_until_ready(fns[fn.name](*args))
     return {"ready_s": time.perf_counter() - start, "compiles": counter.before_seal}
 
 

@@ -75,7 +75,7 @@ def main(spec_path: str) -> None:
         yaml_path.write_text(yaml.safe_dump(model))
         bundle = out / f"tp{tp}"
         result = build_bundle(load_build_config(yaml_path), bundle)
-        manifest = read_manifest(bundle)[0]
+        manifest = read_manifest(bundle)[0].to_dict()
         report = {
             "tp": tp,
             "build_tier": result.targets["cpu"]["tier"],

@@ -18,7 +18,7 @@ def test_block_sizes_are_recorded_and_shown(tiny_checkpoint, tmp_path):
         tmp_path / "spec", tiny_checkpoint, attention={"block_queries": 32, "block_kv_pages": 2}
     )
     build_bundle(load_build_config(spec), tmp_path / "b", compile_targets=False)
-    manifest, _ = read_manifest(tmp_path / "b")
+    manifest = read_manifest(tmp_path / "b")[0].to_dict()
     attention = manifest["serving"]["attention"]
     assert attention["kernel"] == "aotlm_ragged_paged_attention"
     assert attention["block_sizes"] == {"queries": 32, "kv_pages": 2}
@@ -27,8 +27,7 @@ def test_block_sizes_are_recorded_and_shown(tiny_checkpoint, tmp_path):
 
 
 def test_default_block_sizes_are_resolved_into_the_manifest(tiny_bundle):
-    manifest, _ = read_manifest(tiny_bundle[0])
-    blocks = manifest["serving"]["attention"]["block_sizes"]
+    blocks = read_manifest(tiny_bundle[0])[0].serving.attention.block_sizes
     assert blocks["queries"] >= 1 and blocks["kv_pages"] >= 1
 
 

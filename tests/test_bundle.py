@@ -9,10 +9,11 @@ import pytest
 from bundle_factory import build_from_yaml
 from click.testing import CliRunner
 
-from aotlm.bundle import open_bundle, read_manifest
+from aotlm.bundle import FORMAT_VERSION, open_bundle, read_manifest
 from aotlm.bundle.digest import sha256_bytes
 from aotlm.bundle.format import DIGEST_FILE, MANIFEST_FILE
-from aotlm.bundle.manifest import pack_manifest, unpack_manifest
+from aotlm.bundle.manifest import pack_manifest
+from aotlm.bundle.manifest_read import unpack_manifest
 from aotlm.cli import main
 from aotlm.errors import BundleError
 from aotlm.runtime.compile_guard import CompileCounter
@@ -26,7 +27,7 @@ def _copy(bundle: Path, tmp_path: Path) -> Path:
 
 
 def _rewrite_manifest(bundle: Path, **changes) -> None:
-    m, _ = read_manifest(bundle)
+    m = read_manifest(bundle)[0].to_dict()
     m.update(changes)
     packed = pack_manifest(m)
     (bundle / MANIFEST_FILE).write_bytes(packed)
@@ -36,15 +37,14 @@ def _rewrite_manifest(bundle: Path, **changes) -> None:
 def test_manifest_lists_every_file_and_function(tiny_bundle):
     path, result = tiny_bundle
     b = open_bundle(path)
-    names = [f["name"] for f in b.manifest["functions"]]
+    names = [f.name for f in b.manifest.functions]
     # forward per token bucket, logits per (token, request), sample per request bucket
     assert names.count("forward") == 3 and names.count("logits") == 9 and names.count("sample") == 3
     on_disk = {str(p.relative_to(path)) for p in path.rglob("*") if p.is_file()}
-    assert on_disk == set(b.manifest["files"]) | {MANIFEST_FILE, DIGEST_FILE}
+    assert on_disk == set(b.manifest.files) | {MANIFEST_FILE, DIGEST_FILE}
     assert "weights/model.safetensors" in on_disk and "tokenizer/tokenizer.json" in on_disk
     assert "tokenizer/chat_template.jinja" in on_disk
-    fwd = next(f for f in b.manifest["functions"] if f["name"] == "forward")
-    assert fwd["donate_argnums"] == [1, 2]
+    assert b.manifest.function("forward").donate_argnums == (1, 2)
     assert b.digest == result.digest
 
 
@@ -56,7 +56,7 @@ def test_same_yaml_builds_the_same_digest(tiny_yaml, tiny_bundle, tmp_path):
 def test_every_flipped_byte_is_refused_by_verify_and_load(tiny_bundle, tmp_path):
     path, _ = tiny_bundle
     m, _ = read_manifest(path)
-    for rel in [*sorted(m["files"]), MANIFEST_FILE, DIGEST_FILE]:
+    for rel in [*sorted(m.files), MANIFEST_FILE, DIGEST_FILE]:
         b = _copy(path, tmp_path / rel.replace("/", "_"))
         target = b / rel
         data = bytearray(target.read_bytes())
@@ -87,11 +87,22 @@ def test_newer_format_version_says_upgrade_or_rebuild(tiny_bundle, tmp_path):
         open_bundle(b)
 
 
-def test_unknown_old_format_version_is_refused(tiny_bundle, tmp_path):
+@pytest.mark.parametrize("version", [0, 5])
+def test_an_older_format_version_says_rebuild(tiny_bundle, tmp_path, version):
     b = _copy(tiny_bundle[0], tmp_path)
-    _rewrite_manifest(b, format_version=0)
-    with pytest.raises(BundleError, match="unknown format_version 0"):
+    _rewrite_manifest(b, format_version=version, aotlm_version="0.0.9")
+    with pytest.raises(BundleError) as e:
         open_bundle(b)
+    message = str(e.value)
+    assert f"format_version {version}" in message and "written by aotlm 0.0.9" in message
+    assert f"reads only format {FORMAT_VERSION}: rebuild the bundle" in message
+    assert "manifest.msgpack" in message
+
+
+def test_a_written_manifest_reads_back_equal(tiny_bundle):
+    m, _ = read_manifest(tiny_bundle[0])
+    assert unpack_manifest(pack_manifest(m)) == m
+    assert m.kind == "decoder" and m.serving.tp == 1 and m.serving.attention is not None
 
 
 def test_manifest_structure_errors_name_the_field():
@@ -101,8 +112,8 @@ def test_manifest_structure_errors_name_the_field():
         unpack_manifest(pack_manifest({"format": "zip"}))
     bad = {
         "format": "aotlm-bundle",
-        "format_version": 1,
-        "files": {"../x": {"sha256": "0" * 64, "size": 1}},
+        "format_version": FORMAT_VERSION,
+        "files": {"x": {"sha256": "0" * 64, "size": 1}},
     }
     with pytest.raises(BundleError, match="aotlm_version"):
         unpack_manifest(pack_manifest(bad))
@@ -110,8 +121,8 @@ def test_manifest_structure_errors_name_the_field():
 
 def test_traversal_path_in_files_is_refused(tiny_bundle, tmp_path):
     b = _copy(tiny_bundle[0], tmp_path)
-    m, _ = read_manifest(b)
-    m["files"]["../../etc/passwd"] = {"sha256": "0" * 64, "size": 1}
-    _rewrite_manifest(b, files=m["files"])
+    files = read_manifest(b)[0].to_dict()["files"]
+    files["../../etc/passwd"] = {"sha256": "0" * 64, "size": 1}
+    _rewrite_manifest(b, files=files)
     with pytest.raises(BundleError, match="escapes the bundle"):
         open_bundle(b)

@@ -133,7 +133,7 @@ def test_auto_on_cpu_is_the_kernel_and_jnp_is_the_blocked_path():
 
 
 def test_bundle_records_the_kernel_and_the_loader_checks_it(tiny_bundle, tmp_path):
-    manifest, _ = read_manifest(tiny_bundle[0])
+    manifest = read_manifest(tiny_bundle[0])[0].to_dict()
     attention = manifest["serving"]["attention"]
     assert attention["cpu"] == "kernel"
     assert attention["custom_calls"] == [cpu_attention.TARGET]
@@ -157,9 +157,8 @@ def test_missing_library_is_refused_with_the_fix(tiny_bundle, monkeypatch):
 def test_jnp_choice_builds_without_the_custom_call(tiny_checkpoint, tmp_path):
     spec = write_model_yaml(tmp_path / "spec", tiny_checkpoint, attention={"cpu": "jnp"})
     build_bundle(load_build_config(spec), tmp_path / "b", compile_targets=False)
-    manifest, _ = read_manifest(tmp_path / "b")
-    assert manifest["serving"]["attention"]["cpu"] == "jnp"
-    assert manifest["serving"]["attention"]["custom_calls"] == []
+    attention = read_manifest(tmp_path / "b")[0].serving.attention
+    assert attention.cpu == "jnp" and attention.custom_calls == ()
     bad = write_model_yaml(tmp_path / "bad", tiny_checkpoint, attention={"cpu": "fast"})
     with pytest.raises(ConfigError, match=r"attention\.cpu: must be one of kernel, jnp"):
         load_build_config(bad)

@@ -77,7 +77,7 @@ def test_plan_batches_covers_every_input_once_longest_first():
 
 
 def test_manifest_records_an_encoder_without_kv_cache(minilm_bundle):
-    m, _ = read_manifest(minilm_bundle[0])
+    m = read_manifest(minilm_bundle[0])[0].to_dict()
     model = m["model"]
     assert (model["kind"], model["architecture"]) == ("encoder", "BertModel")
     assert (model["pooling"], model["normalize"]) == ("mean", True)

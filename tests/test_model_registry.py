@@ -10,15 +10,16 @@ import yaml
 from test_bert import minilm_dir
 
 from aotlm.build import build_bundle
+from aotlm.bundle.manifest import ModelInfo
 from aotlm.config import load_build_config
 from aotlm.errors import BundleError, CheckpointError, ConfigError
+from aotlm.models.catalog import model_config
 from aotlm.models.registry import (
     BERT,
     DECODER,
     ENCODER,
     checkpoint_kind,
     family_for_checkpoint,
-    family_for_manifest,
 )
 
 ENCODER_SPEC = {
@@ -97,9 +98,9 @@ def test_max_seq_len_beyond_the_position_table_is_refused(tmp_path):
 
 
 def test_a_manifest_of_an_unknown_architecture_is_refused():
-    manifest = {"model": {"kind": "encoder", "architecture": "T5EncoderModel"}}
+    model = ModelInfo(kind="encoder", architecture="T5EncoderModel", config={})
     with pytest.raises(BundleError, match=r"'T5EncoderModel' .* not one this aotlm serves"):
-        family_for_manifest(manifest, "b")
-    manifest = {"model": {"kind": "decoder", "architecture": "BertModel"}}
+        model_config(model, "b")
+    model = ModelInfo(kind="decoder", architecture="BertModel", config={})
     with pytest.raises(BundleError, match="upgrade aotlm or rebuild"):
-        family_for_manifest(manifest, "b")
+        model_config(model, "b")

@@ -40,7 +40,7 @@ def run(engine: Engine, params: SamplingParams, prompts=PROMPTS):
 def test_the_bundle_records_its_decode_steps(engines):
     multi, single = engines
     assert multi.decode_steps == 4 and single.decode_steps == 1
-    assert multi.loaded.bundle.manifest["serving"]["decode_steps"] == 4
+    assert multi.loaded.manifest.serving.decode_steps == 4
 
 
 @pytest.mark.parametrize("max_tokens", [1, 2, 7, 30])

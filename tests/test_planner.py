@@ -346,7 +346,7 @@ def test_a_planned_model_yaml_builds_records_its_plan_reproducibly(tiny_checkpoi
     again = load_build_config(tmp_path / "planned.yaml")  # planned afresh: same ladders, same plan
     b = build_bundle(again, tmp_path / "b", compile_targets=False, use_cache=False)
     assert a.digest == b.digest
-    m, _ = read_manifest(tmp_path / "a")
+    m = read_manifest(tmp_path / "a")[0].to_dict()
     plan = m["buckets"]["plan"]
     assert plan["trace"] == "chat.jsonl" and plan["planned"]["tokens"] == m["buckets"]["tokens"]
     assert len(m["functions"]) == graph_count(len(cfg.token_buckets), len(cfg.request_buckets))

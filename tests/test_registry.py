@@ -92,8 +92,8 @@ def signed(tiny_bundle, keys, tmp_path_factory) -> Path:
 def variant(bundle: Path, out: Path, **changes) -> Path:
     """A copy of `bundle` with manifest fields changed (so a different digest), unsigned."""
     shutil.copytree(bundle, out, ignore=shutil.ignore_patterns("signatures"))
-    m, _ = read_manifest(out)
-    packed = pack_manifest({**m, **changes})
+    m = read_manifest(out)[0]
+    packed = pack_manifest({**m.to_dict(), **changes})
     (out / MANIFEST_FILE).write_bytes(packed)
     (out / DIGEST_FILE).write_text(sha256_bytes(packed) + "\n")
     return out
@@ -206,7 +206,7 @@ def test_bad_signature_is_refused_even_without_require_signed(registry, signed, 
 def test_tampered_blob_in_registry_storage_is_refused(registry, signed, tmp_path):
     host, storage = registry
     r = push_json(signed, f"oci://{host}/aotlm/tamper:v1")
-    weights = open_bundle(signed).manifest["files"]["weights/model.safetensors"]["sha256"]
+    weights = open_bundle(signed).manifest.files["weights/model.safetensors"].sha256
     blob = blob_file(storage, weights)
     original = blob.read_bytes()
     try:

@@ -19,7 +19,7 @@ from aotlm.registry.cli import diff
 def _variant(src: Path, dst: Path) -> Path:
     """A bundle with one more token bucket, a cuda target, a changed and a new file (manifest only)."""
     shutil.copytree(src, dst)
-    m, _ = read_manifest(dst)
+    m = read_manifest(dst)[0].to_dict()
     m["buckets"] = {**m["buckets"], "tokens": [*m["buckets"]["tokens"], 4096]}
     m["serving"] = {**m["serving"], "targets": ["cpu", "cuda"]}
     files = dict(m["files"])

@@ -87,7 +87,7 @@ def test_pull_replaces_an_existing_bundle_atomically(store, tmp_path):
 
 def test_tampered_blob_is_refused(store, tmp_path):
     root, r, bundle, _ = store
-    sha = open_bundle(bundle).manifest["files"]["tokenizer/tokenizer.json"]["sha256"]
+    sha = open_bundle(bundle).manifest.files["tokenizer/tokenizer.json"].sha256
     blob = root / "blobs/sha256" / sha
     original = blob.read_bytes()
     try:
@@ -182,7 +182,7 @@ def test_generate_runs_a_signed_bundle_by_digest_with_its_executables(store):
     assert code == 0, out
     result = json.loads(out.strip().splitlines()[-1])
     assert len(result["token_ids"]) == 3 and result["compiles_after_ready"] == 0
-    from aotlm.cache import default_cache_dir
+    from aotlm.state_dir import default_cache_dir
 
     cached = [
         p for p in (default_cache_dir() / "bundles").iterdir() if (p / "manifest.msgpack").is_file()

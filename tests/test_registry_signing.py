@@ -58,8 +58,8 @@ def test_cli_sign_reads_the_key_from_stdin(setup):
 
 
 def _resign_manifest(bundle: Path, **changes) -> None:
-    m, _ = read_manifest(bundle)
-    packed = pack_manifest({**m, **changes})
+    m = read_manifest(bundle)[0]
+    packed = pack_manifest({**m.to_dict(), **changes})
     (bundle / MANIFEST_FILE).write_bytes(packed)
     (bundle / DIGEST_FILE).write_text(sha256_bytes(packed) + "\n")
 
@@ -74,7 +74,7 @@ def test_changed_bundle_or_forged_signature_is_not_trusted(setup):
     manifest, digest = read_manifest(bundle)
     with pytest.raises(SignatureError, match="signs another bundle"):
         enforce_policy(
-            digest, manifest["name"], read_signature_files(bundle), load_trusted_keys(keys), False
+            digest, manifest.name, read_signature_files(bundle), load_trusted_keys(keys), False
         )
     doc = json.loads(original)
     doc["bundle_digest"] = f"sha256:{digest}"  # claim the new bundle without a new signature
@@ -82,12 +82,12 @@ def test_changed_bundle_or_forged_signature_is_not_trusted(setup):
     assert verify_signature(bundle, keys) is None
     with pytest.raises(SignatureError, match="invalid signature by trusted key"):
         enforce_policy(
-            digest, manifest["name"], read_signature_files(bundle), load_trusted_keys(keys), False
+            digest, manifest.name, read_signature_files(bundle), load_trusted_keys(keys), False
         )
     sig.write_text("not json")
     with pytest.raises(SignatureError, match="malformed"):
         enforce_policy(
-            digest, manifest["name"], read_signature_files(bundle), load_trusted_keys(keys), False
+            digest, manifest.name, read_signature_files(bundle), load_trusted_keys(keys), False
         )
 
 

@@ -249,7 +249,7 @@ def test_tpu_target_compiles_sharded_with_the_pallas_kernel_per_device(tp_checkp
     from jax import export
     from jax.experimental import topologies
 
-    from aotlm.trace.compile import compile_exported
+    from aotlm.bundle.executables import compile_exported
 
     buckets = {"tokens": [32], "requests": [4], "page_size": 16}
     results = {}
@@ -261,8 +261,8 @@ def test_tpu_target_compiles_sharded_with_the_pallas_kernel_per_device(tp_checkp
         results[tp] = build_bundle(load_build_config(spec), tmp_path / f"tp{tp}")
     four = results[4].targets["tpu:v5e:2x2"]
     assert four["tier"] == "compiled", four["reason"]
-    compiled = read_manifest(tmp_path / "tp4")[0]["compiled"]["tpu:v5e:2x2"]["executables"]
-    assert any(e["name"] == "decode" for e in compiled)
+    compiled = read_manifest(tmp_path / "tp4")[0].compiled["tpu:v5e:2x2"].executables
+    assert any(e.name == "decode" for e in compiled)
     assert "mesh of 4 devices" in four["reason"]
     eight = results[8].targets["tpu:v5e:2x2"]
     assert eight["tier"] == "stablehlo"

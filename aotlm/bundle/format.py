@@ -1,13 +1,14 @@
 """The bundle format version and its changelog.
 
-A reader accepts exactly the versions listed in CHANGELOG. A bundle with a newer version was
-written by a newer aotlm: the error says which one, so the user upgrades aotlm or rebuilds.
+A reader accepts exactly FORMAT_VERSION: before a first release no older format is kept alive (an
+older bundle is rebuilt, a newer one needs a newer aotlm; the error says which). The changelog
+keeps every version's line, so that error can say what an old bundle lacks.
 """
 
 from __future__ import annotations
 
 FORMAT_NAME = "aotlm-bundle"
-FORMAT_VERSION = 5
+FORMAT_VERSION = 6
 
 # version -> (date, what changed). Add a line for every change a reader can observe.
 CHANGELOG: dict[int, tuple[str, str]] = {
@@ -57,10 +58,17 @@ CHANGELOG: dict[int, tuple[str, str]] = {
         "targets a CPU loader must have registered; it refuses the bundle before deserializing "
         "anything when one is missing. Version 4 bundles still load.",
     ),
+    6: (
+        "2026-12-05",
+        "Only this version is read (versions 1-5 are refused with a rebuild message). Fields a "
+        "v5 writer always wrote are required: model.kind and model.architecture; "
+        "serving.targets, platforms; a decoder's serving.decode_steps and serving.attention "
+        "(impl, kernel, block_sizes, cpu, custom_calls); `targets` with tier, reason and "
+        "memory_plan; jaxlib_version. The step functions' inputs are named pytrees (see "
+        "aotlm/kernels/step_inputs.py), so the exports' input trees changed.",
+    ),
 }
 
-# manifest model.kind: decoder (generation, paged KV cache) or encoder (embeddings, no KV cache)
-MODEL_KINDS = ("decoder", "encoder")
 MANIFEST_FILE = "manifest.msgpack"
 COMPILED_DIR = "compiled/"
 WEIGHTS_FILE = "weights/model.safetensors"

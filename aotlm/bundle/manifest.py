@@ -1,194 +1,264 @@
-"""The manifest: the bundle's table of contents, and the thing its digest is computed over.
+"""The manifest: the bundle's table of contents, typed, and the thing its digest is computed over.
 
-Packed with msgpack from plain dicts whose keys are sorted, so equal content gives equal bytes.
-`unpack_manifest` validates the structure before anything else reads a field.
+The build constructs a `Manifest`, the reader returns one (aotlm/bundle/manifest_read.py checks
+every field first), and everything else reads its attributes: defaults and field names live
+here only. On disk it is msgpack of `Manifest.to_dict()` with sorted keys, so equal content gives
+equal bytes. Free-form records (a model's config, a fingerprint, a memory plan, the bucket plan)
+stay plain maps: their owners (models/, bundle/fingerprint.py, the planner) define them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import msgpack
 
-from aotlm.bundle.format import (
-    CHANGELOG,
-    COMPILED_DIR,
-    FORMAT_NAME,
-    FORMAT_VERSION,
-    MANIFEST_FILE,
-    MODEL_KINDS,
-)
-from aotlm.errors import BundleError
+from aotlm.bundle.format import FORMAT_NAME, FORMAT_VERSION
 
-MAX_MANIFEST_CONTAINERS = 1_000_000  # maps + arrays; the tiny model's manifest has ~600
+DECODER = "decoder"  # generation over a paged KV cache
+ENCODER = "encoder"  # embeddings; no KV cache
+MODEL_KINDS = (DECODER, ENCODER)
+
+BucketKey = tuple[str, tuple[int, ...]]
+Aval = tuple[tuple[int, ...], str]  # (shape, dtype name)
+
+
+def bucket_key(name: str, bucket: Mapping[str, int]) -> BucketKey:
+    """("forward", (T,)), ("logits", (T, R)), ("sample", (R,)): tokens before requests."""
+    return name, tuple(bucket[k] for k in ("tokens", "requests") if k in bucket)
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    sha256: str
+    size: int
+
+
+@dataclass(frozen=True)
+class Function:
+    """One exported graph: exported/<name>_<bucket>.jaxexp."""
+
+    name: str
+    bucket: Mapping[str, int]  # {"tokens": T} / {"tokens": T, "requests": R} / {"requests": R}
+    file: str
+    donate_argnums: tuple[int, ...]
+    in_avals: tuple[Aval, ...]
+    out_avals: tuple[Aval, ...]
+    # A sharded export: {nr_devices, in_shardings, out_shardings} (HLO sharding strings); None:
+    # one device.
+    shardings: Mapping[str, Any] | None = None
+
+    @property
+    def key(self) -> BucketKey:
+        return bucket_key(self.name, self.bucket)
+
+
+@dataclass(frozen=True)
+class Executable:
+    """One serialized executable of a compiled target (a pickle: see runtime/trust.py)."""
+
+    name: str
+    bucket: Mapping[str, int]
+    file: str  # compiled/<target>/<name>_<bucket>.bin
+    memory: Mapping[str, int] | None = None  # XLA's memory analysis, when it gave one
+
+    @property
+    def key(self) -> BucketKey:
+        return bucket_key(self.name, self.bucket)
+
+
+@dataclass(frozen=True)
+class CompiledTarget:
+    fingerprint: Mapping[str, Any]  # aotlm/bundle/fingerprint.py
+    executables: tuple[Executable, ...]
+
+    @property
+    def platform(self) -> str:
+        return str(self.fingerprint.get("platform", ""))
+
+
+@dataclass(frozen=True)
+class TargetEntry:
+    """What the build did for one model.yaml target: its tier, why, and its memory plan."""
+
+    tier: str  # "compiled" or "stablehlo"
+    reason: str
+    memory_plan: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class Attention:
+    """What a decoder's attention runs per platform (the Pallas kernel's resolved block sizes on
+    TPU, aotlm's CPU kernel or blocked jnp on CPU) and the custom calls a loader must have."""
+
+    impl: str
+    kernel: str
+    block_sizes: Mapping[str, int]
+    cpu: str  # "kernel" or "jnp"
+    custom_calls: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Serving:
+    """The shapes the graphs were built for; the KV fields are None for encoders."""
+
+    dtype: str
+    max_seq_len: int
+    targets: tuple[str, ...]
+    platforms: tuple[str, ...]
+    tp: int = 1  # tensor-parallel degree (model.yaml mesh.tp); 1: one device
+    page_size: int | None = None
+    kv_pages: int | None = None
+    pages_per_seq: int | None = None
+    decode_steps: int = 1  # K of decode[R]; 1: the bundle has no decode graphs
+    attention: Attention | None = None
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    kind: str  # DECODER or ENCODER
+    architecture: str  # the HF architecture name
+    config: Mapping[str, Any]  # the family's config, as its to_dict wrote it
+    pooling: str | None = None  # encoders: how token states become one embedding
+    normalize: bool | None = None  # encoders: L2-normalized embeddings
+
+
+@dataclass(frozen=True)
+class Buckets:
+    tokens: tuple[int, ...]
+    requests: tuple[int, ...]
+    plan: Mapping[str, Any] | None = None  # the planner's result, when model.yaml planned them
+
+
+@dataclass(frozen=True)
+class Manifest:
+    name: str
+    model: ModelInfo
+    serving: Serving
+    buckets: Buckets
+    functions: tuple[Function, ...]
+    compiled: Mapping[str, CompiledTarget]  # target name -> its executables
+    targets: Mapping[str, TargetEntry]
+    aotlm_version: str
+    jax_version: str
+    jaxlib_version: str
+    files: Mapping[str, FileEntry] = field(default_factory=dict)  # filled by the writer
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def kind(self) -> str:
+        return self.model.kind
+
+    def with_files(self, files: Mapping[str, FileEntry]) -> Manifest:
+        return replace(self, files=dict(files))
+
+    def function(self, name: str) -> Function:
+        """The first bucket of function `name` (every bucket has the same pytree structure)."""
+        return next(f for f in self.functions if f.name == name)
+
+    def to_dict(self) -> dict:
+        """The wire form (what is packed and hashed)."""
+        return {
+            "format": FORMAT_NAME,
+            "format_version": self.format_version,
+            "aotlm_version": self.aotlm_version,
+            "jax_version": self.jax_version,
+            "jaxlib_version": self.jaxlib_version,
+            "name": self.name,
+            "model": _model_dict(self.model),
+            "serving": _serving_dict(self.serving),
+            "buckets": _buckets_dict(self.buckets),
+            "functions": [_function_dict(f) for f in self.functions],
+            "compiled": {
+                t: {
+                    "fingerprint": dict(c.fingerprint),
+                    "executables": [_executable_dict(e) for e in c.executables],
+                }
+                for t, c in self.compiled.items()
+            },
+            "targets": {
+                t: {"tier": e.tier, "reason": e.reason, "memory_plan": dict(e.memory_plan)}
+                for t, e in self.targets.items()
+            },
+            "files": {p: {"sha256": e.sha256, "size": e.size} for p, e in self.files.items()},
+        }
+
+
+def _model_dict(m: ModelInfo) -> dict:
+    out = {"kind": m.kind, "architecture": m.architecture, "config": dict(m.config)}
+    if m.kind == ENCODER:
+        out |= {"pooling": m.pooling, "normalize": m.normalize}
+    return out
+
+
+def _serving_dict(s: Serving) -> dict:
+    out: dict[str, Any] = {
+        "dtype": s.dtype,
+        "max_seq_len": s.max_seq_len,
+        "targets": list(s.targets),
+        "platforms": list(s.platforms),
+    }
+    if s.page_size is not None:  # a decoder: its KV cache and decode graphs
+        out |= {
+            "page_size": s.page_size,
+            "kv_pages": s.kv_pages,
+            "pages_per_seq": s.pages_per_seq,
+            "decode_steps": s.decode_steps,
+        }
+    if s.attention is not None:
+        a = s.attention
+        out["attention"] = {
+            "impl": a.impl,
+            "kernel": a.kernel,
+            "block_sizes": dict(a.block_sizes),
+            "cpu": a.cpu,
+            "custom_calls": list(a.custom_calls),
+        }
+    if s.tp > 1:
+        out["mesh"] = {"tp": s.tp}
+    return out
+
+
+def _buckets_dict(b: Buckets) -> dict:
+    out: dict[str, Any] = {"tokens": list(b.tokens), "requests": list(b.requests)}
+    if b.plan is not None:
+        out["plan"] = dict(b.plan)
+    return out
+
+
+def _function_dict(f: Function) -> dict:
+    return {
+        "name": f.name,
+        "bucket": dict(f.bucket),
+        "file": f.file,
+        "donate_argnums": list(f.donate_argnums),
+        "in_avals": [[list(shape), dtype] for shape, dtype in f.in_avals],
+        "out_avals": [[list(shape), dtype] for shape, dtype in f.out_avals],
+        **dict(f.shardings or {}),
+    }
+
+
+def _executable_dict(e: Executable) -> dict:
+    return {
+        "name": e.name,
+        "bucket": dict(e.bucket),
+        "file": e.file,
+        "memory": dict(e.memory) if e.memory is not None else None,
+    }
 
 
 def _sorted(obj: Any) -> Any:
-    if isinstance(obj, dict):
+    if isinstance(obj, Mapping):
         return {k: _sorted(obj[k]) for k in sorted(obj)}
     if isinstance(obj, list | tuple):
         return [_sorted(v) for v in obj]
     return obj
 
 
-def pack_manifest(manifest: dict) -> bytes:
-    return msgpack.packb(_sorted(manifest), use_bin_type=True)
-
-
-def _expect(cond: bool, where: str, what: str) -> None:
-    if not cond:
-        raise BundleError(f"{MANIFEST_FILE}: {where}: {what}; the bundle is corrupt: rebuild it")
-
-
-def _field(d: dict, key: str, kind: type | tuple[type, ...], where: str) -> Any:
-    _expect(key in d, f"{where}{key}", "missing")
-    value = d[key]
-    ok = isinstance(value, kind) and not (isinstance(value, bool) and kind is not bool)
-    _expect(ok, f"{where}{key}", f"expected {getattr(kind, '__name__', kind)}")
-    return d[key]
-
-
-def _check_version(m: dict) -> None:
-    version = m.get("format_version")
-    writer = m.get("aotlm_version", "an unknown aotlm")
-    _expect(
-        m.get("format") == FORMAT_NAME, "format", f"not an aotlm bundle (expected {FORMAT_NAME!r})"
-    )
-    _expect(isinstance(version, int) and not isinstance(version, bool), "format_version", "missing")
-    if version > FORMAT_VERSION:
-        raise BundleError(
-            f"{MANIFEST_FILE}: format_version {version} was written by aotlm {writer}, newer than this "
-            f"aotlm (reads up to {FORMAT_VERSION}): upgrade aotlm, or rebuild the bundle with this one"
-        )
-    if version not in CHANGELOG:
-        raise BundleError(
-            f"{MANIFEST_FILE}: unknown format_version {version} (written by aotlm {writer}; this aotlm "
-            f"reads {sorted(CHANGELOG)}): rebuild the bundle with `aotlm build`"
-        )
-
-
-def _check_functions(m: dict) -> None:
-    files = m["files"]
-    for i, fn in enumerate(_field(m, "functions", list, "")):
-        where = f"functions[{i}]."
-        _expect(isinstance(fn, dict), where[:-1], "expected a map")
-        _field(fn, "name", str, where)
-        _field(fn, "bucket", dict, where)
-        path = _field(fn, "file", str, where)
-        _expect(path in files, f"{where}file", f"{path} is not listed in files")
-        donate = _field(fn, "donate_argnums", list, where)
-        _expect(all(isinstance(a, int) for a in donate), f"{where}donate_argnums", "expected ints")
-
-
-def _check_compiled(m: dict) -> None:
-    """Each compiled target: a fingerprint and executables under compiled/, listed in files."""
-    files = m["files"]
-    for target, entry in m["compiled"].items():
-        where = f"compiled[{target!r}]."
-        _expect(isinstance(entry, dict), where[:-1], "expected a map")
-        fp = _field(entry, "fingerprint", dict, where)
-        _field(fp, "platform", str, f"{where}fingerprint.")
-        _field(fp, "device_count", int, f"{where}fingerprint.")
-        for i, ex in enumerate(_field(entry, "executables", list, where)):
-            at = f"{where}executables[{i}]."
-            _expect(isinstance(ex, dict), at[:-1], "expected a map")
-            _field(ex, "name", str, at)
-            _field(ex, "bucket", dict, at)
-            path = _field(ex, "file", str, at)
-            _expect(path.startswith(COMPILED_DIR), f"{at}file", f"{path} is not under compiled/")
-            _expect(path in files, f"{at}file", f"{path} is not listed in files")
-    targets = _field(m, "targets", dict, "") if "targets" in m else {}  # optional before v2
-    for target, entry in targets.items():
-        _expect(isinstance(entry, dict), f"targets[{target!r}]", "expected a map")
-        _field(entry, "tier", str, f"targets[{target!r}].")
-
-
-def _check_files(m: dict) -> None:
-    for path, entry in _field(m, "files", dict, "").items():
-        where = f"files[{path!r}]"
-        _expect(
-            isinstance(path, str) and path and not path.startswith("/") and "\x00" not in path,
-            where,
-            "bad path",
-        )
-        _expect(".." not in path.split("/") and "\\" not in path, where, "path escapes the bundle")
-        _expect(isinstance(entry, dict), where, "expected a map")
-        _expect(
-            isinstance(entry.get("sha256"), str) and len(entry["sha256"]) == 64, where, "bad sha256"
-        )
-        _expect(isinstance(entry.get("size"), int) and entry["size"] >= 0, where, "bad size")
-
-
-def unpack_manifest(data: bytes) -> dict:
-    """Decode and validate a manifest; any problem is a BundleError naming the field."""
-    containers = 0
-
-    def count(container: Any) -> Any:
-        """Bound the Python objects a small input can expand into (an empty array is one
-        byte of msgpack and ~60 bytes of list): a bomb stops at MAX_MANIFEST_CONTAINERS."""
-        nonlocal containers
-        containers += 1
-        if containers > MAX_MANIFEST_CONTAINERS:
-            raise BundleError(
-                f"{MANIFEST_FILE}: more than {MAX_MANIFEST_CONTAINERS} maps and arrays; "
-                "refusing it (a real manifest has a few thousand): rebuild the bundle"
-            )
-        return container
-
-    try:
-        m = msgpack.unpackb(
-            data, raw=False, strict_map_key=True, list_hook=count, object_hook=count
-        )
-    except BundleError:
-        raise
-    except msgpack.StackError as e:
-        raise BundleError(
-            f"{MANIFEST_FILE}: not a valid manifest (msgpack nested too deeply): rebuild the bundle"
-        ) from e
-    except Exception as e:  # msgpack raises several unrelated types on corrupt input
-        raise BundleError(
-            f"{MANIFEST_FILE}: not a valid msgpack manifest ({type(e).__name__}: {e}): "
-            "rebuild the bundle"
-        ) from e
-    _expect(isinstance(m, dict), "top level", "expected a map")
-    _check_version(m)
-    for key, kind in (
-        ("aotlm_version", str),
-        ("jax_version", str),
-        ("name", str),
-        ("model", dict),
-        ("serving", dict),
-        ("buckets", dict),
-        ("compiled", dict),
-    ):
-        _field(m, key, kind, "")
-    if m["format_version"] >= 2:
-        _field(m, "targets", dict, "")
-    _check_files(m)
-    _check_functions(m)
-    _check_compiled(m)
-    serving = m["serving"]
-    kind = m["model"].get("kind", "decoder")
-    _expect(kind in MODEL_KINDS, "model.kind", f"expected one of {', '.join(MODEL_KINDS)}")
-    kv_keys = ("page_size", "kv_pages", "pages_per_seq") if kind == "decoder" else ()
-    for key in ("max_seq_len", *kv_keys):
-        _expect(
-            isinstance(serving.get(key), int) and serving[key] > 0,
-            f"serving.{key}",
-            "expected a positive int",
-        )
-    _field(serving, "dtype", str, "serving.")
-    if "mesh" in serving:  # a sharded bundle; absent: one device
-        tp = _field(_field(serving, "mesh", dict, "serving."), "tp", int, "serving.mesh.")
-        _expect(tp > 1, "serving.mesh.tp", "expected an int > 1")
-    for key in ("tokens", "requests"):
-        ladder = _field(m["buckets"], key, list, "buckets.")
-        _expect(
-            bool(ladder)
-            and all(isinstance(b, int) and b > 0 for b in ladder)
-            and ladder == sorted(set(ladder)),
-            f"buckets.{key}",
-            "expected increasing positive ints",
-        )
-    _field(m["model"], "config", dict, "model.")
-    return m
+def pack_manifest(manifest: Manifest | Mapping[str, Any]) -> bytes:
+    """msgpack with sorted keys. A raw wire dict is accepted too (tools and tests that write a
+    document as-is, hostile ones included: the reader must refuse those)."""
+    doc = manifest.to_dict() if isinstance(manifest, Manifest) else manifest
+    return msgpack.packb(_sorted(doc), use_bin_type=True)

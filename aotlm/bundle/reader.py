@@ -7,7 +7,8 @@ from pathlib import Path
 
 from aotlm.bundle.digest import sha256_bytes, sha256_file
 from aotlm.bundle.format import DIGEST_FILE, MANIFEST_FILE, MAX_MANIFEST_BYTES
-from aotlm.bundle.manifest import unpack_manifest
+from aotlm.bundle.manifest import Manifest
+from aotlm.bundle.manifest_read import unpack_manifest
 from aotlm.errors import BundleError
 
 _REBUILD = "rebuild it with `aotlm build` (or pull it again)"
@@ -18,11 +19,11 @@ class Bundle:
     """A verified bundle on disk: every file listed in the manifest matched its sha256."""
 
     path: Path
-    manifest: dict
+    manifest: Manifest
     digest: str
 
     def file(self, rel: str) -> Path:
-        if rel not in self.manifest["files"]:
+        if rel not in self.manifest.files:
             raise BundleError(f"{self.path}: {rel} is not part of this bundle")
         return self.path / rel
 
@@ -30,7 +31,7 @@ class Bundle:
         return self.file(rel).read_bytes()
 
 
-def read_manifest(bundle_dir: Path) -> tuple[dict, str]:
+def read_manifest(bundle_dir: Path | str) -> tuple[Manifest, str]:
     """Read the manifest and check it against the recorded digest; returns (manifest, digest)."""
     bundle_dir = Path(bundle_dir)
     path = bundle_dir / MANIFEST_FILE
@@ -54,9 +55,9 @@ def read_manifest(bundle_dir: Path) -> tuple[dict, str]:
     return unpack_manifest(data), digest
 
 
-def verify_files(bundle_dir: Path, manifest: dict) -> None:
+def verify_files(bundle_dir: Path, manifest: Manifest) -> None:
     """Check every listed file's presence, size and sha256 (sizes first: cheap, catches truncation)."""
-    files = manifest["files"]
+    files = manifest.files
     root = bundle_dir.resolve()
     for rel, entry in files.items():
         path = bundle_dir / rel
@@ -67,16 +68,16 @@ def verify_files(bundle_dir: Path, manifest: dict) -> None:
                 f"{path}: leads outside the bundle through a symbolic link; refusing it: {_REBUILD}"
             )
         size = path.stat().st_size
-        if size != entry["size"]:
+        if size != entry.size:
             raise BundleError(
-                f"{path}: size {size} bytes, manifest says {entry['size']}: truncated or replaced: {_REBUILD}"
+                f"{path}: size {size} bytes, manifest says {entry.size}: truncated or replaced: {_REBUILD}"
             )
     for rel, entry in files.items():
         path = bundle_dir / rel
         actual = sha256_file(path)
-        if actual != entry["sha256"]:
+        if actual != entry.sha256:
             raise BundleError(
-                f"{path}: sha256 {actual} does not match the manifest ({entry['sha256']}): "
+                f"{path}: sha256 {actual} does not match the manifest ({entry.sha256}): "
                 f"the file is corrupt or was modified: {_REBUILD}"
             )
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from aotlm.bundle.digest import sha256_bytes
 from aotlm.bundle.format import DIGEST_FILE, MANIFEST_FILE
-from aotlm.bundle.manifest import pack_manifest
+from aotlm.bundle.manifest import FileEntry, Manifest, pack_manifest
 from aotlm.errors import BundleError
 
 
@@ -22,20 +22,18 @@ def _check_target(out_dir: Path) -> None:
         )
 
 
-def write_bundle(out_dir: Path | str, manifest: dict, files: dict[str, bytes]) -> str:
+def write_bundle(out_dir: Path | str, manifest: Manifest, files: dict[str, bytes]) -> str:
     """Write `files` (relative path -> bytes) plus the manifest; returns the bundle digest.
 
-    The manifest gets a `files` table with each file's sha256 and size. Paths are written in sorted
+    The manifest gets its `files` table with each file's sha256 and size. Paths are written in sorted
     order and no timestamps or host names go into the manifest, so builds are reproducible.
     """
     out_dir = Path(out_dir).absolute()
     _check_target(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    manifest = dict(manifest)
-    manifest["files"] = {
-        rel: {"sha256": sha256_bytes(data), "size": len(data)}
-        for rel, data in sorted(files.items())
-    }
+    manifest = manifest.with_files(
+        {rel: FileEntry(sha256_bytes(data), len(data)) for rel, data in sorted(files.items())}
+    )
     packed = pack_manifest(manifest)
     digest = sha256_bytes(packed)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))

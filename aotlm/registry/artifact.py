@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass
 
 from aotlm.bundle.format import DIGEST_FILE, MANIFEST_FILE
+from aotlm.bundle.manifest import Manifest
 from aotlm.registry.errors import RegistryError
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -78,37 +79,37 @@ def safe_path(path: object) -> str:
     return path
 
 
-def bundle_annotations(manifest: dict, digest: str, revision: str | None) -> dict[str, str]:
+def bundle_annotations(manifest: Manifest, digest: str, revision: str | None) -> dict[str, str]:
     """What a registry UI or `oras manifest fetch` shows; no timestamps, so pushes are reproducible."""
-    serving = manifest["serving"]
     notes = {
         BUNDLE_DIGEST: f"sha256:{digest}",
-        "aotlm.bundle.name": manifest["name"],
-        "aotlm.format_version": str(manifest["format_version"]),
-        "aotlm.version": manifest["aotlm_version"],
-        "aotlm.jax_version": manifest["jax_version"],
-        "aotlm.jaxlib_version": str(manifest.get("jaxlib_version", "")),
-        "aotlm.architecture": str(manifest["model"].get("architecture", "")),
-        "aotlm.targets": ",".join(serving.get("targets", [])),
-        "aotlm.platforms": ",".join(serving.get("platforms", [])),
-        "org.opencontainers.image.title": manifest["name"],
+        "aotlm.bundle.name": manifest.name,
+        "aotlm.format_version": str(manifest.format_version),
+        "aotlm.version": manifest.aotlm_version,
+        "aotlm.jax_version": manifest.jax_version,
+        "aotlm.jaxlib_version": manifest.jaxlib_version,
+        "aotlm.architecture": manifest.model.architecture,
+        "aotlm.targets": ",".join(manifest.serving.targets),
+        "aotlm.platforms": ",".join(manifest.serving.platforms),
+        "org.opencontainers.image.title": manifest.name,
     }
     if revision:
         notes[REVISION] = revision
     return notes
 
 
-def bundle_config(manifest: dict, digest: str) -> bytes:
+def bundle_config(manifest: Manifest, digest: str) -> bytes:
     """The config blob: a small JSON summary, so tools can read it without fetching any layer."""
+    wire = manifest.to_dict()
     return canonical_json(
         {
             "bundle_digest": f"sha256:{digest}",
-            "name": manifest["name"],
-            "format_version": manifest["format_version"],
-            "aotlm_version": manifest["aotlm_version"],
-            "jax_version": manifest["jax_version"],
-            "buckets": manifest["buckets"],
-            "serving": manifest["serving"],
+            "name": manifest.name,
+            "format_version": manifest.format_version,
+            "aotlm_version": manifest.aotlm_version,
+            "jax_version": manifest.jax_version,
+            "buckets": wire["buckets"],
+            "serving": wire["serving"],
         }
     )
 

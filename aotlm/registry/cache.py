@@ -10,7 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from aotlm.bundle import read_manifest
-from aotlm.cache import default_cache_dir
 from aotlm.registry.errors import RegistryError
 from aotlm.registry.pull import pull_bundle
 from aotlm.registry.ref import Ref, is_ref, parse_ref
@@ -21,6 +20,7 @@ from aotlm.registry.signing import (
     read_signature_files,
 )
 from aotlm.registry.store import RegistryOptions, open_store, sha256_digest
+from aotlm.state_dir import default_cache_dir
 
 
 def cache_entry(cache_dir: Path, digest: str) -> Path:
@@ -73,5 +73,5 @@ def resolve_bundle(
         )
         manifest, bundle_digest = read_manifest(entry)
         docs = read_signature_files(entry)
-        enforce_policy(bundle_digest, manifest["name"], docs, keys, require_signed)
+        enforce_policy(bundle_digest, manifest.name, docs, keys, require_signed)
     return entry

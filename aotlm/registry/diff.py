@@ -60,7 +60,8 @@ def _added_removed_changed(a: dict[str, Any], b: dict[str, Any]) -> dict[str, li
 
 
 def diff_manifests(a: dict, a_digest: str, b: dict, b_digest: str) -> dict:
-    """A JSON-ready description of every difference; `identical` when the digests are equal."""
+    """A JSON-ready description of every difference between two written manifests
+    (`Manifest.to_dict()`); `identical` when the digests are equal."""
     files_a = {p: e["sha256"] for p, e in a["files"].items()}
     files_b = {p: e["sha256"] for p, e in b["files"].items()}
     files = _added_removed_changed(files_a, files_b)
@@ -89,7 +90,7 @@ def diff_manifests(a: dict, a_digest: str, b: dict, b_digest: str) -> dict:
 def diff_bundles(a: Path | str, b: Path | str) -> dict:
     ma, da = read_manifest(Path(a))
     mb, db = read_manifest(Path(b))
-    return diff_manifests(ma, da, mb, db)
+    return diff_manifests(ma.to_dict(), da, mb.to_dict(), db)
 
 
 def _size(n: int | None) -> str:

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from aotlm.bundle import open_bundle, read_manifest
+from aotlm.bundle import Manifest, open_bundle, read_manifest
 from aotlm.bundle.format import DIGEST_FILE, MANIFEST_FILE, MAX_MANIFEST_BYTES
 from aotlm.registry.artifact import (
     ARTIFACT_TYPE,
@@ -77,14 +77,16 @@ def _write_blob(store: Store, layer: Layer, root: Path) -> None:
         store.fetch_blob(layer.digest, layer.size, f)
 
 
-def _cross_check(layers: list[Layer], manifest: dict, oci: dict, digest: str, where: str) -> None:
+def _cross_check(
+    layers: list[Layer], manifest: Manifest, oci: dict, digest: str, where: str
+) -> None:
     """The OCI layers must be exactly the bundle's files with the bundle's digests and sizes."""
     noted = as_map(oci.get("annotations")).get(BUNDLE_DIGEST)
     if noted not in (None, f"sha256:{digest}"):
         raise RegistryError(
             f"{where}: annotation {BUNDLE_DIGEST}={noted} but the bundle is sha256:{digest}"
         )
-    files = manifest["files"]
+    files = manifest.files
     paths = {layer.path for layer in layers} - {MANIFEST_FILE, DIGEST_FILE}
     if paths != set(files):
         extra, missing = sorted(paths - set(files)), sorted(set(files) - paths)
@@ -94,10 +96,10 @@ def _cross_check(layers: list[Layer], manifest: dict, oci: dict, digest: str, wh
         )
     for layer in layers:
         entry = files.get(layer.path)
-        if entry and (layer.digest != f"sha256:{entry['sha256']}" or layer.size != entry["size"]):
+        if entry and (layer.digest != f"sha256:{entry.sha256}" or layer.size != entry.size):
             raise RegistryError(
                 f"{where}: layer {layer.path} is {layer.digest} ({layer.size} bytes) but the bundle "
-                f"manifest says sha256:{entry['sha256']} ({entry['size']} bytes); refusing it"
+                f"manifest says sha256:{entry.sha256} ({entry.size} bytes); refusing it"
             )
 
 
@@ -132,7 +134,7 @@ def _fetch_into(store: Store, ref: Ref, tmp: Path, trusted: TrustedKeys | None, 
     docs = fetch_signatures(store, digest)
     signed_by = None
     if trusted is not None:
-        signed_by = enforce_policy(bundle_digest, manifest["name"], docs, trusted, require)
+        signed_by = enforce_policy(bundle_digest, manifest.name, docs, trusted, require)
     for layer in layers:
         if layer not in first:
             _write_blob(store, layer, tmp)
@@ -178,7 +180,7 @@ def pull_bundle(
         pinned=ref.pinned(digest),
         digest=digest,
         bundle_digest=f"sha256:{bundle.digest}",
-        files=len(bundle.manifest["files"]),
+        files=len(bundle.manifest.files),
         signed_by=signed_by,
         signatures=sigs,
     )

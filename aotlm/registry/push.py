@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from aotlm.bundle import open_bundle
+from aotlm.bundle import Manifest, open_bundle
 from aotlm.bundle.digest import sha256_file
 from aotlm.bundle.format import DIGEST_FILE, MANIFEST_FILE
 from aotlm.registry.artifact import (
@@ -57,15 +57,15 @@ def _layer(media_type: str, sha256_hex: str, size: int, path: str) -> tuple[str,
     return path, descriptor(media_type, f"sha256:{sha256_hex}", size, **{TITLE: path})
 
 
-def _layers(bundle_dir: Path, manifest: dict, digest: str) -> list[tuple[str, dict]]:
+def _layers(bundle_dir: Path, manifest: Manifest, digest: str) -> list[tuple[str, dict]]:
     """(path, descriptor) for the manifest, its digest file and every listed file, in order."""
     sha_file = bundle_dir / DIGEST_FILE
     return [
         _layer(MANIFEST_LAYER, digest, (bundle_dir / MANIFEST_FILE).stat().st_size, MANIFEST_FILE),
         _layer(FILE_LAYER, sha256_file(sha_file), sha_file.stat().st_size, DIGEST_FILE),
         *(
-            _layer(FILE_LAYER, e["sha256"], e["size"], rel)
-            for rel, e in sorted(manifest["files"].items())
+            _layer(FILE_LAYER, e.sha256, e.size, rel)
+            for rel, e in sorted(manifest.files.items())
         ),
     ]
 

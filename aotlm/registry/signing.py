@@ -115,7 +115,7 @@ def signature_document(key: Ed25519PrivateKey, digest: str, name: str) -> bytes:
 def sign_bundle(bundle_dir: Path | str, key: Ed25519PrivateKey) -> Path:
     """Verify the bundle, then write signatures/<keyid>.sig (replacing this key's old signature)."""
     bundle = open_bundle(bundle_dir)
-    doc = signature_document(key, bundle.digest, bundle.manifest["name"])
+    doc = signature_document(key, bundle.digest, bundle.manifest.name)
     out = bundle.path / SIGNATURES_DIR / f"{key_id(key.public_key())}.sig"
     out.parent.mkdir(exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=out.parent)
@@ -191,7 +191,7 @@ def verify_signature(bundle_dir: Path | str, trusted_keys: TrustedKeys | Path | 
     keys = trusted_keys if isinstance(trusted_keys, Mapping) else load_trusted_keys(trusted_keys)
     manifest, digest = read_manifest(Path(bundle_dir))
     docs = read_signature_files(Path(bundle_dir))
-    return check_signatures(digest, manifest["name"], docs, keys).good
+    return check_signatures(digest, manifest.name, docs, keys).good
 
 
 def enforce_policy(

@@ -20,9 +20,8 @@ import jax
 import numpy as np
 
 from aotlm.buckets.ladder import pick_bucket
-from aotlm.bundle import Bundle, read_manifest
+from aotlm.bundle import ENCODER, Bundle, read_manifest
 from aotlm.errors import BundleError, RequestError
-from aotlm.models.registry import ENCODER
 from aotlm.runtime.loader import LoadedBundle, load_bundle
 from aotlm.runtime.tokenizer import BundleTokenizer, valid_text
 from aotlm.runtime.trust import TrustPolicy
@@ -127,7 +126,7 @@ class Embedder:
         self.counter = loaded.counter
         self.strict = strict
         self.tokenizer = EncoderTokenizer(loaded.bundle)
-        self.max_seq_len = int(loaded.serving["max_seq_len"])
+        self.max_seq_len = loaded.serving.max_seq_len
         self.dim = loaded.model.hidden_size
         self.vocab_size = loaded.model.vocab_size
         self.real_tokens = 0  # tokens embedded, and tokens run including padding
@@ -138,7 +137,7 @@ class Embedder:
         cls, path: Path | str, *, strict: bool = False, trust: TrustPolicy | None = None
     ) -> Embedder:
         """Load, get every executable, seal: from here on any compile is counted."""
-        _require_encoder(read_manifest(Path(path))[0]["model"].get("kind", "decoder"), path)
+        _require_encoder(read_manifest(path)[0].kind, path)
         loaded = load_bundle(path, trust=trust)
         loaded.counter.seal()
         return cls(loaded, strict=strict)

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import jax
 
-from aotlm.bundle import read_manifest
+from aotlm.bundle import DECODER, read_manifest
+from aotlm.bundle.manifest import Serving
 from aotlm.errors import AotlmError, BundleError, RequestError
 from aotlm.runtime.batch import ChunkInput
 from aotlm.runtime.block_manager import BlockManager
@@ -47,10 +48,10 @@ class Completion:
     logprobs: tuple[float, ...]
 
 
-def decode_steps_for(path: Path | str, serving: dict, asked: int | None) -> int:
+def decode_steps_for(path: Path | str, serving: Serving, asked: int | None) -> int:
     """The decode steps per call to run: `asked`, at most what the bundle was built for
     (serving.decode_steps, also the default)."""
-    built = serving.get("decode_steps", 1)
+    built = serving.decode_steps
     if asked is not None and not 1 <= asked <= built:
         raise BundleError(
             f"{path}: decode_steps={asked}, but this bundle runs 1..{built} decode steps per "
@@ -60,7 +61,7 @@ def decode_steps_for(path: Path | str, serving: dict, asked: int | None) -> int:
 
 
 def _require_decoder(kind: str, path: Path | str) -> None:
-    if kind != "decoder":
+    if kind != DECODER:
         raise BundleError(
             f"{path}: an {kind} (embedding model) bundle cannot generate text; serve it with "
             "`aotlm serve` (POST /v1/embeddings) or run `aotlm embed`"
@@ -88,8 +89,8 @@ class Engine:
         self.runs_on_host = {d.platform for d in loaded.k_pages.sharding.device_set} == {"cpu"}
         self.decode_steps = decode_steps_for(loaded.bundle.path, loaded.serving, decode_steps)
         s = loaded.serving
-        self.max_seq_len = s["max_seq_len"]
-        self.block_manager = BlockManager(s["kv_pages"], s["page_size"])
+        self.max_seq_len = s.max_seq_len
+        self.block_manager = BlockManager(s.kv_pages, s.page_size)
         self.scheduler = Scheduler(
             self.block_manager,
             max_tokens_per_step=max(loaded.token_buckets),
@@ -104,7 +105,7 @@ class Engine:
     @classmethod
     def from_bundle(cls, path: Path | str, *, trust: TrustPolicy | None = None, **kwargs) -> Engine:
         """Load, compile once, seal: from here on any compile is counted (and fatal if strict)."""
-        _require_decoder(read_manifest(Path(path))[0]["model"].get("kind", "decoder"), path)
+        _require_decoder(read_manifest(path)[0].kind, path)
         loaded = load_bundle(path, trust=trust)
         loaded.counter.seal()
         return cls(loaded, **kwargs)

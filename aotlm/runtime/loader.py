@@ -23,17 +23,19 @@ import numpy as np
 from jax import export as jax_export
 from jax.sharding import Mesh
 
-from aotlm.bundle import Bundle, open_bundle
+from aotlm.bundle import DECODER, Bundle, Manifest, open_bundle
+from aotlm.bundle.executables import compile_exported, load_compiled
+from aotlm.bundle.fingerprint import fingerprint_diff, local_fingerprint, local_platform
 from aotlm.bundle.format import MANIFEST_FILE, WEIGHTS_FILE
+from aotlm.bundle.manifest import BucketKey, CompiledTarget, Function, Serving
 from aotlm.errors import BundleError
 from aotlm.kernels import cpu_attention
 from aotlm.models import ModelConfig
 from aotlm.models.bert import EncoderConfig
+from aotlm.models.catalog import model_config
 from aotlm.models.checkpoint import unflatten_params
-from aotlm.models.registry import DECODER, family_for_manifest
 from aotlm.runtime.compile_guard import CompileCounter
 from aotlm.runtime.placement import (
-    bundle_tp,
     forward_shardings,
     place_weights,
     serving_mesh,
@@ -41,17 +43,8 @@ from aotlm.runtime.placement import (
 )
 from aotlm.runtime.trust import TrustPolicy
 from aotlm.safetensors_io import read_safetensors
-from aotlm.trace.compile import compile_exported, load_compiled
-from aotlm.trace.targets import fingerprint_diff, local_fingerprint, local_platform
 
 log = logging.getLogger(__name__)
-
-BucketKey = tuple[str, tuple[int, ...]]
-
-
-def bucket_key(name: str, bucket: dict[str, int]) -> BucketKey:
-    """("forward", (T,)), ("logits", (T, R)), ("sample", (R,)): tokens before requests."""
-    return name, tuple(bucket[k] for k in ("tokens", "requests") if k in bucket)
 
 
 @dataclass
@@ -72,26 +65,30 @@ class LoadedBundle:
         return str(self.timings.get("tier", "stablehlo"))
 
     @property
-    def kind(self) -> str:
-        """The model kind: decoder (generates text) or encoder (embeddings)."""
-        return str(self.bundle.manifest["model"].get("kind", DECODER))
+    def manifest(self) -> Manifest:
+        return self.bundle.manifest
 
     @property
-    def serving(self) -> dict:
-        return self.bundle.manifest["serving"]
+    def kind(self) -> str:
+        """The model kind: decoder (generates text) or encoder (embeddings)."""
+        return self.manifest.kind
+
+    @property
+    def serving(self) -> Serving:
+        return self.manifest.serving
 
     @property
     def token_buckets(self) -> tuple[int, ...]:
-        return tuple(self.bundle.manifest["buckets"]["tokens"])
+        return self.manifest.buckets.tokens
 
     @property
     def request_buckets(self) -> tuple[int, ...]:
-        return tuple(self.bundle.manifest["buckets"]["requests"])
+        return self.manifest.buckets.requests
 
 
 def _check_platform(bundle: Bundle) -> None:
     platform = local_platform()
-    platforms = bundle.manifest["serving"].get("platforms", [])
+    platforms = list(bundle.manifest.serving.platforms)
     if platform not in platforms:
         raise BundleError(
             f"{bundle.path}: built for {platforms}, but this process runs on {platform!r}: "
@@ -104,7 +101,8 @@ def _check_custom_calls(bundle: Bundle) -> None:
     before anything is deserialized (XLA would fail later, naming only the missing target)."""
     if local_platform() != "cpu":
         return
-    needed = bundle.manifest["serving"].get("attention", {}).get("custom_calls", [])
+    attention = bundle.manifest.serving.attention
+    needed = attention.custom_calls if attention is not None else ()
     for target in needed:
         if target != cpu_attention.TARGET:
             raise BundleError(
@@ -121,17 +119,19 @@ def _check_custom_calls(bundle: Bundle) -> None:
             ) from None
 
 
-def _deserialize_export(bundle: Bundle, entry: dict) -> jax_export.Exported:
+def _deserialize_export(bundle: Bundle, entry: Function) -> jax_export.Exported:
     try:
-        return jax_export.deserialize(bytearray(bundle.read(entry["file"])))
+        return jax_export.deserialize(bytearray(bundle.read(entry.file)))
     except Exception as e:  # a verified file that jax cannot read: written by another jax
         raise BundleError(
-            f"{bundle.file(entry['file'])}: jax {jax.__version__} cannot deserialize it ({e}); "
-            f"the bundle was built with jax {bundle.manifest['jax_version']}: rebuild it"
+            f"{bundle.file(entry.file)}: jax {jax.__version__} cannot deserialize it ({e}); "
+            f"the bundle was built with jax {bundle.manifest.jax_version}: rebuild it"
         ) from e
 
 
-def choose_compiled_target(bundle: Bundle, trust: TrustPolicy) -> tuple[dict | None, str]:
+def choose_compiled_target(
+    bundle: Bundle, trust: TrustPolicy
+) -> tuple[CompiledTarget | None, str]:
     """(the compiled entry this process may load, "") or (None, why the StableHLO tier is used).
 
     Checked in this order, all before any pickle is touched: a target compiled for this
@@ -141,15 +141,15 @@ def choose_compiled_target(bundle: Bundle, trust: TrustPolicy) -> tuple[dict | N
     platform = local_platform()
     candidates = {
         name: entry
-        for name, entry in bundle.manifest.get("compiled", {}).items()
-        if entry["fingerprint"].get("platform") == platform
+        for name, entry in bundle.manifest.compiled.items()
+        if entry.platform == platform
     }
     if not candidates:
         return None, f"the bundle has no compiled executables for {platform}"
-    local = local_fingerprint(bundle_tp(bundle))
+    local = local_fingerprint(bundle.manifest.serving.tp)
     diffs = {}
     for name, entry in sorted(candidates.items()):
-        diffs[name] = fingerprint_diff(entry["fingerprint"], local)
+        diffs[name] = fingerprint_diff(dict(entry.fingerprint), local)
         if not diffs[name]:
             refusal = trust.refusal(bundle.path, bundle.digest)
             return (None, refusal) if refusal else (entry, "")
@@ -158,26 +158,26 @@ def choose_compiled_target(bundle: Bundle, trust: TrustPolicy) -> tuple[dict | N
 
 
 def _load_compiled(
-    bundle: Bundle, entry: dict, devices: list
+    bundle: Bundle, entry: CompiledTarget, devices: list
 ) -> dict[BucketKey, jax.stages.Compiled]:
     """Deserialize every executable of a checked compiled target, a few at a time.
 
     The pytree structures come from the exports: one per function name, since every bucket of a
     function has the same structure (checked against each bucket's avals in the manifest).
     """
-    functions = {bucket_key(f["name"], f["bucket"]): f for f in bundle.manifest["functions"]}
+    functions = {f.key: f for f in bundle.manifest.functions}
     trees: dict[str, jax_export.Exported] = {}
     jobs = []
-    for ex in entry["executables"]:
-        key = bucket_key(ex["name"], ex["bucket"])
+    for ex in entry.executables:
+        key = ex.key
         if key not in functions:
-            raise BundleError(f"{bundle.file(ex['file'])}: no exported function {key}: rebuild")
-        if ex["name"] not in trees:
-            trees[ex["name"]] = _deserialize_export(bundle, functions[key])
-        exp = trees[ex["name"]]
-        if exp.in_tree.num_leaves != len(functions[key]["in_avals"]):
-            raise BundleError(f"{bundle.file(ex['file'])}: inputs do not match its export: rebuild")
-        jobs.append((key, ex["file"], exp))
+            raise BundleError(f"{bundle.file(ex.file)}: no exported function {key}: rebuild")
+        if ex.name not in trees:
+            trees[ex.name] = _deserialize_export(bundle, functions[key])
+        exp = trees[ex.name]
+        if exp.in_tree.num_leaves != len(functions[key].in_avals):
+            raise BundleError(f"{bundle.file(ex.file)}: inputs do not match its export: rebuild")
+        jobs.append((key, ex.file, exp))
     missing = sorted(set(functions) - {key for key, _, _ in jobs})
     if missing:
         raise BundleError(f"{bundle.path}: compiled tier lacks {missing}: rebuild it")
@@ -192,10 +192,8 @@ def _load_compiled(
 
 def _compile_all(bundle: Bundle) -> dict[BucketKey, jax.stages.Compiled]:
     return {
-        bucket_key(f["name"], f["bucket"]): compile_exported(
-            _deserialize_export(bundle, f), tuple(f["donate_argnums"])
-        )
-        for f in bundle.manifest["functions"]
+        f.key: compile_exported(_deserialize_export(bundle, f), f.donate_argnums)
+        for f in bundle.manifest.functions
     }
 
 
@@ -218,14 +216,13 @@ def load_bundle(
     _check_custom_calls(bundle)
     mesh = serving_mesh(bundle)  # None: one device; refused when this process has too few
     t1 = time.perf_counter()
-    family = family_for_manifest(bundle.manifest, bundle.path)
-    model = family.config_from_dict(bundle.manifest["model"]["config"])
+    model = model_config(bundle.manifest.model, bundle.path)
     kv_sharding = None
     if mesh is None:
         params = jax.device_put(unflatten_params(read_safetensors(bundle.file(WEIGHTS_FILE))))
     else:  # each device gets its shards, as the forward export lays them out
-        forward = next(f for f in bundle.manifest["functions"] if f["name"] == "forward")
-        shardings, kv_sharding = forward_shardings(_deserialize_export(bundle, forward), mesh)
+        forward = _deserialize_export(bundle, bundle.manifest.function("forward"))
+        shardings, kv_sharding = forward_shardings(forward, mesh)
         params = place_weights(bundle.file(WEIGHTS_FILE), shardings)
     t2 = time.perf_counter()
     entry, reason = choose_compiled_target(bundle, trust)
@@ -245,17 +242,17 @@ def load_bundle(
         executables = _compile_all(bundle)
     tier = "stablehlo" if reason else "compiled"
     k_pages = v_pages = None  # encoders keep no KV cache
-    if family.kind == DECODER:
-        serving = bundle.manifest["serving"]
+    if bundle.manifest.kind == DECODER:
+        serving = bundle.manifest.serving
         shape = (
             model.num_layers,
-            serving["kv_pages"],
-            serving["page_size"],
+            serving.kv_pages,
+            serving.page_size,
             model.num_kv_heads,
             model.head_dim,
         )
         # device_put of host zeros: no compile (jnp.zeros would compile a broadcast)
-        dtype = jnp.dtype(serving["dtype"])
+        dtype = jnp.dtype(serving.dtype)
         if kv_sharding is None:
             k_pages = jax.device_put(np.zeros(shape, dtype))
             v_pages = jax.device_put(np.zeros(shape, dtype))

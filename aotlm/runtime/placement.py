@@ -19,21 +19,16 @@ from jax import export as jax_export
 from jax.sharding import Mesh, NamedSharding
 
 from aotlm.bundle import Bundle
+from aotlm.bundle.executables import mesh_in_shardings
 from aotlm.errors import BundleError
 from aotlm.models.checkpoint import flatten_params, unflatten_params
 from aotlm.models.sharding import device_mesh
 from aotlm.safetensors_io import SafetensorsFile
-from aotlm.trace.compile import mesh_in_shardings
-
-
-def bundle_tp(bundle: Bundle) -> int:
-    """The bundle's tensor-parallel degree (1: built for one device)."""
-    return int(bundle.manifest["serving"].get("mesh", {}).get("tp", 1))
 
 
 def serving_mesh(bundle: Bundle) -> Mesh | None:
     """The mesh over this process's first tp devices; None for a one-device bundle."""
-    tp = bundle_tp(bundle)
+    tp = bundle.manifest.serving.tp
     if tp == 1:
         return None
     devices = jax.devices()

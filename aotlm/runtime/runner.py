@@ -41,9 +41,9 @@ class ModelRunner:
         self.k_pages = loaded.k_pages
         self.v_pages = loaded.v_pages
         s = loaded.serving
-        self.page_size = s["page_size"]
-        self.pages_per_seq = s["pages_per_seq"]
-        self.max_seq_len = s["max_seq_len"]
+        self.page_size = s.page_size
+        self.pages_per_seq = s.pages_per_seq
+        self.max_seq_len = s.max_seq_len
         self.token_buckets = loaded.token_buckets
         self.request_buckets = loaded.request_buckets
         # Padding accounting: real vs padded tokens over the runner's life.
@@ -51,7 +51,7 @@ class ModelRunner:
         self.padded_tokens = 0
         self.bucket_calls: Counter[tuple[str, tuple[int, ...]]] = Counter()
         # decode[R] runs up to this many steps per call (1: the bundle has no decode graphs).
-        self.decode_steps = s.get("decode_steps", 1)
+        self.decode_steps = s.decode_steps
         # Samplers take want_logprobs (8 inputs) from format 4 on; older ones take 7 and always
         # compute logprobs. Asked of the executable itself, so any bundle runs as it was built.
         sampler = self.exe[("sample", (self.request_buckets[0],))]

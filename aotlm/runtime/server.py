@@ -25,7 +25,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
 
-from aotlm.bundle import read_manifest
+from aotlm.bundle import ENCODER, read_manifest
 from aotlm.errors import AotlmError
 from aotlm.runtime.api_errors import APIError, as_api_error, validation_message
 from aotlm.runtime.async_embedder import AsyncEmbedder
@@ -349,14 +349,14 @@ def run_server(
     # The manifest's name (model.yaml `name`, default its stem) unless overridden; reading the
     # manifest also refuses a damaged bundle before the engine thread starts.
     manifest = read_manifest(Path(bundle))[0]
-    name = model_name or manifest["name"]
+    name = model_name or manifest.name
     trace = TraceRecorder(record_trace) if record_trace is not None else None
     # An encoder bundle is served by the embedder (POST /v1/embeddings) instead of the engine.
     engine: AsyncEngine | AsyncEmbedder
-    if manifest["model"].get("kind") == "encoder":
+    if manifest.kind == ENCODER:
         engine = AsyncEmbedder.from_bundle(bundle, strict=strict, trust=trust)
     else:
-        decode_steps_for(bundle, manifest["serving"], decode_steps)  # refused before loading
+        decode_steps_for(bundle, manifest.serving, decode_steps)  # refused before loading
         engine = AsyncEngine.from_bundle(
             bundle,
             stream_interval=stream_interval,

@@ -30,7 +30,7 @@ class BundleTokenizer:
         # aotlm pads to its own buckets and checks lengths itself, so neither may apply here.
         self._tok.no_padding()
         self._tok.no_truncation()
-        files = bundle.manifest["files"]
+        files = bundle.manifest.files
         self.config = (
             self._json(bundle, "tokenizer/tokenizer_config.json")
             if "tokenizer/tokenizer_config.json" in files

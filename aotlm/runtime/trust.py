@@ -4,8 +4,8 @@ Serialized executables are pickles of private jax classes: loading one from an u
 runs arbitrary code. The digest and fingerprint checks say a file is intact and compatible; the
 trust policy says whether its author is trusted at all.
 
-    allow_pickle="local"           bundles this machine built (their digest is in the local
-                                   registry, see aotlm/cache.py), or signed by a key in
+    allow_pickle="local"           bundles this machine built (their digest is recorded in
+                                   aotlm/bundle/built_here.py's directory), or signed by a key in
                                    `trusted_keys` when keys are given; the default
     allow_pickle="trusted-signed"  only bundles signed by a key in `trusted_keys`
     allow_pickle="never"           never: always compile the StableHLO at startup
@@ -18,7 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from aotlm.cache import LocalRegistry, default_cache_dir
+from aotlm.bundle.built_here import BuiltHere
+from aotlm.state_dir import default_cache_dir
 
 POLICIES = ("local", "trusted-signed", "never")
 
@@ -49,10 +50,10 @@ class TrustPolicy:
         if self.allow_pickle == "trusted-signed":
             keys = self.trusted_keys or "none configured"
             return f"trust policy allow_pickle=trusted-signed: not signed by a trusted key ({keys})"
-        registry = LocalRegistry(self.cache_dir)
-        if not registry.contains(digest):
+        record = BuiltHere(self.cache_dir)
+        if not record.contains(digest):
             return (
                 f"trust policy allow_pickle=local: bundle sha256:{digest[:12]} was not built on this "
-                f"machine (no record in {registry.dir}) and is not signed by a trusted key"
+                f"machine (no record in {record.dir}) and is not signed by a trusted key"
             )
         return None

@@ -33,9 +33,9 @@ def export_step(fn: Callable, spec: StepSpec, platforms: tuple[str, ...]) -> jax
     )
 
 
-def aval_list(avals) -> list[list]:
-    """[[shape, dtype], ...] for the manifest (readable without deserializing the export)."""
-    return [[list(a.shape), str(a.dtype)] for a in avals]
+def aval_list(avals) -> tuple[tuple[tuple[int, ...], str], ...]:
+    """((shape, dtype), ...) for the manifest (readable without deserializing the export)."""
+    return tuple((tuple(a.shape), str(a.dtype)) for a in avals)
 
 
 def shardings_entry(exp: jax_export.Exported) -> dict:
