@@ -99,3 +99,9 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 def test_the_cycle_check_finds_a_cycle():
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_no_import_cycles():
+    graph = _module_graph()
+    assert "aotlm.runtime.loader" in graph["aotlm.runtime.engine"]
+    assert _cycles(graph) == []

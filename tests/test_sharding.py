@@ -29,7 +29,8 @@ from aotlm.bundle import read_manifest
 from aotlm.config import load_build_config
 from aotlm.errors import BundleError, ConfigError
 from aotlm.models import ModelConfig, abstract_params
-from aotlm.models.sharding import TP, param_specs
+from aotlm.models.llama import param_specs
+from aotlm.models.sharding import TP
 from aotlm.runtime.loader import load_bundle
 
 DRIVER = Path(__file__).with_name("sharding_driver.py")

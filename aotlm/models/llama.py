@@ -15,12 +15,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AbstractMesh
+from jax.sharding import PartitionSpec as P
 
 from aotlm.kernels.attention import write_kv
 from aotlm.kernels.paged_attention_pallas import BlockSizes
 from aotlm.kernels.select import paged_attention
 from aotlm.models.config import ModelConfig
-from aotlm.models.sharding import shard_attention
+from aotlm.models.sharding import REPLICATED, TP, kv_heads_sharded, shard_attention
 
 Params = dict[str, Any]
 
@@ -37,6 +38,25 @@ def layer_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     shapes |= {"wo": (n, q, h), "mlp_norm": (n, h), "w_gate": (n, h, mlp), "w_up": (n, h, mlp)}
     shapes["w_down"] = (n, mlp, h)
     return shapes
+
+
+def param_specs(cfg: ModelConfig, tp: int) -> dict[str, Any]:
+    """PartitionSpecs with the structure of ``abstract_params(cfg, dtype)`` (layers stacked on
+    a leading L axis, weights [in, out])."""
+    col, row, vec = P(None, None, TP), P(None, TP, None), P(None, TP)
+    kv_col, kv_vec = (col, vec) if kv_heads_sharded(cfg, tp) else (REPLICATED, REPLICATED)
+    by_name = {
+        "wq": col, "bq": vec, "wk": kv_col, "bk": kv_vec, "wv": kv_col, "bv": kv_vec,
+        "wo": row, "w_gate": col, "w_up": col, "w_down": row,
+    }  # fmt: skip
+    specs: dict[str, Any] = {
+        "embed": REPLICATED,
+        "final_norm": REPLICATED,
+        "layers": {k: by_name.get(k, REPLICATED) for k in layer_shapes(cfg)},
+    }
+    if not cfg.tie_word_embeddings:
+        specs["lm_head"] = REPLICATED
+    return specs
 
 
 def abstract_params(cfg: ModelConfig, dtype: str | np.dtype) -> Params:

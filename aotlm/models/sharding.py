@@ -58,27 +58,6 @@ def check_mesh(cfg: ModelConfig, tp: int, where: str) -> None:
             )
 
 
-def param_specs(cfg: ModelConfig, tp: int) -> dict[str, Any]:
-    """PartitionSpecs with the structure of ``abstract_params(cfg, dtype)`` (layers stacked on
-    a leading L axis, weights [in, out])."""
-    from aotlm.models.llama import layer_shapes  # llama imports this module
-
-    col, row, vec = P(None, None, TP), P(None, TP, None), P(None, TP)
-    kv_col, kv_vec = (col, vec) if kv_heads_sharded(cfg, tp) else (REPLICATED, REPLICATED)
-    by_name = {
-        "wq": col, "bq": vec, "wk": kv_col, "bk": kv_vec, "wv": kv_col, "bv": kv_vec,
-        "wo": row, "w_gate": col, "w_up": col, "w_down": row,
-    }  # fmt: skip
-    specs: dict[str, Any] = {
-        "embed": REPLICATED,
-        "final_norm": REPLICATED,
-        "layers": {k: by_name.get(k, REPLICATED) for k in layer_shapes(cfg)},
-    }
-    if not cfg.tie_word_embeddings:
-        specs["lm_head"] = REPLICATED
-    return specs
-
-
 def kv_spec(cfg: ModelConfig, tp: int) -> P:
     """k_pages / v_pages [L, num_pages, page_size, KV, D]: split over KV heads when they divide."""
     return P(None, None, None, TP, None) if kv_heads_sharded(cfg, tp) else REPLICATED

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from aotlm.bundle import read_manifest
 from aotlm.registry.errors import RegistryError
+from aotlm.registry.open_store import open_store
 from aotlm.registry.pull import pull_bundle
 from aotlm.registry.ref import Ref, is_ref, parse_ref
 from aotlm.registry.signing import (
@@ -19,7 +20,7 @@ from aotlm.registry.signing import (
     load_trusted_keys,
     read_signature_files,
 )
-from aotlm.registry.store import RegistryOptions, open_store, sha256_digest
+from aotlm.registry.store import RegistryOptions, sha256_digest
 from aotlm.state_dir import default_cache_dir
 
 

@@ -26,6 +26,7 @@ from aotlm.registry.artifact import (
     parse_manifest,
 )
 from aotlm.registry.errors import RegistryError, SignatureError
+from aotlm.registry.open_store import open_store
 from aotlm.registry.ref import Ref, parse_ref
 from aotlm.registry.referrers import fetch_signatures
 from aotlm.registry.signing import (
@@ -34,7 +35,7 @@ from aotlm.registry.signing import (
     enforce_policy,
     load_trusted_keys,
 )
-from aotlm.registry.store import RegistryOptions, Store, open_store, sha256_digest
+from aotlm.registry.store import RegistryOptions, Store, sha256_digest
 
 
 @dataclass(frozen=True)

@@ -20,10 +20,11 @@ from aotlm.registry.artifact import (
     image_manifest,
 )
 from aotlm.registry.errors import RegistryError
+from aotlm.registry.open_store import open_store
 from aotlm.registry.ref import Ref, check_tag, parse_ref
 from aotlm.registry.referrers import push_signatures
 from aotlm.registry.signing import read_signature_files
-from aotlm.registry.store import RegistryOptions, open_store, sha256_digest
+from aotlm.registry.store import RegistryOptions, sha256_digest
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import BinaryIO, Protocol
 
 from aotlm.registry.errors import RegistryError
-from aotlm.registry.ref import Ref
 
 CHUNK = 1 << 20
 _DIGEST = re.compile(r"sha256:[a-f0-9]{64}")
@@ -99,16 +98,3 @@ def copy_verified(
 def read_chunks(f: BinaryIO) -> Iterable[bytes]:
     while chunk := f.read(CHUNK):
         yield chunk
-
-
-def open_store(ref: Ref, options: RegistryOptions | None = None) -> Store:
-    """The store `ref` lives in: an HTTP registry for oci://, an image layout for file://."""
-    options = options or RegistryOptions()
-    if ref.scheme == "file":
-        from aotlm.registry.layout_store import LayoutStore
-
-        assert ref.path is not None
-        return LayoutStore(ref.path)
-    from aotlm.registry.http_store import HttpStore
-
-    return HttpStore(ref.host, ref.repository, options)

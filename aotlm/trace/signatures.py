@@ -11,7 +11,8 @@ from jax.sharding import NamedSharding
 
 from aotlm.config import BuildConfig
 from aotlm.models import ModelConfig, abstract_params
-from aotlm.models.sharding import REPLICATED, abstract_mesh, kv_spec, param_specs, with_shardings
+from aotlm.models.llama import param_specs
+from aotlm.models.sharding import REPLICATED, abstract_mesh, kv_spec, with_shardings
 
 I32 = jnp.int32
 F32 = jnp.float32
