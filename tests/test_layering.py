@@ -43,7 +43,8 @@ def test_serving_imports_no_build_code():
     assert leaked == []
 
 
-def _module_graph() -> dict[str, set[str]]:
+def _module_graph(external: bool = False) -> dict[str, set[str]]:
+    """Module -> the aotlm modules it imports (with `external`: also the top-level packages)."""
     files = {}
     for path in PACKAGE.rglob("*.py"):
         parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
@@ -65,6 +66,8 @@ def _module_graph() -> dict[str, set[str]]:
             else:
                 continue
             graph[module] |= {n for n in names if n in files and n != module}
+            if external:
+                graph[module] |= {n.split(".")[0] for n in names if not n.startswith("aotlm")}
     return graph
 
 
@@ -105,3 +108,9 @@ def test_no_import_cycles():
     graph = _module_graph()
     assert "aotlm.runtime.loader" in graph["aotlm.runtime.engine"]
     assert _cycles(graph) == []
+
+
+def test_only_the_cli_imports_click():
+    importers = {m for m, deps in _module_graph(external=True).items() if "click" in deps}
+    assert "aotlm.cli.options" in importers  # the check sees third-party imports
+    assert sorted(m for m in importers if not m.startswith("aotlm.cli")) == []

@@ -17,7 +17,6 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from aotlm.buckets.plan_cli import buckets
 from aotlm.buckets.planner import (
     full_model_graphs,
     graph_count,
@@ -32,6 +31,7 @@ from aotlm.buckets.trace import SYNTHETIC, TraceRequest, read_trace, write_trace
 from aotlm.build import build_bundle
 from aotlm.bundle import read_manifest
 from aotlm.cli import main
+from aotlm.cli.buckets import buckets
 from aotlm.config import load_build_config
 from aotlm.errors import ConfigError
 from aotlm.runtime.block_manager import BlockManager

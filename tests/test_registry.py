@@ -21,8 +21,8 @@ from aotlm.bundle import open_bundle, read_manifest
 from aotlm.bundle.digest import sha256_bytes
 from aotlm.bundle.format import DIGEST_FILE, MANIFEST_FILE
 from aotlm.bundle.manifest import pack_manifest
+from aotlm.cli.registry import keygen, pull, push, sign
 from aotlm.registry import resolve_bundle
-from aotlm.registry.cli import keygen, pull, push, sign
 
 REGISTRY_BIN = shutil.which("docker-registry") or shutil.which("registry")
 CONFIG = """version: 0.1

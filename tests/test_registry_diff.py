@@ -12,8 +12,8 @@ from aotlm.bundle import read_manifest
 from aotlm.bundle.digest import sha256_bytes
 from aotlm.bundle.format import DIGEST_FILE, MANIFEST_FILE
 from aotlm.bundle.manifest import pack_manifest
+from aotlm.cli.registry import diff
 from aotlm.registry import diff_bundles
-from aotlm.registry.cli import diff
 
 
 def _variant(src: Path, dst: Path) -> Path:

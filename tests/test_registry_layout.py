@@ -10,9 +10,9 @@ import pytest
 from click.testing import CliRunner
 
 from aotlm.bundle import open_bundle
+from aotlm.cli.registry import keygen, pull, push, sign
 from aotlm.errors import BundleError
 from aotlm.registry import pull_bundle, push_bundle
-from aotlm.registry.cli import keygen, pull, push, sign
 from aotlm.registry.errors import RegistryError
 from aotlm.registry.layout_store import LayoutStore
 

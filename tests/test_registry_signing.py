@@ -14,8 +14,8 @@ from aotlm.bundle import read_manifest
 from aotlm.bundle.digest import sha256_bytes
 from aotlm.bundle.format import DIGEST_FILE, MANIFEST_FILE
 from aotlm.bundle.manifest import pack_manifest
+from aotlm.cli.registry import sign
 from aotlm.registry import generate_keypair, load_trusted_keys, sign_bundle, verify_signature
-from aotlm.registry.cli import sign
 from aotlm.registry.errors import SignatureError
 from aotlm.registry.signing import enforce_policy, load_private_key, read_signature_files
 

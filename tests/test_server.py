@@ -404,7 +404,8 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(tiny_bundle, tmp_path):
     cmd = [
         sys.executable,
         "-m",
-        "aotlm.runtime.serve_cli",
+        "aotlm",
+        "serve",
         str(tiny_bundle[0]),
         "--port",
         str(port),

@@ -1,6 +1,6 @@
 """Ship bundles the way teams ship artifacts: OCI registries, immutable digests, signatures.
 
-Public surface (the CLI in `aotlm.registry.cli` is a thin layer over it):
+Public surface (the CLI in `aotlm.cli.registry` is a thin layer over it):
 `push_bundle`, `pull_bundle`, `resolve_bundle`, `sign_bundle`, `verify_signature`,
 `load_trusted_keys`, `generate_keypair`, `diff_bundles`, `parse_ref`.
 

@@ -1,8 +1,4 @@
-"""`aotlm buckets plan`: pick token and request ladders from a traffic trace.
-
-Registered on the main CLI with ``main.add_command(buckets)``. Kept apart from ``cli.py`` so the
-bucket commands grow without growing it; only parsing and printing live here.
-"""
+"""`aotlm buckets plan`: pick token and request ladders from a traffic trace."""
 
 from __future__ import annotations
 
@@ -12,7 +8,8 @@ from pathlib import Path
 import click
 
 from aotlm.buckets.planner import DEFAULT_ROW_COST, LadderScore, Plan, plan_from_trace
-from aotlm.cli_util import errors_to_exit
+from aotlm.cli.options import amount, count, errors_to_exit, json_flag, option
+from aotlm.cli.tables import table
 
 
 @click.group()
@@ -21,56 +18,43 @@ def buckets() -> None:
 
 
 @buckets.command()
-@click.option(
+@option(
     "--trace",
     "trace_path",
     required=True,
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help='JSONL, one request a line: {"prompt_tokens", "output_tokens", optional "arrival"}.',
 )
-@click.option(
+@count(
     "--max-graphs",
+    minimum=4,
     required=True,
-    type=click.IntRange(min=4),
     help="Graph budget: |T| forward + |T|*|R| logits + 2|R| samplers (plain and penalized).",
 )
-@click.option(
-    "--max-tokens-per-step",
-    default=2048,
-    show_default=True,
-    type=click.IntRange(min=1),
-    help="Token budget of a step: the largest token bucket.",
+@count(
+    "--max-tokens-per-step", default=2048, help="Token budget of a step: the largest token bucket."
 )
-@click.option(
-    "--max-seqs-per-step",
-    default=64,
-    show_default=True,
-    type=click.IntRange(min=1),
-    help="Sequence budget of a step: the largest request bucket.",
+@count(
+    "--max-seqs-per-step", default=64, help="Sequence budget of a step: the largest request bucket."
 )
-@click.option(
+@count(
     "--concurrency",
-    type=click.IntRange(min=1),
     default=None,
     help="Requests kept in flight (closed loop). Default: replay the trace's arrival times, "
     "or max-seqs-per-step when it has none.",
 )
-@click.option("--max-seq-len", type=click.IntRange(min=2), default=None, help="Cap per sequence.")
-@click.option(
+@count("--max-seq-len", minimum=2, default=None, help="Cap per sequence.")
+@amount(
     "--row-cost",
-    type=click.FloatRange(min=0),
     default=DEFAULT_ROW_COST,
-    show_default=True,
     help="Cost of a padded logits/sample row, in forward tokens (LM head vs forward per token).",
 )
-@click.option(
+@count(
     "--align",
-    type=click.IntRange(min=1),
     default=1,
-    show_default=True,
     help="Make planned token buckets multiples of this (8 or 128 suit TPU tiles).",
 )
-@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+@json_flag("the plan")
 @errors_to_exit
 def plan(
     trace_path: Path,
@@ -119,15 +103,13 @@ def format_plan(result: Plan) -> str:
     header = ["ladders", "graphs (fwd+logits+samplers)", "full models", "token pad", "row pad"]
     header.append("work pad")
     rows = [_row(s) for s in scores]
-    widths = [max(len(x[i]) for x in [header, *rows]) for i in range(len(header))]
     lines = [
         f"trace     {src.get('trace', '?')}: {src.get('trace_requests', '?')} requests, "
         f"{result.num_steps} simulated steps",
         f"budget    {result.max_graphs} graphs; row cost {result.planned.row_cost:g} tokens",
         "",
     ]
-    for r in [header, ["-" * w for w in widths], *rows]:
-        lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    lines.append(table(rows, header))
     lines.append("")
     for s in scores:
         lines.append(f"{s.name:<8} tokens={list(s.tokens)}")

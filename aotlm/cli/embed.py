@@ -7,28 +7,16 @@ from pathlib import Path
 
 import click
 
-from aotlm.errors import AotlmError
+from aotlm.cli.options import directory, errors_to_exit, flag, option, strict_flag
 
 
 @click.command()
-@click.argument("bundle_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option(
-    "--text", "texts", multiple=True, required=True, help="Text to embed (repeat for several)."
-)
-@click.option(
-    "--truncate",
-    is_flag=True,
-    help="Cut texts longer than the bundle's max_seq_len instead of failing.",
-)
-@click.option(
-    "--strict", is_flag=True, help="Fail if anything compiles after the bundle is loaded."
-)
-@click.option(
-    "--json",
-    "as_json",
-    is_flag=True,
-    help='Print {"embeddings", "dim", "compiles_after_ready"}.',
-)
+@directory()
+@option("--text", "texts", multiple=True, required=True, help="Text to embed (repeat for several).")
+@flag("--truncate", help="Cut texts longer than the bundle's max_seq_len instead of failing.")
+@strict_flag()
+@flag("--json", "as_json", help='Print {"embeddings", "dim", "compiles_after_ready"}.')
+@errors_to_exit
 def embed(bundle_dir: Path, texts: tuple[str, ...], truncate: bool, strict: bool, as_json: bool):
     """Embed TEXTs with the encoder bundle BUNDLE_DIR, with no compilation after load.
 
@@ -38,11 +26,8 @@ def embed(bundle_dir: Path, texts: tuple[str, ...], truncate: bool, strict: bool
 
     from aotlm.runtime.embedder import Embedder
 
-    try:
-        embedder = Embedder.from_bundle(bundle_dir, strict=strict)
-        vectors = embedder.embed(list(texts), truncate_prompt_tokens=-1 if truncate else None)
-    except AotlmError as e:
-        raise click.ClickException(str(e)) from e
+    embedder = Embedder.from_bundle(bundle_dir, strict=strict)
+    vectors = embedder.embed(list(texts), truncate_prompt_tokens=-1 if truncate else None)
     compiles = embedder.compiles_after_ready
     if as_json:
         out = {
