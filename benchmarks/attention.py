@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from aotlm.kernels.select import paged_attention
+from aotlm.kernels.attention import paged_attention
 
 ROOT = Path(__file__).resolve().parent.parent
 # Peak HBM bandwidth in GB/s by device kind (vendor figures), for the floor in microseconds.

@@ -21,10 +21,10 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import numpy as np
 
-from aotlm.build import build_bundle
-from aotlm.config import load_build_config
-from aotlm.runtime.engine import Engine
-from aotlm.runtime.sampling_params import SamplingParams
+from aotlm.build.bundle import build_bundle
+from aotlm.build.model_yaml import load_build_config
+from aotlm.runtime.generation.engine import Engine
+from aotlm.runtime.generation.sampling_params import SamplingParams
 from aotlm.tiny import make_tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -21,7 +21,7 @@ from pathlib import Path
 from aotlm.buckets.ladder import pow2_ladder
 from aotlm.buckets.planner import DEFAULT_ROW_COST, full_model_graphs, graph_count, plan_buckets
 from aotlm.buckets.simulate import simulate
-from aotlm.buckets.trace import SYNTHETIC
+from aotlm.buckets.traffic import SYNTHETIC
 
 ROOT = Path(__file__).resolve().parent.parent
 MAX_TOKENS, MAX_SEQS = 2048, 64

@@ -21,13 +21,13 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax
 import jax.numpy as jnp
 
-from aotlm.build import build_bundle
-from aotlm.config import load_build_config
-from aotlm.runtime.batch import ChunkInput
-from aotlm.runtime.loader import load_bundle
-from aotlm.runtime.runner import ModelRunner
+from aotlm.build.bundle import build_bundle
+from aotlm.build.model_yaml import load_build_config
+from aotlm.build.steps import DONATE_ARGNUMS, step_functions
+from aotlm.runtime.generation.batch import ChunkInput
+from aotlm.runtime.generation.runner import ModelRunner
+from aotlm.runtime.load.loader import load_bundle
 from aotlm.tiny import make_tiny_checkpoint
-from aotlm.trace.steps import DONATE_ARGNUMS, step_functions
 
 ROOT = Path(__file__).resolve().parent.parent
 

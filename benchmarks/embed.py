@@ -31,9 +31,9 @@ import torch
 import transformers
 import yaml
 
-from aotlm.build import build_bundle
-from aotlm.config import load_build_config
-from aotlm.runtime.embedder import Embedder
+from aotlm.build.bundle import build_bundle
+from aotlm.build.model_yaml import load_build_config
+from aotlm.runtime.embedding.embedder import Embedder
 
 ROOT = Path(__file__).resolve().parent.parent
 

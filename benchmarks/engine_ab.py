@@ -32,7 +32,7 @@ def main() -> None:
     ap = ab_parser(__doc__, ROOT / "benchmarks/results/engine_ab.json")
     args = ap.parse_args()
 
-    from aotlm.runtime.engine import Engine
+    from aotlm.runtime.generation.engine import Engine
 
     _, passes, warm = workload(args.bundles[0], args)
     engines = [Engine.from_bundle(b) for b in args.bundles]

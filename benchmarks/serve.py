@@ -151,8 +151,8 @@ def prefix_requests(
 
 
 def build_default_bundle(tmp: Path, checkpoint: Path) -> Path:
-    from aotlm.build import build_bundle
-    from aotlm.config import load_build_config
+    from aotlm.build.bundle import build_bundle
+    from aotlm.build.model_yaml import load_build_config
 
     yaml = tmp / "tiny-llama-serve.yaml"
     yaml.write_text(BENCH_YAML.format(checkpoint=checkpoint.resolve()), encoding="utf-8")

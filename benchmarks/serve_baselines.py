@@ -123,7 +123,7 @@ class _TimedRunner:
 def closed_loop(engine, requests: Sequence[Request], concurrency: int) -> tuple[list, int]:
     """Run `requests` (greedy, exactly max_tokens each) with `concurrency` in flight, the next
     one added as soon as one finishes (between steps); returns (first sequence of each, steps)."""
-    from aotlm.runtime.sampling_params import SamplingParams
+    from aotlm.runtime.generation.sampling_params import SamplingParams
 
     todo = iter(requests)
     seqs = []
@@ -155,7 +155,7 @@ def engine_offline(
     """
     import jax
 
-    from aotlm.runtime.engine import Engine
+    from aotlm.runtime.generation.engine import Engine
 
     engine = Engine.from_bundle(bundle)
     timed = _TimedRunner(engine.runner)

@@ -36,7 +36,7 @@ def child(mode: str, bundle: Path, cache: Path) -> dict:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     import jax
 
-    from aotlm.runtime.compile_guard import CompileCounter
+    from aotlm.runtime.load.compile_guard import CompileCounter
 
     if mode == "jit_cache":
         jax.config.update("jax_compilation_cache_dir", str(cache / "jax-cache"))
@@ -49,8 +49,8 @@ def child(mode: str, bundle: Path, cache: Path) -> dict:
         return {"ready_s": time.perf_counter() - start, "bytes": size, "compiles": 0}
     if mode in ("jit", "jit_cache"):
         return _jit_warmup(bundle, counter)
-    from aotlm.runtime.loader import load_bundle
-    from aotlm.runtime.trust import TrustPolicy
+    from aotlm.runtime.load.loader import load_bundle
+    from aotlm.runtime.load.trust import TrustPolicy
 
     trust = TrustPolicy("never" if mode == "stablehlo" else "local", cache_dir=cache)
     start = time.perf_counter()
@@ -66,12 +66,12 @@ def _jit_warmup(bundle: Path, counter) -> dict:
     import jax
     import numpy as np
 
+    from aotlm.build.steps import DONATE_ARGNUMS, step_functions
     from aotlm.bundle import open_bundle
     from aotlm.bundle.format import WEIGHTS_FILE
     from aotlm.models.checkpoint import unflatten_params
     from aotlm.models.config import model_config_from_dict
     from aotlm.safetensors_io import read_safetensors
-    from aotlm.trace.steps import DONATE_ARGNUMS, step_functions
 
     start = time.perf_counter()
     b = open_bundle(bundle)

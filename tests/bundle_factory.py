@@ -26,8 +26,8 @@ def write_model_yaml(directory: Path, checkpoint: Path, **overrides) -> Path:
 
 
 def build_from_yaml(path: Path, out: Path, jobs: int = 1):
-    from aotlm.build import build_bundle
-    from aotlm.config import load_build_config
+    from aotlm.build.bundle import build_bundle
+    from aotlm.build.model_yaml import load_build_config
 
     return build_bundle(load_build_config(path), out, jobs=jobs)
 
@@ -35,7 +35,7 @@ def build_from_yaml(path: Path, out: Path, jobs: int = 1):
 def bundle_last_logits(engine, prompt: list[int]):
     """f32 logits [V] after `prompt`, fed to the engine's runner in chunks of its largest token
     bucket (pages 1, 2, ... as the block table): what the oracle tests compare."""
-    from aotlm.runtime.batch import ChunkInput
+    from aotlm.runtime.generation.batch import ChunkInput
 
     runner = engine.runner
     table = list(range(1, 1 + runner.pages_per_seq))

@@ -105,7 +105,7 @@ class ServerLedger:
 
 def instrument(api: Any, max_queued: int) -> ServerLedger:
     """Count accepted choices and the queue depth at every QueueFullError of `api.submit`."""
-    from aotlm.runtime.scheduler import QueueFullError
+    from aotlm.runtime.generation.scheduler import QueueFullError
 
     ledger, submit = ServerLedger(), api.submit
 

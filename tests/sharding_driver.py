@@ -21,12 +21,12 @@ import jax
 import yaml
 from bundle_factory import bundle_last_logits
 
-from aotlm.build import build_bundle
+from aotlm.build.bundle import build_bundle
+from aotlm.build.model_yaml import load_build_config
 from aotlm.bundle import read_manifest
-from aotlm.config import load_build_config
-from aotlm.runtime.engine import Engine
-from aotlm.runtime.sampling_params import SamplingParams
-from aotlm.runtime.trust import TrustPolicy
+from aotlm.runtime.generation.engine import Engine
+from aotlm.runtime.generation.sampling_params import SamplingParams
+from aotlm.runtime.load.trust import TrustPolicy
 
 BUCKETS = {"tokens": [32], "requests": [4], "page_size": 16}
 # Communication ops in an XLA HLO dump (the per-layer scan body appears once).

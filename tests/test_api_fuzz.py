@@ -21,8 +21,8 @@ from hypothesis import strategies as st
 from schemathesis.generation.modes import GenerationMode
 from test_server import serving
 
-from aotlm.runtime.async_engine import AsyncEngine
-from aotlm.runtime.server import create_app
+from aotlm.runtime.generation.async_engine import AsyncEngine
+from aotlm.runtime.http.server import create_app
 
 MAX_QUEUED = 64
 ROUTES = ("/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize", "/v1/embeddings")
@@ -249,7 +249,7 @@ def test_openapi_schema_fuzz_finds_no_server_error(openapi, url, mode):
 
 @pytest.fixture(scope="module")
 def embed_http(minilm_bundle) -> Iterator[httpx.Client]:
-    from aotlm.runtime.async_embedder import AsyncEmbedder
+    from aotlm.runtime.embedding.async_embedder import AsyncEmbedder
 
     ae = AsyncEmbedder.from_bundle(minilm_bundle[0], max_wait_s=0.002)
     assert ae.wait_loaded(120), ae.unavailable_reason()

@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import pytest
 
 from aotlm.errors import BundleError, NoBucketError, RequestError
-from aotlm.runtime.async_engine import (
+from aotlm.runtime.generation.async_engine import (
     AsyncEngine,
     EngineUnavailableError,
     RequestFailedError,
@@ -23,10 +23,10 @@ from aotlm.runtime.async_engine import (
     _put_all,
     stable_text_end,
 )
-from aotlm.runtime.block_manager import BlockManager
-from aotlm.runtime.sampling_params import SamplingParams
-from aotlm.runtime.scheduler import QueueFullError, Scheduler
-from aotlm.runtime.sequence import Sample, make_sequences
+from aotlm.runtime.generation.block_manager import BlockManager
+from aotlm.runtime.generation.sampling_params import SamplingParams
+from aotlm.runtime.generation.scheduler import QueueFullError, Scheduler
+from aotlm.runtime.generation.sequence import Sample, make_sequences
 
 REPLY = "héllo wörld € END and more text after the stop ".encode()
 

@@ -6,10 +6,10 @@ import pytest
 from bundle_factory import write_model_yaml
 from click.testing import CliRunner
 
-from aotlm.build import build_bundle
+from aotlm.build.bundle import build_bundle
+from aotlm.build.model_yaml import load_build_config
 from aotlm.bundle import read_manifest
 from aotlm.cli import main
-from aotlm.config import load_build_config
 from aotlm.errors import ConfigError
 
 

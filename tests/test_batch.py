@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from aotlm.errors import NoBucketError
-from aotlm.runtime.batch import ChunkInput, pack_step
+from aotlm.runtime.generation.batch import ChunkInput, pack_step
 
 PAGE = 4
 

@@ -8,8 +8,8 @@ import random
 import pytest
 
 from aotlm.errors import ConfigError
-from aotlm.runtime.block_manager import BlockManager, OutOfPagesError, page_hash
-from aotlm.runtime.sequence import Sample, Sequence
+from aotlm.runtime.generation.block_manager import BlockManager, OutOfPagesError, page_hash
+from aotlm.runtime.generation.sequence import Sample, Sequence
 
 PAGE = 4
 

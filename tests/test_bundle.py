@@ -16,8 +16,8 @@ from aotlm.bundle.manifest import pack_manifest
 from aotlm.bundle.manifest_read import unpack_manifest
 from aotlm.cli import main
 from aotlm.errors import BundleError
-from aotlm.runtime.compile_guard import CompileCounter
-from aotlm.runtime.loader import load_bundle
+from aotlm.runtime.load.compile_guard import CompileCounter
+from aotlm.runtime.load.loader import load_bundle
 
 
 def _copy(bundle: Path, tmp_path: Path) -> Path:

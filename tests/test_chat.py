@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from aotlm.errors import RequestError
-from aotlm.runtime.chat import chat_prompt_ids, render_chat
+from aotlm.runtime.http.chat import chat_prompt_ids, render_chat
 from aotlm.tiny import CHAT_TEMPLATE
 
 

@@ -12,8 +12,8 @@ import pytest
 import yaml
 
 from aotlm.buckets.planner import graph_count
-from aotlm.buckets.trace import SYNTHETIC, write_trace
-from aotlm.config import (
+from aotlm.buckets.traffic import SYNTHETIC, write_trace
+from aotlm.build.model_yaml import (
     BuildConfig,
     default_kv_pages,
     load_build_config,

@@ -22,13 +22,13 @@ from test_paged_attention import (
     run,
 )
 
-from aotlm.build import build_bundle
+from aotlm.build.bundle import build_bundle
+from aotlm.build.model_yaml import load_build_config
 from aotlm.bundle import read_manifest
-from aotlm.config import load_build_config
 from aotlm.errors import BundleError, ConfigError
 from aotlm.kernels import cpu_attention
-from aotlm.kernels.select import paged_attention
-from aotlm.runtime.loader import load_bundle
+from aotlm.kernels.attention import paged_attention
+from aotlm.runtime.load.loader import load_bundle
 
 
 def cpu_kernel(args, scale, **kwargs):

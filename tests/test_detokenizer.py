@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from aotlm.runtime.tokenizer import Detokenizer
+from aotlm.runtime.load.tokenizer import Detokenizer
 
 TEXT = "naïve café — 東京 señor 🙂 ok. " * 20
 

@@ -16,7 +16,7 @@ from aotlm.buckets.ladder import pick_bucket
 from aotlm.bundle import read_manifest
 from aotlm.cli import main
 from aotlm.errors import NoBucketError
-from aotlm.runtime.embedder import Embedder, InputTooLongError, plan_batches
+from aotlm.runtime.embedding.embedder import Embedder, InputTooLongError, plan_batches
 
 SEQ, BATCH = (16, 32, 64, 128), (1, 4)  # the minilm_bundle fixture's ladders
 SENTENCES = [

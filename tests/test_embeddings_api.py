@@ -22,9 +22,9 @@ from test_async_engine import FakeEngine
 from test_embedder import LONG, SENTENCES
 from test_server import metric, serving
 
-from aotlm.runtime.async_embedder import AsyncEmbedder
-from aotlm.runtime.async_engine import AsyncEngine
-from aotlm.runtime.server import create_app
+from aotlm.runtime.embedding.async_embedder import AsyncEmbedder
+from aotlm.runtime.generation.async_engine import AsyncEngine
+from aotlm.runtime.http.server import create_app
 
 MODEL = "minilm"
 

@@ -14,8 +14,8 @@ from hf_factory import load_hf_model, make_hf_checkpoint
 
 from aotlm.cli import main
 from aotlm.errors import RequestError
-from aotlm.runtime.engine import Engine
-from aotlm.runtime.sampling_params import SamplingParams
+from aotlm.runtime.generation.engine import Engine
+from aotlm.runtime.generation.sampling_params import SamplingParams
 
 TOKENIZER = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 CASES = {

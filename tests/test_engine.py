@@ -7,8 +7,8 @@ import dataclasses
 import pytest
 
 from aotlm.errors import RequestError
-from aotlm.runtime.engine import Engine
-from aotlm.runtime.sampling_params import SamplingParams
+from aotlm.runtime.generation.engine import Engine
+from aotlm.runtime.generation.sampling_params import SamplingParams
 
 PROMPT = "The cat sat on the mat"
 

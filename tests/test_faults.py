@@ -20,8 +20,8 @@ from test_async_engine import FakeEngine
 from test_server import serving
 
 from aotlm.errors import AotlmError
-from aotlm.runtime.async_engine import AsyncEngine
-from aotlm.runtime.server import create_app
+from aotlm.runtime.generation.async_engine import AsyncEngine
+from aotlm.runtime.http.server import create_app
 
 BODY = {"prompt": "hello there", "max_tokens": 30, "temperature": 0}
 

@@ -17,14 +17,14 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from aotlm.build.model_yaml import load_build_config, parse_build_config
 from aotlm.bundle import open_bundle
 from aotlm.bundle.digest import sha256_bytes
 from aotlm.bundle.format import DIGEST_FILE, MANIFEST_FILE
 from aotlm.bundle.manifest import pack_manifest
 from aotlm.bundle.manifest_read import unpack_manifest
-from aotlm.config import load_build_config, parse_build_config
 from aotlm.errors import BundleError, CheckpointError, ConfigError, RequestError
-from aotlm.runtime.chat import render_chat
+from aotlm.runtime.http.chat import render_chat
 from aotlm.safetensors_io import SafetensorsFile, serialize_safetensors
 from aotlm.tiny import CHAT_TEMPLATE
 

@@ -20,8 +20,8 @@ from bundle_factory import build_from_yaml, write_model_yaml
 from load_driver import LoadPlan, LoadReport, ServerLedger, instrument, rss_bytes, run_load
 from test_server import serving
 
-from aotlm.runtime.async_engine import AsyncEngine
-from aotlm.runtime.server import create_app
+from aotlm.runtime.generation.async_engine import AsyncEngine
+from aotlm.runtime.http.server import create_app
 
 MAX_QUEUED = 24
 STRESS_BUCKETS = {"tokens": [16, 32, 64], "requests": [1, 2, 4, 8], "page_size": 16}

@@ -14,7 +14,7 @@ import torch
 from hf_factory import load_hf_model, make_hf_checkpoint
 
 from aotlm.errors import CheckpointError
-from aotlm.kernels.attention import paged_attention_ref
+from aotlm.kernels.attention_reference import paged_attention_ref
 from aotlm.models import (
     abstract_params,
     flatten_params,

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from aotlm.errors import BundleError
-from aotlm.runtime.engine import Engine
-from aotlm.runtime.sampling_params import SamplingParams
+from aotlm.runtime.generation.engine import Engine
+from aotlm.runtime.generation.sampling_params import SamplingParams
 
 PROMPTS = ["The cat sat on the mat", "A dog", "Once upon a time, in a land far away, there lived"]
 

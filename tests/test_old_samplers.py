@@ -9,9 +9,9 @@ import jax
 import numpy as np
 
 from aotlm.kernels.sampling import sample
-from aotlm.runtime.engine import Engine
-from aotlm.runtime.loader import load_bundle
-from aotlm.runtime.sampling_params import SamplingParams
+from aotlm.runtime.generation.engine import Engine
+from aotlm.runtime.generation.sampling_params import SamplingParams
+from aotlm.runtime.load.loader import load_bundle
 
 PROMPT = "The cat sat on the mat"
 

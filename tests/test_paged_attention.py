@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 from jax import export as jax_export
 
-from aotlm.kernels.attention import paged_attention_ref
+from aotlm.build.export import DISABLED_CHECKS
+from aotlm.kernels.attention import paged_attention
 from aotlm.kernels.attention_blocked import paged_attention_blocked, phase_widths
+from aotlm.kernels.attention_reference import paged_attention_ref
 from aotlm.kernels.paged_attention_pallas import BlockSizes
-from aotlm.kernels.select import paged_attention
-from aotlm.trace.export import DISABLED_CHECKS
 
 SMALL = BlockSizes(queries=None, kv_pages=2)  # few pages per block keeps interpreting fast
 

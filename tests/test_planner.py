@@ -27,17 +27,17 @@ from aotlm.buckets.planner import (
     row_cost_for_model,
 )
 from aotlm.buckets.simulate import StepShapes, simulate
-from aotlm.buckets.trace import SYNTHETIC, TraceRequest, read_trace, write_trace
-from aotlm.build import build_bundle
+from aotlm.buckets.traffic import SYNTHETIC, TraceRequest, read_trace, write_trace
+from aotlm.build.bundle import build_bundle
+from aotlm.build.model_yaml import load_build_config
 from aotlm.bundle import read_manifest
 from aotlm.cli import main
 from aotlm.cli.buckets import buckets
-from aotlm.config import load_build_config
 from aotlm.errors import ConfigError
-from aotlm.runtime.block_manager import BlockManager
-from aotlm.runtime.sampling_params import SamplingParams
-from aotlm.runtime.scheduler import Scheduler
-from aotlm.runtime.sequence import make_sequences
+from aotlm.runtime.generation.block_manager import BlockManager
+from aotlm.runtime.generation.sampling_params import SamplingParams
+from aotlm.runtime.generation.scheduler import Scheduler
+from aotlm.runtime.generation.sequence import make_sequences
 
 # ---- graph count ------------------------------------------------------------------------------
 

@@ -8,7 +8,7 @@ import math
 import pytest
 
 from aotlm.errors import AotlmError, RequestError
-from aotlm.runtime.sampling_params import SamplingParams
+from aotlm.runtime.generation.sampling_params import SamplingParams
 
 
 def test_defaults_are_valid_and_frozen():

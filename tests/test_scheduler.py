@@ -18,10 +18,10 @@ from types import SimpleNamespace
 import pytest
 
 from aotlm.errors import AotlmError, ConfigError, RequestError
-from aotlm.runtime.block_manager import BlockManager
-from aotlm.runtime.sampling_params import SamplingParams
-from aotlm.runtime.scheduler import QueueFullError, Scheduler, SchedulerOutput
-from aotlm.runtime.sequence import (
+from aotlm.runtime.generation.block_manager import BlockManager
+from aotlm.runtime.generation.sampling_params import SamplingParams
+from aotlm.runtime.generation.scheduler import QueueFullError, Scheduler, SchedulerOutput
+from aotlm.runtime.generation.sequence import (
     Sample,
     Sequence,
     SequenceStatus,
@@ -142,7 +142,7 @@ def expected_output(prompt: list[int], n: int) -> list[int]:
 
 def test_host_side_modules_import_no_jax_and_no_numpy():
     code = (
-        "import sys, aotlm.runtime.scheduler; "
+        "import sys, aotlm.runtime.generation.scheduler; "
         "bad = {'jax', 'numpy'} & set(sys.modules); assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])

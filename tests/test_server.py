@@ -25,10 +25,10 @@ from serve_helpers import wait_ready
 from test_async_engine import REPLY, FakeEngine
 
 from aotlm.buckets.planner import plan_from_trace
-from aotlm.buckets.trace import read_trace
-from aotlm.runtime.async_engine import AsyncEngine
-from aotlm.runtime.server import create_app
-from aotlm.runtime.trace_recorder import TraceRecorder
+from aotlm.buckets.traffic import read_trace
+from aotlm.runtime.generation.async_engine import AsyncEngine
+from aotlm.runtime.http.server import create_app
+from aotlm.runtime.http.traffic_recorder import TraceRecorder
 
 MODEL, KEY = "tiny", "test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}

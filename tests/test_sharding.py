@@ -1,4 +1,4 @@
-"""Tensor parallelism: model.yaml `mesh: {tp: N}`, aotlm/models/sharding.py, runtime/placement.py.
+"""Tensor parallelism: model.yaml `mesh: {tp: N}`, aotlm/models/sharding.py, runtime/load/placement.py.
 
 The multi-device part runs in a subprocess that sees 8 fake CPU devices (XLA_FLAGS must be set
 before jax starts; this process has one): tests/sharding_driver.py builds the same random
@@ -24,14 +24,14 @@ from bundle_factory import write_model_yaml
 from hf_factory import make_hf_checkpoint
 from jax.sharding import PartitionSpec as P
 
-from aotlm.build import build_bundle
+from aotlm.build.bundle import build_bundle
+from aotlm.build.model_yaml import load_build_config
 from aotlm.bundle import read_manifest
-from aotlm.config import load_build_config
 from aotlm.errors import BundleError, ConfigError
 from aotlm.models import ModelConfig, abstract_params
 from aotlm.models.llama import param_specs
 from aotlm.models.sharding import TP
-from aotlm.runtime.loader import load_bundle
+from aotlm.runtime.load.loader import load_bundle
 
 DRIVER = Path(__file__).with_name("sharding_driver.py")
 TOKENIZER = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")

@@ -12,21 +12,21 @@ import pytest
 from bundle_factory import build_from_yaml, write_model_yaml
 from click.testing import CliRunner
 
-from aotlm.build import build_bundle
+from aotlm.build.bundle import build_bundle
+from aotlm.build.model_yaml import load_build_config
+from aotlm.build.targets import Target, plan_target
 from aotlm.bundle import read_manifest
 from aotlm.bundle.digest import sha256_bytes
 from aotlm.bundle.format import DIGEST_FILE, FORMAT_VERSION, MANIFEST_FILE
 from aotlm.bundle.manifest import pack_manifest
 from aotlm.cli import main
-from aotlm.config import load_build_config
 from aotlm.errors import BundleError, ConfigError
-from aotlm.runtime import loader
-from aotlm.runtime.compile_guard import CompileCounter
-from aotlm.runtime.engine import Engine
-from aotlm.runtime.loader import load_bundle
-from aotlm.runtime.sampling_params import SamplingParams
-from aotlm.runtime.trust import TrustPolicy
-from aotlm.trace.targets import Target, plan_target
+from aotlm.runtime.generation.engine import Engine
+from aotlm.runtime.generation.sampling_params import SamplingParams
+from aotlm.runtime.load import loader
+from aotlm.runtime.load.compile_guard import CompileCounter
+from aotlm.runtime.load.loader import load_bundle
+from aotlm.runtime.load.trust import TrustPolicy
 
 PROMPTS = ["The compiler reads the program", "Rain"]
 SMALL = {"tokens": [16], "requests": [1, 2], "page_size": 16}
@@ -123,7 +123,7 @@ def test_fingerprint_mismatch_falls_back_to_stablehlo_with_a_message(
 
     _rewrite_manifest(b, edit)
     _forbid_unpickling(monkeypatch)
-    with caplog.at_level(logging.WARNING, logger="aotlm.runtime.loader"):
+    with caplog.at_level(logging.WARNING, logger="aotlm.runtime.load.loader"):
         loaded, counter = _load(b)
     assert loaded.tier == "stablehlo"
     assert "fingerprint of target cpu does not match" in loaded.timings["tier_reason"]

@@ -32,7 +32,7 @@ import numpy as np
 
 from aotlm.buckets.ladder import Ladder, pow2_ladder, step_ladder
 from aotlm.buckets.simulate import StepShapes, simulate
-from aotlm.buckets.trace import read_trace
+from aotlm.buckets.traffic import read_trace
 from aotlm.errors import ConfigError
 
 DEFAULT_ROW_COST = 0.1

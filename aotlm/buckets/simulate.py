@@ -4,7 +4,7 @@ The planner needs the distribution of per-step shapes (T = tokens scheduled, R =
 sample), not of request lengths: with continuous batching and chunked prefill a step mixes many
 requests' decodes with slices of prompts, so T and R are what the padded graphs actually see.
 
-The policy is `aotlm.runtime.scheduler.Scheduler.schedule`'s, step for step, within a token
+The policy is `aotlm.runtime.generation.scheduler.Scheduler.schedule`'s, step for step, within a token
 budget (the largest token bucket) and a sequence budget (the largest request bucket):
 1. decodes (running sequences with one uncomputed token), oldest admission first;
 2. prefill chunks for running sequences with more, each as large as the remaining budget;
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from aotlm.buckets.trace import TraceRequest
+from aotlm.buckets.traffic import TraceRequest
 from aotlm.errors import ConfigError
 
 

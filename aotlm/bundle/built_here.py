@@ -4,7 +4,7 @@
 
 A digest is the sha256 of a manifest that holds every file's sha256, so a bundle with a recorded
 digest has exactly the bytes this machine wrote, wherever it was copied to. The build writes the
-record (aotlm/build.py); the loader's trust policy reads it (aotlm/runtime/trust.py).
+record (aotlm/build/bundle.py); the loader's trust policy reads it (aotlm/runtime/load/trust.py).
 """
 
 from __future__ import annotations

@@ -57,7 +57,7 @@ class Function:
 
 @dataclass(frozen=True)
 class Executable:
-    """One serialized executable of a compiled target (a pickle: see runtime/trust.py)."""
+    """One serialized executable of a compiled target (a pickle: see runtime/load/trust.py)."""
 
     name: str
     bucket: Mapping[str, int]

@@ -40,8 +40,8 @@ def build(
     as_json: bool,
 ) -> None:
     """Trace every bucket of MODEL_YAML, export it, compile it where possible, write a bundle."""
-    from aotlm.build import build_bundle
-    from aotlm.config import load_build_config, with_targets
+    from aotlm.build.bundle import build_bundle
+    from aotlm.build.model_yaml import load_build_config, with_targets
 
     cfg = load_build_config(model_yaml)
     if targets:

@@ -24,7 +24,7 @@ def embed(bundle_dir: Path, texts: tuple[str, ...], truncate: bool, strict: bool
     """
     import numpy as np
 
-    from aotlm.runtime.embedder import Embedder
+    from aotlm.runtime.embedding.embedder import Embedder
 
     embedder = Embedder.from_bundle(bundle_dir, strict=strict)
     vectors = embedder.embed(list(texts), truncate_prompt_tokens=-1 if truncate else None)

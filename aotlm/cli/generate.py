@@ -48,8 +48,8 @@ def generate(
     require_signed,
 ) -> None:
     """Generate text from BUNDLE (a directory or oci:// / file:// reference), no compiles after load."""
-    from aotlm.runtime.engine import Engine
-    from aotlm.runtime.sampling_params import SamplingParams
+    from aotlm.runtime.generation.engine import Engine
+    from aotlm.runtime.generation.sampling_params import SamplingParams
 
     params = SamplingParams(
         temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, max_tokens=max_tokens

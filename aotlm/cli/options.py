@@ -16,7 +16,7 @@ from typing import Any
 import click
 
 from aotlm.errors import AotlmError
-from aotlm.runtime.trust import POLICIES, TrustPolicy
+from aotlm.runtime.load.trust import POLICIES, TrustPolicy
 
 Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
 

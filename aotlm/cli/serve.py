@@ -15,7 +15,7 @@ from aotlm.cli.options import (
     resolve_source,
     strict_flag,
 )
-from aotlm.runtime.trust import TrustPolicy
+from aotlm.runtime.load.trust import TrustPolicy
 
 
 @click.command()
@@ -85,7 +85,7 @@ def serve(
 
     /ready answers 503 until the bundle is loaded and sealed; SIGTERM drains, then exits 0.
     """
-    from aotlm.runtime.server import run_server
+    from aotlm.runtime.http.server import run_server
 
     run_server(
         resolve_source(bundle_dir, trust, require_signed),

@@ -2,7 +2,7 @@
 
 Decoders run through ``aotlm.models.llama`` (``read_hf_config`` rejects other decoders with a
 message listing ``SUPPORTED_ARCHITECTURES``); BERT encoders through ``aotlm.models.bert``.
-``aotlm.models.registry`` picks the family for a checkpoint or a bundle (build and loader use it),
+``aotlm.build.families`` picks the family for a checkpoint or a bundle (build and loader use it),
 and its error lists every supported architecture.
 """
 

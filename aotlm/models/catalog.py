@@ -2,7 +2,7 @@
 
 The serve side needs only this from a family: which config class reads the manifest's
 `model.config`. model.yaml validation needs only a checkpoint's kind. The build side's family
-table (aotlm/models/registry.py: readers, checkpoint loaders, step functions) holds one of these
+table (aotlm/build/families.py: readers, checkpoint loaders, step functions) holds one of these
 per family, so the sides cannot disagree about what is supported.
 """
 

@@ -17,9 +17,9 @@ import numpy as np
 from jax.sharding import AbstractMesh
 from jax.sharding import PartitionSpec as P
 
-from aotlm.kernels.attention import write_kv
+from aotlm.kernels.attention import paged_attention
+from aotlm.kernels.attention_reference import write_kv
 from aotlm.kernels.paged_attention_pallas import BlockSizes
-from aotlm.kernels.select import paged_attention
 from aotlm.models.config import ModelConfig
 from aotlm.models.sharding import REPLICATED, TP, kv_heads_sharded, shard_attention
 

@@ -90,7 +90,7 @@ def shard_attention(fn: Callable, cfg: ModelConfig, mesh: AbstractMesh | Mesh) -
     KV heads split: ``shard_map``, each device attending with its own q heads [T, NH/tp, D] over
     its own pages [L, N, S, KV/tp, D] with ``fn`` as given (on TPU the Pallas kernel, a custom
     call XLA could not partition). ``check_vma=False``: the attention primitive
-    (aotlm/kernels/select.py) has no replication rule; the output is split, never replicated.
+    (aotlm/kernels/attention.py) has no replication rule; the output is split, never replicated.
 
     KV heads replicated: the jnp reference, partitioned by XLA over the q heads, with the
     updated pages pinned replicated (left free, XLA splits the KV write over KV heads and then

@@ -14,7 +14,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
-    "resolve_bundle": "cache",
+    "resolve_bundle": "pulled",
     "diff_bundles": "diff",
     "RegistryError": "errors",
     "SignatureError": "errors",
@@ -51,10 +51,10 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from aotlm.registry.cache import resolve_bundle
     from aotlm.registry.diff import diff_bundles
     from aotlm.registry.errors import RegistryError, SignatureError
     from aotlm.registry.pull import PullResult, pull_bundle
+    from aotlm.registry.pulled import resolve_bundle
     from aotlm.registry.push import PushResult, push_bundle
     from aotlm.registry.ref import Ref, is_ref, parse_ref
     from aotlm.registry.signing import (

@@ -64,10 +64,7 @@ def _layers(bundle_dir: Path, manifest: Manifest, digest: str) -> list[tuple[str
     return [
         _layer(MANIFEST_LAYER, digest, (bundle_dir / MANIFEST_FILE).stat().st_size, MANIFEST_FILE),
         _layer(FILE_LAYER, sha256_file(sha_file), sha_file.stat().st_size, DIGEST_FILE),
-        *(
-            _layer(FILE_LAYER, e.sha256, e.size, rel)
-            for rel, e in sorted(manifest.files.items())
-        ),
+        *(_layer(FILE_LAYER, e.sha256, e.size, rel) for rel, e in sorted(manifest.files.items())),
     ]
 
 

@@ -1,0 +1,1 @@
+"""The build side: model.yaml -> traced, exported and compiled steps -> a bundle."""

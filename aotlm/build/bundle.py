@@ -1,0 +1,425 @@
+"""`aotlm build`: model.yaml -> bundle. Traces from abstract shapes; real weights are only copied."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import jaxlib
+from jax import export as jax_export
+
+import aotlm
+from aotlm.build.cache import BuildCache, cache_key
+from aotlm.build.export import aval_list, export_step, shardings_entry, target_platforms
+from aotlm.build.families import DECODER, ModelFamily, family_for_checkpoint
+from aotlm.build.memory_plan import check_plan, memory_plan, nbytes
+from aotlm.build.model_yaml import BuildConfig
+from aotlm.build.signatures import StepSpec, params_avals
+from aotlm.build.steps import DONATE_ARGNUMS
+from aotlm.build.targets import COMPILED, STABLEHLO, Target, TargetPlan, plan_target
+from aotlm.bundle import write_bundle
+from aotlm.bundle.built_here import BuiltHere
+from aotlm.bundle.digest import sha256_bytes
+from aotlm.bundle.executables import compile_exported, memory_stats, serialize_compiled
+from aotlm.bundle.format import WEIGHTS_FILE
+from aotlm.bundle.manifest import (
+    Attention,
+    Buckets,
+    CompiledTarget,
+    Executable,
+    Function,
+    Manifest,
+    ModelInfo,
+    Serving,
+    TargetEntry,
+)
+from aotlm.errors import CheckpointError, ConfigError
+from aotlm.kernels.cpu_attention import TARGET as CPU_ATTENTION_TARGET
+from aotlm.kernels.paged_attention_pallas import BlockSizes
+from aotlm.models import ModelConfig
+from aotlm.models.checkpoint import flatten_params
+from aotlm.models.sharding import check_mesh
+from aotlm.safetensors_io import serialize_safetensors
+from aotlm.state_dir import default_cache_dir
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "generation_config.json",
+)
+
+# (done, total, spec, seconds) after each function is exported and compiled.
+Progress = Callable[[int, int, StepSpec, float], None]
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    out_dir: Path
+    digest: str
+    functions: list[dict]  # name, bucket, file, size, seconds
+    seconds: float
+    total_bytes: int
+    targets: dict = field(default_factory=dict)  # name -> tier, reason, memory_plan
+    exported: int = 0  # functions exported in this build (not taken from the build cache)
+    compiled: int = 0  # executables compiled in this build
+    cached: int = 0  # exports and executables taken from the build cache
+
+
+def check_model_fits(build: BuildConfig, cfg: ModelConfig) -> None:
+    name = build.source.name
+    if build.max_seq_len > cfg.max_position_embeddings:
+        raise ConfigError(
+            f"{name}: max_seq_len: {build.max_seq_len} is longer than the checkpoint's "
+            f"max_position_embeddings ({cfg.max_position_embeddings})"
+        )
+    window = getattr(cfg, "sliding_window", None)
+    if window is not None and window < build.max_seq_len:
+        raise ConfigError(
+            f"{name}: max_seq_len: {build.max_seq_len} exceeds the model's sliding_window ({window}); "
+            "sliding-window attention is not supported yet: lower max_seq_len"
+        )
+
+
+def tokenizer_files(checkpoint: Path) -> dict[str, bytes]:
+    """tokenizer.json is required; the chat template comes from its own file or tokenizer_config."""
+    if not (checkpoint / "tokenizer.json").is_file():
+        raise CheckpointError(
+            f"{checkpoint / 'tokenizer.json'}: missing (aotlm needs a fast tokenizer)"
+        )
+    files = {
+        f"tokenizer/{n}": (checkpoint / n).read_bytes()
+        for n in TOKENIZER_FILES
+        if (checkpoint / n).is_file()
+    }
+    if "tokenizer/chat_template.jinja" not in files and "tokenizer/tokenizer_config.json" in files:
+        template = json.loads(files["tokenizer/tokenizer_config.json"]).get("chat_template")
+        if isinstance(template, str):
+            files["tokenizer/chat_template.jinja"] = template.encode()
+    return files
+
+
+@functools.cache
+def source_version() -> str:
+    """sha256 of the code that is traced into the graphs (models, kernels, the build side).
+
+    Computed once per process: it stands for the code this process imported and traces.
+    """
+    root = Path(aotlm.__file__).parent
+    h = hashlib.sha256()
+    # all of build/, not only the step functions: a module the steps come to import is then
+    # never left out, and a cache miss after a build-code edit costs only time
+    traced = [p for sub in ("models", "kernels", "build") for p in (root / sub).rglob("*")]
+    for path in sorted(p for p in traced if p.suffix in (".py", ".cc")):
+        h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def _avals(spec: StepSpec) -> dict:
+    """What an export depends on besides the code: avals, and on a mesh their shardings."""
+    args = spec.args
+    leaves = [[list(a.shape), str(a.dtype)] for a in jax.tree.leaves(args)]
+    out = {"tree": str(jax.tree.structure(args)), "leaves": leaves}
+    if spec.out_shardings is not None:
+        out["shardings"] = [str(a.sharding) for a in jax.tree.leaves(args)]
+        out["out_shardings"] = str(spec.out_shardings)
+    return out
+
+
+@dataclass
+class _Step:
+    """One (function, bucket): its export and its executable per compiled target."""
+
+    spec: StepSpec
+    export: bytes
+    exp: jax_export.Exported
+    compiled: dict[str, tuple[bytes, dict | None]]  # target name -> (payload, memory stats)
+    seconds: float
+    exported: int = 0  # fresh work done (not from the cache)
+    compiled_count: int = 0
+
+
+class _Builder:
+    """Exports and compiles one spec at a time, through the build cache when there is one."""
+
+    def __init__(
+        self, family: ModelFamily, cfg, build: BuildConfig, plans, cache: BuildCache | None
+    ):
+        self.fns = (
+            family.sharded_step_functions(cfg, build.tp)  # type: ignore[misc]
+            if build.tp > 1
+            else family.step_functions(cfg)
+        )
+        if "forward" in self.fns:
+            # Static arguments of the traced forward (and of the forward inside decode): what a
+            # cpu target's attention runs, and the Pallas kernel's block sizes.
+            static: dict = {"cpu_attention": build.attention_cpu}
+            if build.attention_blocks != (None, None):
+                static["block_sizes"] = BlockSizes(*build.attention_blocks)
+            for name in ("forward", "decode"):
+                if name in self.fns:
+                    self.fns[name] = functools.partial(self.fns[name], **static)
+        if "decode" in self.fns:
+            self.fns["decode"] = functools.partial(self.fns["decode"], max_steps=build.decode_steps)
+        self.platforms = target_platforms(build.targets)
+        self.plans = [p for p in plans if p.tier == COMPILED]
+        self.cache = cache
+        self.key_base = {
+            "model": cfg.to_dict(),
+            "platforms": list(self.platforms),
+            "jax": jax.__version__,
+            "jaxlib": jaxlib.__version__,
+            "source": source_version(),
+            "attention_blocks": list(build.attention_blocks),
+            "attention_cpu": build.attention_cpu,
+        }
+        self.decode_steps = build.decode_steps
+
+    def _cached(self, key: str, make: Callable[[], tuple[bytes, dict]]):
+        hit = self.cache.get(key) if self.cache else None
+        if hit is not None:
+            return hit[0], hit[1], 0
+        data, meta = make()
+        if self.cache:
+            self.cache.put(key, data, meta)
+        return data, meta, 1
+
+    def step(self, spec: StepSpec) -> _Step:
+        start = time.perf_counter()
+        donate = DONATE_ARGNUMS[spec.name]
+        # decode's steps per call shape only decode graphs (its outputs are [K, R])
+        steps = {"decode_steps": self.decode_steps} if spec.name == "decode" else {}
+        key = cache_key(
+            kind="export", name=spec.name, bucket=spec.bucket, avals=_avals(spec),
+            donate=list(donate), **self.key_base, **steps,
+        )  # fmt: skip
+        export, _, n_exported = self._cached(
+            key,
+            lambda: (bytes(export_step(self.fns[spec.name], spec, self.platforms).serialize()), {}),
+        )
+        exp = jax_export.deserialize(bytearray(export))
+        out = _Step(spec, export, exp, {}, 0.0, exported=n_exported)
+        for plan in self.plans:
+
+            def make(plan=plan):
+                compiled = compile_exported(exp, donate, plan.devices)
+                return serialize_compiled(compiled, exp), {"memory": memory_stats(compiled)}
+
+            key = cache_key(
+                kind="compiled", export=sha256_bytes(export), donate=list(donate),
+                fingerprint=plan.fingerprint, jax=jax.__version__, jaxlib=jaxlib.__version__,
+            )  # fmt: skip
+            payload, meta, n = self._cached(key, make)
+            out.compiled[plan.target.name] = (payload, meta.get("memory"))
+            out.compiled_count += n
+        out.seconds = time.perf_counter() - start
+        return out
+
+
+def _build_steps(builder: _Builder, specs, jobs: int, progress: Progress | None) -> list[_Step]:
+    results = []
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        for done, step in enumerate(pool.map(builder.step, specs), start=1):
+            results.append(step)
+            if progress:
+                progress(done, len(specs), step.spec, step.seconds)
+    return results
+
+
+def _target_entries(
+    build, plans, steps, resident
+) -> tuple[dict[str, CompiledTarget], dict[str, TargetEntry]]:
+    """(manifest `compiled`, manifest `targets`); checks each target's memory plan."""
+    compiled, targets = {}, {}
+    for plan in plans:
+        t = plan.target
+        execs = None
+        if plan.tier == COMPILED:
+            entries = tuple(
+                Executable(
+                    s.spec.name, s.spec.bucket, compiled_file(t, s.spec), s.compiled[t.name][1]
+                )
+                for s in steps
+            )
+            compiled[t.name] = CompiledTarget(plan.fingerprint, entries)
+            execs = {e.file: e.memory for e in entries}
+        mem = memory_plan(t, build, *resident, execs)
+        check_plan(t, build, mem)
+        targets[t.name] = TargetEntry(plan.tier, plan.reason, mem)
+    return compiled, targets
+
+
+def _serving(build: BuildConfig, cfg, family: ModelFamily, platforms: tuple[str, ...]) -> Serving:
+    """The manifest's serving shape; only decoders have a KV cache (page size, page count)."""
+    common = dict(
+        dtype=build.dtype,
+        max_seq_len=build.max_seq_len,
+        targets=tuple(build.targets),
+        platforms=tuple(platforms),
+        tp=build.tp,
+    )
+    if family.kind != DECODER:
+        return Serving(**common)
+    return Serving(
+        **common,
+        page_size=build.page_size,
+        kv_pages=build.kv_pages,
+        pages_per_seq=build.pages_per_seq,
+        decode_steps=build.decode_steps,
+        attention=_attention(build, cfg),
+    )
+
+
+def _attention(build: BuildConfig, cfg) -> Attention:
+    """What a decoder's attention runs per platform: the Pallas kernel's resolved block sizes
+    (TPU), aotlm's CPU kernel or the blocked jnp path (CPU), and the custom calls a loader must
+    have registered before it deserializes the graphs."""
+    platforms = target_platforms(build.targets)
+    cpu_kernel = build.attention_cpu == "kernel" and "cpu" in platforms
+    if cpu_kernel and cfg.head_dim % 8:
+        raise ConfigError(
+            f"{build.source.name}: attention.cpu: the CPU kernel needs a head_dim that is a "
+            f"multiple of 8 (this model's is {cfg.head_dim}); set `attention: {{cpu: jnp}}`"
+        )
+    try:
+        blocks = BlockSizes(*build.attention_blocks).resolve(
+            group=cfg.num_heads // cfg.num_kv_heads,
+            page_size=build.page_size,
+            pages_per_seq=build.pages_per_seq,
+            kv_row_bytes=cfg.num_kv_heads * cfg.head_dim * jnp.dtype(build.dtype).itemsize,
+            q_dtype=build.dtype,
+        )
+    except ValueError as e:
+        raise ConfigError(f"{build.source.name}: attention: {e}") from None
+    return Attention(
+        impl=f"pallas on tpu, {build.attention_cpu} on cpu, blocked jnp on gpu",
+        kernel="aotlm_ragged_paged_attention",
+        block_sizes=blocks.as_dict(),
+        cpu=build.attention_cpu,
+        custom_calls=(CPU_ATTENTION_TARGET,) if cpu_kernel else (),
+    )
+
+
+def _buckets(build: BuildConfig) -> Buckets:
+    """The ladders, and the plan that chose them when model.yaml gave `buckets.plan`."""
+    plan = json.loads(build.bucket_plan) if build.bucket_plan is not None else None
+    return Buckets(tuple(build.token_buckets), tuple(build.request_buckets), plan)
+
+
+def compiled_file(target: Target, spec: StepSpec) -> str:
+    """compiled/<target>/<function>_<bucket>.bin, named like the export."""
+    stem = spec.file.rsplit("/", 1)[-1].removesuffix(".jaxexp")
+    return f"compiled/{target.dirname}/{stem}.bin"
+
+
+def build_bundle(
+    build: BuildConfig,
+    out_dir: Path | str,
+    *,
+    jobs: int = 1,
+    progress: Progress | None = None,
+    cache_dir: Path | str | None = None,
+    use_cache: bool = True,
+    compile_targets: bool = True,
+) -> BuildResult:
+    """Export every bucket, compile it for each target that can be compiled here, write a bundle.
+
+    `cache_dir` (default: aotlm.state_dir.default_cache_dir()) holds the build cache and the record
+    of bundles built here; `use_cache=False` recomputes everything; `compile_targets=False`
+    writes the StableHLO tier only.
+    """
+    start = time.perf_counter()
+    family = family_for_checkpoint(build.model)
+    if family.kind != build.kind:
+        raise ConfigError(
+            f"{build.source.name}: model: the checkpoint is a {family.kind} ({family.name}) but "
+            f"the config was validated as a {build.kind}: load it with load_build_config"
+        )
+    cfg = family.read_config(build.model)
+    check_model_fits(build, cfg)
+    if build.tp > 1:
+        if family.sharded_step_functions is None:
+            raise ConfigError(
+                f"{build.source.name}: mesh: {family.name} models run on one device; remove mesh"
+            )
+        check_mesh(cfg, build.tp, f"{build.source.name}: mesh.tp")
+    cache_root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    targets = [Target.parse(t) for t in build.targets]
+    if compile_targets:
+        plans = [plan_target(t, build.tp) for t in targets]
+    else:
+        plans = [TargetPlan(t, STABLEHLO, "compiled tier not requested") for t in targets]
+    specs = family.step_specs(cfg, build)
+    params_per_device = params_avals(cfg, build) if build.tp > 1 else None  # shards only
+    resident = (
+        nbytes(params_per_device or family.abstract_params(cfg, build.dtype)),
+        family.kv_pool_bytes(cfg, build),
+    )
+    for plan in plans:  # fail before compiling anything when weights + KV alone do not fit
+        check_plan(plan.target, build, memory_plan(plan.target, build, *resident, None))
+    builder = _Builder(family, cfg, build, plans, BuildCache(cache_root) if use_cache else None)
+    steps = _build_steps(builder, specs, jobs, progress)
+    compiled, target_entries = _target_entries(build, plans, steps, resident)
+    files = tokenizer_files(build.model)
+    params = family.load_checkpoint(build.model, cfg, build.dtype)
+    files[WEIGHTS_FILE] = serialize_safetensors(flatten_params(params))
+    functions = []
+    for s in steps:
+        files[s.spec.file] = s.export
+        for plan in builder.plans:
+            files[compiled_file(plan.target, s.spec)] = s.compiled[plan.target.name][0]
+        functions.append(
+            Function(
+                name=s.spec.name,
+                bucket=s.spec.bucket,
+                file=s.spec.file,
+                donate_argnums=tuple(DONATE_ARGNUMS[s.spec.name]),
+                in_avals=aval_list(s.exp.in_avals),
+                out_avals=aval_list(s.exp.out_avals),
+                shardings=shardings_entry(s.exp) or None,
+            )
+        )
+    manifest = Manifest(
+        name=build.name,
+        model=ModelInfo(
+            kind=family.kind,
+            architecture=cfg.architecture,
+            config=cfg.to_dict(),
+            **family.manifest_extra(cfg),
+        ),
+        serving=_serving(build, cfg, family, builder.platforms),
+        buckets=_buckets(build),
+        functions=tuple(functions),
+        compiled=compiled,
+        targets=target_entries,
+        aotlm_version=aotlm.__version__,
+        jax_version=jax.__version__,
+        jaxlib_version=jaxlib.__version__,
+    )
+    digest = write_bundle(out_dir, manifest, files)
+    BuiltHere(cache_root).record(digest, Path(out_dir))
+    wire = manifest.to_dict()
+    rows = [
+        {**f, "size": len(files[f["file"]]), "seconds": s.seconds}
+        for f, s in zip(wire["functions"], steps, strict=True)
+    ]
+    return BuildResult(
+        out_dir=Path(out_dir),
+        digest=digest,
+        functions=rows,
+        seconds=time.perf_counter() - start,
+        total_bytes=sum(len(b) for b in files.values()),
+        targets=wire["targets"],
+        exported=sum(s.exported for s in steps),
+        compiled=sum(s.compiled_count for s in steps),
+        cached=sum(1 + len(s.compiled) - s.exported - s.compiled_count for s in steps),
+    )

@@ -1,0 +1,121 @@
+"""The step functions that get exported, one graph per bucket.
+
+Splitting the model into forward[T] / logits[T,R] / sample[R] keeps the count of full-model graphs
+at |T| instead of |T|·|R|: only the tiny logits gather and the samplers see the request bucket.
+sample_penalized[R] is sample[R] with presence / frequency / repetition penalties; it is its own
+graph so that the common path never pays for the token-history input and its scatter.
+decode[R] (only with ``decode_steps: K`` in model.yaml) runs up to K whole decode steps of R
+sequences in one call (forward, LM head, sample, feed the token back): the host's per-step work
+is paid once per K tokens.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from aotlm.kernels.sampling import TOP_LOGPROBS, sample, sample_penalized
+from aotlm.models import ModelConfig, forward, lm_head
+from aotlm.models.sharding import abstract_mesh
+
+
+def logits_step(head: jax.Array, hidden: jax.Array, rows: jax.Array) -> jax.Array:
+    """head [V,H], hidden [T,H], rows i32[R] -> f32 [R,V]: the LM head on the rows that sample."""
+    picked = jnp.take(hidden, rows, axis=0)
+    return jnp.einsum("rh,vh->rv", picked, head, preferred_element_type=jnp.float32)
+
+
+def decode_steps(
+    cfg: ModelConfig,
+    forward_fn: Callable,
+    params,
+    k_pages: jax.Array,
+    v_pages: jax.Array,
+    tokens: jax.Array,
+    positions: jax.Array,
+    limits: jax.Array,
+    block_tables: jax.Array,
+    temperature: jax.Array,
+    top_k: jax.Array,
+    top_p: jax.Array,
+    min_p: jax.Array,
+    seed: jax.Array,
+    step: jax.Array,
+    want_logprobs: jax.Array,
+    num_steps: jax.Array,
+    *,
+    max_steps: int,
+    **forward_kwargs,
+):
+    """Up to ``max_steps`` decode steps of R sequences, each feeding its sampled token back.
+
+    tokens, positions: i32[R], each row's last token (not yet in the cache) and its position;
+    limits: i32[R], the last position the row may write (its pages end there, or its
+    max_tokens / max_seq_len does): past it the row writes the trash page and its tokens are
+    junk the host drops; block_tables: i32[R, P]; the sampling columns as sample[R] takes them
+    (``step`` is the row's generated-token count, so a seeded row draws exactly what single
+    steps would; ``want_logprobs`` as in sample); num_steps: i32 scalar <= max_steps.
+    Returns (tokens i32[K, R], logprobs f32[K, R], top ids i32[K, R, 20], top logprobs
+    f32[K, R, 20], k_pages, v_pages); rows past ``num_steps`` are zeros.
+    """
+    rows = tokens.shape[0]
+    page_size = k_pages.shape[2]
+    last_page = block_tables.shape[1] - 1
+    req = jnp.arange(rows, dtype=jnp.int32)
+    head = lm_head(cfg, params)
+    top = min(TOP_LOGPROBS, cfg.vocab_size)
+    outs = (
+        jnp.zeros((max_steps, rows), jnp.int32),
+        jnp.zeros((max_steps, rows), jnp.float32),
+        jnp.zeros((max_steps, rows, top), jnp.int32),
+        jnp.zeros((max_steps, rows, top), jnp.float32),
+    )
+
+    def body(k, carry):
+        tok, pos, k_pages, v_pages, outs = carry
+        live = pos <= limits
+        fed = jnp.where(live, pos, 0)  # a finished row computes position 0 into the trash page
+        page = block_tables[req, jnp.minimum(fed // page_size, last_page)]
+        slots = jnp.where(live, page * page_size + fed % page_size, 0)
+        hidden, k_pages, v_pages = forward_fn(
+            params, k_pages, v_pages, tok, fed, slots, req, block_tables, **forward_kwargs
+        )
+        logits = jnp.einsum("rh,vh->rv", hidden, head, preferred_element_type=jnp.float32)
+        sampled = sample(logits, temperature, top_k, top_p, min_p, seed, step + k, want_logprobs)
+        outs = tuple(o.at[k].set(x) for o, x in zip(outs, sampled, strict=True))
+        return sampled[0], pos + 1, k_pages, v_pages, outs
+
+    carry = (tokens, positions, k_pages, v_pages, outs)
+    _, _, k_pages, v_pages, outs = jax.lax.fori_loop(0, num_steps, body, carry)
+    return (*outs, k_pages, v_pages)
+
+
+def step_functions(cfg: ModelConfig, tp: int = 1) -> dict[str, Callable]:
+    """The step functions for one model config, keyed by the names the manifest uses.
+
+    ``tp`` > 1: for a tensor-parallel mesh (aotlm/models/sharding.py). The arguments' shardings
+    come with the traced signatures; only forward's attention needs to know the mesh. decode
+    needs ``max_steps=`` bound by the builder (model.yaml's decode_steps).
+    """
+    fwd = functools.partial(forward, cfg, mesh=abstract_mesh(tp) if tp > 1 else None)
+    return {
+        "forward": fwd,
+        "logits": logits_step,
+        "sample": sample,
+        "sample_penalized": sample_penalized,
+        "decode": functools.partial(decode_steps, cfg, fwd),
+    }
+
+
+# Arguments updated in place: the KV page pools of forward (params, k_pages, v_pages, ...).
+DONATE_ARGNUMS: dict[str, tuple[int, ...]] = {
+    "forward": (1, 2),
+    "logits": (),
+    "sample": (),
+    "sample_penalized": (),
+    "decode": (1, 2),  # params, k_pages, v_pages, ...
+    "embed": (),  # encoders (aotlm/build/embed_steps.py): no KV cache, nothing donated
+}

@@ -1,0 +1,1 @@
+"""Embeddings: the encoder's sync and async front ends."""

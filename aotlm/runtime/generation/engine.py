@@ -1,0 +1,247 @@
+"""The engine: schedule -> execute -> postprocess, one step at a time.
+
+Everything device-side goes through the sealed executables of a loaded bundle, under
+`jax.no_tracing(True)`: a shape that was not built raises instead of compiling.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax
+
+from aotlm.bundle import DECODER, read_manifest
+from aotlm.bundle.manifest import Serving
+from aotlm.errors import AotlmError, BundleError, RequestError
+from aotlm.runtime.generation.batch import ChunkInput
+from aotlm.runtime.generation.block_manager import BlockManager
+from aotlm.runtime.generation.runner import ModelRunner
+from aotlm.runtime.generation.sampling_params import SamplingParams
+from aotlm.runtime.generation.scheduler import ScheduledChunk, Scheduler, SchedulerOutput
+from aotlm.runtime.generation.sequence import Sequence, make_sequences
+from aotlm.runtime.load.loader import LoadedBundle, load_bundle
+from aotlm.runtime.load.tokenizer import BundleTokenizer, Detokenizer
+from aotlm.runtime.load.trust import TrustPolicy
+
+
+class StepFailedError(AotlmError):
+    """The device step raised `cause`; only `request_ids` had chunks in that step."""
+
+    def __init__(self, cause: Exception, request_ids: frozenset[str]) -> None:
+        super().__init__(f"{type(cause).__name__}: {cause}")
+        self.cause, self.request_ids = cause, request_ids
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One finished choice of a request."""
+
+    request_id: str
+    index: int
+    prompt_token_ids: tuple[int, ...]
+    token_ids: tuple[int, ...]
+    text: str
+    finish_reason: str | None
+    logprobs: tuple[float, ...]
+
+
+def decode_steps_for(path: Path | str, serving: Serving, asked: int | None) -> int:
+    """The decode steps per call to run: `asked`, at most what the bundle was built for
+    (serving.decode_steps, also the default)."""
+    built = serving.decode_steps
+    if asked is not None and not 1 <= asked <= built:
+        raise BundleError(
+            f"{path}: decode_steps={asked}, but this bundle runs 1..{built} decode steps per "
+            "call (model.yaml decode_steps); rebuild it for more"
+        )
+    return built if asked is None else asked
+
+
+def _require_decoder(kind: str, path: Path | str) -> None:
+    if kind != DECODER:
+        raise BundleError(
+            f"{path}: an {kind} (embedding model) bundle cannot generate text; serve it with "
+            "`aotlm serve` (POST /v1/embeddings) or run `aotlm embed`"
+        )
+
+
+class Engine:
+    def __init__(
+        self,
+        loaded: LoadedBundle,
+        *,
+        max_waiting: int | None = None,
+        strict: bool = False,
+        decode_steps: int | None = None,
+    ):
+        """decode_steps: the most decode steps per device call (at most the bundle's
+        serving.decode_steps, its default; 1 runs one step per call)."""
+        _require_decoder(loaded.kind, loaded.bundle.path)
+        self.loaded = loaded
+        self.counter = loaded.counter
+        self.strict = strict
+        self.tokenizer = BundleTokenizer(loaded.bundle, tuple(loaded.model.eos_token_ids))
+        self.runner = ModelRunner(loaded)
+        # The device is the host's own cores (XLA:CPU): steps compete with the server for them.
+        self.runs_on_host = {d.platform for d in loaded.k_pages.sharding.device_set} == {"cpu"}
+        self.decode_steps = decode_steps_for(loaded.bundle.path, loaded.serving, decode_steps)
+        s = loaded.serving
+        self.max_seq_len = s.max_seq_len
+        self.block_manager = BlockManager(s.kv_pages, s.page_size)
+        self.scheduler = Scheduler(
+            self.block_manager,
+            max_tokens_per_step=max(loaded.token_buckets),
+            max_seqs_per_step=max(loaded.request_buckets),
+            max_seq_len=self.max_seq_len,
+            max_waiting=max_waiting,
+            eos_token_ids=self.tokenizer.eos_token_ids,
+        )
+        self._ids = itertools.count()
+        self._texts: dict[int, Detokenizer] = {}
+
+    @classmethod
+    def from_bundle(cls, path: Path | str, *, trust: TrustPolicy | None = None, **kwargs) -> Engine:
+        """Load, compile once, seal: from here on any compile is counted (and fatal if strict)."""
+        _require_decoder(read_manifest(path)[0].kind, path)
+        loaded = load_bundle(path, trust=trust)
+        loaded.counter.seal()
+        return cls(loaded, **kwargs)
+
+    @property
+    def compiles_after_ready(self) -> int:
+        return self.counter.after_seal
+
+    def add_request(self, prompt: str | Seq[int], params: SamplingParams) -> list[Sequence]:
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if len(ids) >= self.max_seq_len:
+            raise RequestError(
+                f"prompt is {len(ids)} tokens; this bundle's max_seq_len is {self.max_seq_len} "
+                "(prompt plus at least one generated token)"
+            )
+        if any(not 0 <= t < self.loaded.model.vocab_size for t in ids):
+            raise RequestError(f"prompt token ids must be in [0, {self.loaded.model.vocab_size})")
+        if params.has_penalties and not self.runner.supports_penalties:
+            raise RequestError(
+                "presence/frequency/repetition penalties need the sample_penalized graphs, which "
+                "this bundle predates: rebuild it with this aotlm"
+            )
+        request_id = f"req-{next(self._ids)}"
+        seqs = make_sequences(request_id, ids, params, first_seq_id=next(self._ids))
+        for _ in seqs[1:]:
+            next(self._ids)  # keep seq ids unique across requests
+        self.scheduler.add(*seqs)
+        return seqs
+
+    def _chunk_input(self, c: ScheduledChunk) -> ChunkInput:
+        p = c.seq.params
+        return ChunkInput(
+            token_ids=c.token_ids,
+            start=c.start,
+            block_table=c.seq.block_table,
+            samples=c.samples,
+            temperature=0.0 if p.is_greedy else p.temperature,
+            top_k=p.effective_top_k,
+            top_p=p.top_p,
+            min_p=p.min_p,
+            seed=c.seq.seed,
+            step=c.seq.num_output_tokens,
+            num_top=p.logprobs or 0,
+            logprobs=p.logprobs is not None,
+            **self._penalties(c),
+        )
+
+    @staticmethod
+    def _penalties(c: ScheduledChunk) -> dict:
+        """Penalty fields of a sampling chunk; the token history is passed only when needed."""
+        p = c.seq.params
+        if not (c.samples and p.has_penalties):
+            return {}
+        return {
+            "presence_penalty": p.presence_penalty,
+            "frequency_penalty": p.frequency_penalty,
+            "repetition_penalty": p.repetition_penalty,
+            "history": c.seq.all_token_ids,  # prompt + output so far: the chunk ends at its end
+            "prompt_len": c.seq.num_prompt_tokens,
+        }
+
+    def step(self) -> list[Sequence]:
+        """One engine step; returns the sequences that got a token (finished ones included)."""
+        out = self.scheduler.schedule_decode(self.decode_steps)
+        if out is not None:
+            return self._multi_step(out)
+        out = self.scheduler.schedule()
+        if out.is_empty:
+            return []
+        sampled = self._run(out, lambda chunks: self.runner.execute(chunks))
+        by_seq = {out.chunks[i].seq.seq_id: s for i, s in sampled.items()}
+        return self.scheduler.postprocess(out, by_seq, self._apply_stop_strings)
+
+    def _multi_step(self, out: SchedulerOutput) -> list[Sequence]:
+        """Up to decode_steps decode steps of every running sequence in one device call."""
+        limits = [c.start + n - 1 for c, n in zip(out.chunks, out.steps, strict=True)]
+        sampled = self._run(
+            out, lambda chunks: self.runner.execute_decode(chunks, limits, max(out.steps))
+        )
+        by_seq = {out.chunks[i].seq.seq_id: s for i, s in sampled.items()}
+        return self.scheduler.postprocess_decode(out, by_seq, self._apply_stop_strings)
+
+    def _run(self, out: SchedulerOutput, call):
+        """The device call for `out`'s chunks, sealed: no tracing, compiles checked if strict."""
+        try:
+            with jax.no_tracing(True):
+                result = call([self._chunk_input(c) for c in out.chunks])
+        except Exception as e:  # only these requests ran: the caller fails them, not all
+            raise StepFailedError(e, frozenset(c.seq.request_id for c in out.chunks)) from e
+        if self.strict:
+            self.counter.check()
+        return result
+
+    def _apply_stop_strings(self, seq: Sequence) -> None:
+        detok = self._texts.get(seq.seq_id)
+        if detok is None:
+            detok = self._texts[seq.seq_id] = self.tokenizer.detokenizer()
+        ids, stops = seq.output_token_ids, seq.params.stop
+        # Only text the last token added can complete a stop string (an earlier one would have
+        # stopped the sequence then): search from there, not the whole output every token.
+        new = 0 if seq.is_finished else len(detok.text)
+        text = detok.finish(ids) if seq.is_finished else detok.update(ids)
+        if not any(text.find(s, max(0, new - len(s) + 1)) >= 0 for s in stops):
+            return
+        text = detok.finish(ids)  # cut the exact text at the earliest stop string
+        at, stop = min((text.find(s), s) for s in stops if s in text)
+        if not seq.is_finished:
+            self.scheduler.finish(seq, "stop", stop_reason=stop)
+        detok.text = text[:at]
+
+    def text(self, seq: Sequence) -> str:
+        detok = self._texts.get(seq.seq_id)
+        return "" if detok is None else detok.text
+
+    def release(self, seq: Sequence) -> None:
+        """Forget a finished or aborted sequence's text (a server calls this once it sent it)."""
+        self._texts.pop(seq.seq_id, None)
+
+    def generate(
+        self, prompts: Seq[str | Seq[int]], params: SamplingParams
+    ) -> list[list[Completion]]:
+        """Offline generation of many prompts at once (continuous batching); one list per prompt."""
+        requests = [self.add_request(p, params) for p in prompts]
+        while self.scheduler.has_unfinished:
+            self.step()
+        return [[self._completion(s) for s in seqs] for seqs in requests]
+
+    def _completion(self, seq: Sequence) -> Completion:
+        text = self.text(seq)
+        self.release(seq)
+        return Completion(
+            request_id=seq.request_id,
+            index=seq.index,
+            prompt_token_ids=seq.prompt_token_ids,
+            token_ids=tuple(seq.output_token_ids),
+            text=text,
+            finish_reason=seq.finish_reason,
+            logprobs=tuple(seq.output_logprobs),
+        )
