@@ -11,6 +11,7 @@ writes benchmarks/results/sampler.json.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import time
@@ -22,6 +23,7 @@ import jax
 import numpy as np
 
 from aotlm.kernels.sampling import sample
+from aotlm.kernels.step_inputs import Sampling
 
 ROOT = Path(__file__).resolve().parent.parent
 VOCABS = {"tiny": 1000, "llama3": 128256, "qwen": 151936}
@@ -44,14 +46,14 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/sampler.json")
     args = ap.parse_args()
     r = args.rows
-    f, i = np.zeros(r, np.float32), np.zeros(r, np.int32)
-    columns = (f, i, np.ones(r, np.float32), f, np.zeros(r, np.uint32), i)  # greedy rows
+    greedy = Sampling.pack([], r)  # padding rows are greedy rows that want no logprobs
+    wanting = dataclasses.replace(greedy, want_logprobs=np.ones(r, np.int32))
     fn = jax.jit(sample)
     rows = []
     for name, vocab in VOCABS.items():
         logits = np.random.default_rng(0).standard_normal((r, vocab)).astype(np.float32)
-        without = time_ms(fn, (logits, *columns, np.zeros(r, np.int32)), args.repeats)
-        with_ = time_ms(fn, (logits, *columns, np.ones(r, np.int32)), args.repeats)
+        without = time_ms(fn, (logits, greedy), args.repeats)
+        with_ = time_ms(fn, (logits, wanting), args.repeats)
         rows.append({"vocab": name, "size": vocab, "rows": r, "no_logprobs_ms": without,
                      "logprobs_ms": with_, "ratio": with_ / without})  # fmt: skip
     print(f"backend {jax.default_backend()}  rows {r}  (greedy)")

@@ -65,6 +65,7 @@ def _jit_warmup(bundle: Path, counter) -> dict:
     """What peers do: jit the step functions, call each bucket once on dummy inputs."""
     import jax
     import numpy as np
+    from jax import export as jax_export
 
     from aotlm.build.steps import DONATE_ARGNUMS, step_functions
     from aotlm.bundle import open_bundle
@@ -73,6 +74,14 @@ def _jit_warmup(bundle: Path, counter) -> dict:
     from aotlm.models.config import model_config_from_dict
     from aotlm.safetensors_io import read_safetensors
 
+    # The inputs' tree structures (named step inputs) from the exports, outside the timing: a
+    # peer's code knows them.
+    trees = {
+        (fn.name, fn.key): jax_export.deserialize(
+            bytearray(open_bundle(bundle).file(fn.file))
+        ).in_tree
+        for fn in open_bundle(bundle).manifest.functions
+    }
     start = time.perf_counter()
     b = open_bundle(bundle)
     model = model_config_from_dict(b.manifest.model.config)
@@ -85,14 +94,12 @@ def _jit_warmup(bundle: Path, counter) -> dict:
         )
         for n, f in step_functions(model).items()
     }
-    leaves = jax.tree.leaves(params)
     for fn in b.manifest.functions:
-        avals = fn.in_avals
-        with_params = fn.name in ("forward", "decode")
-        if with_params:
-            avals = avals[len(leaves) :]  # the real params come first
-        dummies = [jax.device_put(np.zeros(shape, dtype)) for shape, dtype in avals]
-        args = [params, *dummies] if with_params else dummies
+        dummies = [jax.device_put(np.zeros(shape, dtype)) for shape, dtype in fn.in_avals]
+        args, _ = jax.tree.unflatten(trees[fn.key], dummies)
+        args = list(args)
+        if fn.name in ("forward", "decode"):
+            args[0] = params  # the real params come first
         if fn.name == "logits":
             args[0] = params.get("lm_head", params["embed"])
         jax.block_until_ready(fns[fn.name](*args))

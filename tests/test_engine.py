@@ -6,7 +6,6 @@ import dataclasses
 
 import pytest
 
-from aotlm.errors import RequestError
 from aotlm.runtime.generation.engine import Engine
 from aotlm.runtime.generation.sampling_params import SamplingParams
 
@@ -69,12 +68,3 @@ def test_an_unpenalized_row_is_unchanged_beside_a_penalized_one(engine):
         engine.step()
     assert beside.output_token_ids == alone
     assert engine.compiles_after_ready == 0
-
-
-def test_a_bundle_without_the_penalized_sampler_refuses_penalties(engine):
-    loaded = engine.loaded
-    old = {k: v for k, v in loaded.executables.items() if k[0] != "sample_penalized"}
-    old_engine = Engine(dataclasses.replace(loaded, executables=old))
-    with pytest.raises(RequestError, match="rebuild"):
-        old_engine.add_request(PROMPT, SamplingParams(presence_penalty=1.0))
-    old_engine.add_request(PROMPT, SamplingParams(max_tokens=1))  # neutral: accepted

@@ -3,12 +3,15 @@ a numpy reference."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from aotlm.kernels.sampling import apply_penalties, greedy_tokens, sample, sample_penalized
+from aotlm.kernels.step_inputs import Penalties, Sampling
 
 V, S = 50, 24
 
@@ -63,7 +66,7 @@ def test_greedy_tokens_equal_argmax_with_ties_nans_and_infinities(dtype):
 @pytest.mark.parametrize("seed", range(6))
 def test_penalties_match_the_numpy_reference(seed):
     args = random_inputs(np.random.default_rng(seed), rows=4)
-    ours = np.asarray(jax.jit(apply_penalties)(*args))
+    ours = np.asarray(jax.jit(apply_penalties)(args[0], Penalties(*args[1:])))
     np.testing.assert_allclose(ours, penalties_reference(*args), rtol=1e-5, atol=1e-5)
 
 
@@ -71,17 +74,17 @@ def test_greedy_takes_the_argmax_of_penalized_logits_and_logprobs_stay_raw():
     rng = np.random.default_rng(7)
     logits, history, prompt_len, presence, frequency, repetition = random_inputs(rng, rows=4)
     rows = logits.shape[0]
-    plain = (
-        logits,
-        np.zeros(rows, np.float32),  # greedy
-        np.zeros(rows, np.int32),
-        np.ones(rows, np.float32),
-        np.zeros(rows, np.float32),
-        np.arange(rows, dtype=np.uint32),
-        np.zeros(rows, np.int32),
+    greedy = Sampling(
+        temperature=np.zeros(rows, np.float32),
+        top_k=np.zeros(rows, np.int32),
+        top_p=np.ones(rows, np.float32),
+        min_p=np.zeros(rows, np.float32),
+        seed=np.arange(rows, dtype=np.uint32),
+        step=np.zeros(rows, np.int32),
+        want_logprobs=np.ones(rows, np.int32),
     )
     penalties = (history, prompt_len, presence, frequency, repetition)
-    tokens, logprob, _, _ = jax.jit(sample_penalized)(*plain, *penalties)
+    tokens, logprob, _, _ = jax.jit(sample_penalized)(logits, greedy, Penalties(*penalties))
     expected = penalties_reference(logits, *penalties).argmax(-1)
     assert np.asarray(tokens).tolist() == expected.tolist()
     raw = jax.nn.log_softmax(logits, axis=-1)
@@ -94,39 +97,40 @@ def test_neutral_penalties_give_exactly_what_sample_gives():
     rng = np.random.default_rng(3)
     logits, history, prompt_len, *_ = random_inputs(rng, rows=8)
     temperature = np.array([0, 0.7, 1.0, 1.3, 0, 0.5, 2.0, 0.9], np.float32)
-    plain = (
-        logits,
-        temperature,
-        np.array([0, 5, 0, 10, 0, 0, 3, 0], np.int32),
-        np.array([1, 0.9, 0.8, 1, 1, 0.5, 1, 0.95], np.float32),
-        np.array([0, 0, 0.05, 0, 0, 0.1, 0, 0], np.float32),
-        rng.integers(0, 2**32, 8).astype(np.uint32),
-        rng.integers(0, 100, 8).astype(np.int32),
+    sampling = Sampling(
+        temperature=temperature,
+        top_k=np.array([0, 5, 0, 10, 0, 0, 3, 0], np.int32),
+        top_p=np.array([1, 0.9, 0.8, 1, 1, 0.5, 1, 0.95], np.float32),
+        min_p=np.array([0, 0, 0.05, 0, 0, 0.1, 0, 0], np.float32),
+        seed=rng.integers(0, 2**32, 8).astype(np.uint32),
+        step=rng.integers(0, 100, 8).astype(np.int32),
+        want_logprobs=np.ones(8, np.int32),
     )
-    neutral = (history, prompt_len, np.zeros(8, np.float32), np.zeros(8, np.float32))
-    neutral += (np.ones(8, np.float32),)
-    a = jax.jit(sample)(*plain)
-    b = jax.jit(sample_penalized)(*plain, *neutral)
+    neutral = Penalties(history, prompt_len, *np.zeros((2, 8), np.float32), np.ones(8, np.float32))
+    a = jax.jit(sample)(logits, sampling)
+    b = jax.jit(sample_penalized)(logits, sampling, neutral)
     for x, y in zip(a, b, strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 def test_logprobs_are_skipped_only_when_no_row_wants_them():
     """want_logprobs all 0: the same tokens, zeros for logprobs and alternatives; any row 1: the
-    full outputs for every row, exactly what the always-computing call gives."""
+    full outputs for every row, exactly what every row asking gives."""
     rng = np.random.default_rng(5)
     logits = rng.standard_normal((4, 300)).astype(np.float32)
-    cols = (
-        np.array([0, 0.8, 0, 1.2], np.float32),
-        np.zeros(4, np.int32),
-        np.ones(4, np.float32),
-        np.zeros(4, np.float32),
-        np.arange(4, dtype=np.uint32),
-        np.zeros(4, np.int32),
+    cols = Sampling(
+        temperature=np.array([0, 0.8, 0, 1.2], np.float32),
+        top_k=np.zeros(4, np.int32),
+        top_p=np.ones(4, np.float32),
+        min_p=np.zeros(4, np.float32),
+        seed=np.arange(4, dtype=np.uint32),
+        step=np.zeros(4, np.int32),
+        want_logprobs=np.ones(4, np.int32),
     )
-    full = jax.jit(sample)(logits, *cols)
-    none = jax.jit(sample)(logits, *cols, np.zeros(4, np.int32))
-    some = jax.jit(sample)(logits, *cols, np.array([0, 0, 1, 0], np.int32))
+    run = jax.jit(sample)
+    full = run(logits, cols)
+    none = run(logits, dataclasses.replace(cols, want_logprobs=np.zeros(4, np.int32)))
+    some = run(logits, dataclasses.replace(cols, want_logprobs=np.array([0, 0, 1, 0], np.int32)))
     np.testing.assert_array_equal(np.asarray(none[0]), np.asarray(full[0]))
     assert not np.asarray(none[1]).any() and not np.asarray(none[3]).any()
     assert not np.asarray(none[2]).any()

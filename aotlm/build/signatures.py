@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding
 
 from aotlm.build.model_yaml import BuildConfig
+from aotlm.kernels.step_inputs import DecodeRows, Penalties, Sampling
 from aotlm.models import ModelConfig, abstract_params
 from aotlm.models.llama import param_specs
 from aotlm.models.sharding import REPLICATED, abstract_mesh, kv_spec, with_shardings
@@ -98,18 +99,14 @@ def step_specs(cfg: ModelConfig, build: BuildConfig) -> list[StepSpec]:
                 StepSpec("logits", {"tokens": t, "requests": r}, (head, hidden, _s((r,), I32)))
             )
     for r in build.request_buckets:
-        f, i = _s((r,), F32), _s((r,), I32)
-        args = (_s((r, cfg.vocab_size), F32), f, i, f, f, _s((r,), jnp.uint32), i)
-        specs.append(StepSpec("sample", {"requests": r}, (*args, i)))  # + want_logprobs
-        history = _s((r, build.max_seq_len), I32)
-        penalties = (history, i, f, f, f)  # history, prompt_len, presence, frequency, repetition
-        specs.append(StepSpec("sample_penalized", {"requests": r}, (*args, *penalties, i)))
+        logits, sampling = _s((r, cfg.vocab_size), F32), Sampling.avals(r)
+        specs.append(StepSpec("sample", {"requests": r}, (logits, sampling)))
+        penalties = Penalties.avals(r, max_seq_len=build.max_seq_len)
+        specs.append(StepSpec("sample_penalized", {"requests": r}, (logits, sampling, penalties)))
     if build.decode_steps > 1:
         for r in build.request_buckets:
-            f, i = _s((r,), F32), _s((r,), I32)
-            sampling = (f, i, f, f, _s((r,), jnp.uint32), i, i)  # ..., step, want_logprobs
-            tables = _s((r, build.pages_per_seq), I32)
-            args = (params, kv, kv, i, i, i, tables, *sampling, _s((), I32))
+            rows = DecodeRows.avals(r, pages_per_seq=build.pages_per_seq)
+            args = (params, kv, kv, rows, Sampling.avals(r), _s((), I32))
             specs.append(StepSpec("decode", {"requests": r}, args))
     if build.tp > 1:
         return [_on_mesh(spec, build.tp) for spec in specs]

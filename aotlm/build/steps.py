@@ -11,6 +11,7 @@ is paid once per K tokens.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 
@@ -18,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from aotlm.kernels.sampling import TOP_LOGPROBS, sample, sample_penalized
+from aotlm.kernels.step_inputs import DecodeRows, Sampling
 from aotlm.models import ModelConfig, forward, lm_head
 from aotlm.models.sharding import abstract_mesh
 
@@ -34,17 +36,8 @@ def decode_steps(
     params,
     k_pages: jax.Array,
     v_pages: jax.Array,
-    tokens: jax.Array,
-    positions: jax.Array,
-    limits: jax.Array,
-    block_tables: jax.Array,
-    temperature: jax.Array,
-    top_k: jax.Array,
-    top_p: jax.Array,
-    min_p: jax.Array,
-    seed: jax.Array,
-    step: jax.Array,
-    want_logprobs: jax.Array,
+    rows: DecodeRows,
+    sampling: Sampling,
     num_steps: jax.Array,
     *,
     max_steps: int,
@@ -52,31 +45,31 @@ def decode_steps(
 ):
     """Up to ``max_steps`` decode steps of R sequences, each feeding its sampled token back.
 
-    tokens, positions: i32[R], each row's last token (not yet in the cache) and its position;
-    limits: i32[R], the last position the row may write (its pages end there, or its
-    max_tokens / max_seq_len does): past it the row writes the trash page and its tokens are
-    junk the host drops; block_tables: i32[R, P]; the sampling columns as sample[R] takes them
-    (``step`` is the row's generated-token count, so a seeded row draws exactly what single
-    steps would; ``want_logprobs`` as in sample); num_steps: i32 scalar <= max_steps.
+    rows: each row's last token (not yet in the cache), its position, its block table, and the
+    last position it may write (its pages end there, or its max_tokens / max_seq_len does): past
+    it the row writes the trash page and its tokens are junk the host drops. sampling: as
+    sample[R] takes it; its ``step`` is the row's generated-token count, so a seeded row draws
+    exactly what single steps would. num_steps: i32 scalar <= max_steps.
     Returns (tokens i32[K, R], logprobs f32[K, R], top ids i32[K, R, 20], top logprobs
     f32[K, R, 20], k_pages, v_pages); rows past ``num_steps`` are zeros.
     """
-    rows = tokens.shape[0]
+    n = rows.token.shape[0]
     page_size = k_pages.shape[2]
+    block_tables = rows.block_table
     last_page = block_tables.shape[1] - 1
-    req = jnp.arange(rows, dtype=jnp.int32)
+    req = jnp.arange(n, dtype=jnp.int32)
     head = lm_head(cfg, params)
     top = min(TOP_LOGPROBS, cfg.vocab_size)
     outs = (
-        jnp.zeros((max_steps, rows), jnp.int32),
-        jnp.zeros((max_steps, rows), jnp.float32),
-        jnp.zeros((max_steps, rows, top), jnp.int32),
-        jnp.zeros((max_steps, rows, top), jnp.float32),
+        jnp.zeros((max_steps, n), jnp.int32),
+        jnp.zeros((max_steps, n), jnp.float32),
+        jnp.zeros((max_steps, n, top), jnp.int32),
+        jnp.zeros((max_steps, n, top), jnp.float32),
     )
 
     def body(k, carry):
         tok, pos, k_pages, v_pages, outs = carry
-        live = pos <= limits
+        live = pos <= rows.limit
         fed = jnp.where(live, pos, 0)  # a finished row computes position 0 into the trash page
         page = block_tables[req, jnp.minimum(fed // page_size, last_page)]
         slots = jnp.where(live, page * page_size + fed % page_size, 0)
@@ -84,11 +77,11 @@ def decode_steps(
             params, k_pages, v_pages, tok, fed, slots, req, block_tables, **forward_kwargs
         )
         logits = jnp.einsum("rh,vh->rv", hidden, head, preferred_element_type=jnp.float32)
-        sampled = sample(logits, temperature, top_k, top_p, min_p, seed, step + k, want_logprobs)
+        sampled = sample(logits, dataclasses.replace(sampling, step=sampling.step + k))
         outs = tuple(o.at[k].set(x) for o, x in zip(outs, sampled, strict=True))
         return sampled[0], pos + 1, k_pages, v_pages, outs
 
-    carry = (tokens, positions, k_pages, v_pages, outs)
+    carry = (rows.token, rows.position, k_pages, v_pages, outs)
     _, _, k_pages, v_pages, outs = jax.lax.fori_loop(0, num_steps, body, carry)
     return (*outs, k_pages, v_pages)
 

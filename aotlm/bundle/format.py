@@ -8,7 +8,7 @@ keeps every version's line, so that error can say what an old bundle lacks.
 from __future__ import annotations
 
 FORMAT_NAME = "aotlm-bundle"
-FORMAT_VERSION = 6
+FORMAT_VERSION = 7
 
 # version -> (date, what changed). Add a line for every change a reader can observe.
 CHANGELOG: dict[int, tuple[str, str]] = {
@@ -64,8 +64,16 @@ CHANGELOG: dict[int, tuple[str, str]] = {
         "v5 writer always wrote are required: model.kind and model.architecture; "
         "serving.targets, platforms; a decoder's serving.decode_steps and serving.attention "
         "(impl, kernel, block_sizes, cpu, custom_calls); `targets` with tier, reason and "
-        "memory_plan; jaxlib_version. The step functions' inputs are named pytrees (see "
-        "aotlm/kernels/step_inputs.py), so the exports' input trees changed.",
+        "memory_plan; jaxlib_version.",
+    ),
+    7: (
+        "2026-12-05",
+        "Only this version is read. The samplers' and decode's per-row inputs are named pytrees "
+        "(Sampling, Penalties, DecodeRows in aotlm/kernels/step_inputs.py, registered with "
+        "jax.export under `aotlm.<Class>`): sample[R](logits, Sampling), "
+        "sample_penalized[R](logits, Sampling, Penalties), decode[R](params, k_pages, v_pages, "
+        "DecodeRows, Sampling, num_steps). The exports' input trees changed; the flat input "
+        "avals are those of format 6 in the fields' order.",
     ),
 }
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from aotlm.kernels.step_inputs import Penalties, Sampling
+
 # Fixed width of the top-logprobs output: OpenAI allows at most 20.
 TOP_LOGPROBS = 20
 
@@ -61,25 +63,14 @@ def _sample_row(logits, temperature, top_k, top_p, min_p, seed, step):
     return jnp.where(temperature > 0, drawn, greedy)
 
 
-def _choose(logits, temperature, top_k, top_p, min_p, seed, step) -> jax.Array:
-    """Tokens for every row. An all-greedy batch (the common serving case) skips the sort, the
-    masks and the random draw; the result is the same argmax either way."""
-    return jax.lax.cond(
-        jnp.any(temperature > 0),
-        lambda: jax.vmap(_sample_row)(logits, temperature, top_k, top_p, min_p, seed, step),
-        lambda: greedy_tokens(logits),
-    )
-
-
 def _outputs(
-    logits: jax.Array, tokens: jax.Array, want: jax.Array | None
+    logits: jax.Array, tokens: jax.Array, want: jax.Array
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """(tokens, logprob of each, top ids, top logprobs) under the model's own distribution.
 
-    want: i32[R], rows whose request asked for logprobs; when none did (None: always compute)
-    the log-softmax and top-k are skipped and zeros come back. With a real vocabulary they are
-    most of the sampler: 16 greedy rows x 152k logits on CPU, 19.8 ms with them, 3.8 ms without
-    (benchmarks/sampler.py).
+    want: i32[R], rows whose request asked for logprobs; when none did, the log-softmax and top-k
+    are skipped and zeros come back. With a real vocabulary they are most of the sampler: 16
+    greedy rows x 152k logits on CPU, 19.8 ms with them, 3.8 ms without (benchmarks/sampler.py).
     """
     top = min(TOP_LOGPROBS, logits.shape[-1])
 
@@ -89,8 +80,6 @@ def _outputs(
         top_lp, top_ids = jax.lax.top_k(lp, top)
         return chosen, top_ids.astype(jnp.int32), top_lp
 
-    if want is None:
-        return tokens, *logprobs()
     rows = logits.shape[0]
     zeros = (
         jnp.zeros((rows,), jnp.float32),
@@ -100,43 +89,36 @@ def _outputs(
     return tokens, *jax.lax.cond(jnp.any(want > 0), logprobs, lambda: zeros)
 
 
-def sample(
-    logits: jax.Array,
-    temperature: jax.Array,
-    top_k: jax.Array,
-    top_p: jax.Array,
-    min_p: jax.Array,
-    seed: jax.Array,
-    step: jax.Array,
-    want_logprobs: jax.Array | None = None,
-) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """Sample one token per row.
+def _choose(logits: jax.Array, s: Sampling) -> jax.Array:
+    """Tokens for every row. An all-greedy batch (the common serving case) skips the sort, the
+    masks and the random draw; the result is the same argmax either way."""
+    columns = (s.temperature, s.top_k, s.top_p, s.min_p, s.seed, s.step)
+    return jax.lax.cond(
+        jnp.any(s.temperature > 0),
+        lambda: jax.vmap(_sample_row)(logits, *columns),
+        lambda: greedy_tokens(logits),
+    )
 
-    logits f32[R,V]; temperature f32[R] (0 = greedy); top_k i32[R] (<= 0 = off); top_p f32[R];
-    min_p f32[R]; seed u32[R]; step i32[R] (tokens generated so far by that row);
-    want_logprobs i32[R] (1: the row's request asked for logprobs; None: compute them).
+
+def sample(
+    logits: jax.Array, sampling: Sampling
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Sample one token per row: logits f32[R,V], each row's settings in `sampling`.
+
     Returns (tokens i32[R], logprob f32[R] of the chosen token under the unmodified model
     distribution, top ids i32[R,20], top logprobs f32[R,20]); the last three are zeros when no
     row wants logprobs.
     """
     logits = logits.astype(jnp.float32)
-    tokens = _choose(logits, temperature, top_k, top_p, min_p, seed, step)
-    return _outputs(logits, tokens, want_logprobs)
+    return _outputs(logits, _choose(logits, sampling), sampling.want_logprobs)
 
 
-def apply_penalties(
-    logits: jax.Array,
-    history: jax.Array,
-    prompt_len: jax.Array,
-    presence: jax.Array,
-    frequency: jax.Array,
-    repetition: jax.Array,
-) -> jax.Array:
+def apply_penalties(logits: jax.Array, p: Penalties) -> jax.Array:
     """vLLM's penalties (``vllm.model_executor.layers.utils.apply_penalties``), row by row.
 
-    logits f32[R,V]; history i32[R,S]: the row's prompt then its output tokens, padded with any id
-    outside [0, V) (ignored); prompt_len i32[R]: positions ``< prompt_len`` are prompt, the rest
-    output; presence, frequency, repetition f32[R]. In this order:
+    logits f32[R,V]; p.history i32[R,S]: the row's prompt then its output tokens, padded with any
+    id outside [0, V) (ignored); positions ``< p.prompt_len`` are prompt, the rest output. In
+    this order:
 
     1. repetition (CTRL / HF / vLLM): for every token seen in the prompt *or* the output, a
        positive logit is divided by ``repetition``, a non-positive one multiplied by it (1 = off);
@@ -146,43 +128,30 @@ def apply_penalties(
     Counts are per-row scatter-adds into a [R,V] buffer: no one-hot [R,S,V] is ever formed.
     """
     r, v = logits.shape
+    history = p.history
     s = history.shape[1]
     valid = (history >= 0) & (history < v)
     ids = jnp.where(valid, history, v)  # v is out of bounds: dropped by the scatter
     rows = jnp.broadcast_to(jnp.arange(r, dtype=jnp.int32)[:, None], (r, s))
-    is_output = jnp.arange(s, dtype=jnp.int32)[None, :] >= prompt_len[:, None]
+    is_output = jnp.arange(s, dtype=jnp.int32)[None, :] >= p.prompt_len[:, None]
     zeros = jnp.zeros((r, v), jnp.float32)
     seen = zeros.at[rows, ids].add(1.0, mode="drop") > 0
     out_counts = zeros.at[rows, ids].add(is_output.astype(jnp.float32), mode="drop")
-    penalty = jnp.where(seen, repetition[:, None], 1.0)
+    penalty = jnp.where(seen, p.repetition_penalty[:, None], 1.0)
     logits = jnp.where(logits > 0, logits / penalty, logits * penalty)
-    logits = logits - frequency[:, None] * out_counts
-    return logits - presence[:, None] * (out_counts > 0).astype(jnp.float32)
+    logits = logits - p.frequency_penalty[:, None] * out_counts
+    return logits - p.presence_penalty[:, None] * (out_counts > 0).astype(jnp.float32)
 
 
 def sample_penalized(
-    logits: jax.Array,
-    temperature: jax.Array,
-    top_k: jax.Array,
-    top_p: jax.Array,
-    min_p: jax.Array,
-    seed: jax.Array,
-    step: jax.Array,
-    history: jax.Array,
-    prompt_len: jax.Array,
-    presence: jax.Array,
-    frequency: jax.Array,
-    repetition: jax.Array,
-    want_logprobs: jax.Array | None = None,
+    logits: jax.Array, sampling: Sampling, penalties: Penalties
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """`sample` after `apply_penalties` (same first seven arguments, then the penalties' five,
-    then `want_logprobs` as `sample`'s).
+    """`sample` after `apply_penalties`.
 
     As in vLLM, penalties come before temperature, top-k/p and min-p, and greedy rows take the
     argmax of the penalized logits; logprobs stay those of the unpenalized model distribution
     (vLLM's default ``raw_logprobs``), like `sample`'s.
     """
     logits = logits.astype(jnp.float32)
-    adjusted = apply_penalties(logits, history, prompt_len, presence, frequency, repetition)
-    tokens = _choose(adjusted, temperature, top_k, top_p, min_p, seed, step)
-    return _outputs(logits, tokens, want_logprobs)
+    tokens = _choose(apply_penalties(logits, penalties), sampling)
+    return _outputs(logits, tokens, sampling.want_logprobs)

@@ -1,4 +1,5 @@
-"""Pack one engine step into the padded host arrays the step functions take. Pure numpy.
+"""Pack one engine step into the padded host arrays the step functions take (numpy arrays, some
+in the named step inputs of aotlm/kernels/step_inputs.py).
 
 Token layout: the chunks' tokens back to back, then padding. Padding tokens write their KV into
 page 0 (the trash page, never handed out) and read request row 0; their outputs are ignored.
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from aotlm.buckets import pick_bucket
+from aotlm.kernels.step_inputs import Penalties, Sampling
 
 
 @dataclass(frozen=True)
@@ -35,7 +37,7 @@ class ChunkInput:
     history: Sequence[int] = ()
     prompt_len: int = 0
     num_top: int = 0  # top alternatives (with logprobs) to return for the sampled token
-    logprobs: bool = False  # return the sampled token's logprob (and num_top alternatives)
+    want_logprobs: bool = False  # return the sampled token's logprob (and num_top alternatives)
 
     @property
     def penalized(self) -> bool:
@@ -53,12 +55,11 @@ class StepArrays:
     requests: int
     forward: tuple[np.ndarray, ...]  # tokens, positions, slots, token_req, block_tables
     rows: np.ndarray  # i32[R]: hidden row of each sampling chunk's last token
-    sampling: tuple[np.ndarray, ...]  # temperature, top_k, top_p, min_p, seed, step, logprobs
+    sampling: Sampling
     sample_chunks: tuple[int, ...]  # chunk index of each real row
     real_tokens: int
-    # history, prompt_len, presence, frequency, repetition: only when some sampling row has
-    # non-neutral penalties (then sample_penalized runs instead of sample).
-    penalties: tuple[np.ndarray, ...] | None = None
+    # Only when some sampling row has non-neutral penalties (then sample_penalized runs).
+    penalties: Penalties | None = None
 
 
 def pack_step(
@@ -103,54 +104,12 @@ def pack_step(
         requests=r_bucket,
         forward=(tokens, positions, slots, token_req, tables),
         rows=np.asarray(rows + [0] * pad, np.int32),
-        sampling=sampling_columns(picked, r_bucket),
+        sampling=Sampling.pack(picked, r_bucket),
         sample_chunks=tuple(sample_chunks),
         real_tokens=n,
-        penalties=_penalties(picked, r_bucket, max_seq_len),
-    )
-
-
-def sampling_columns(picked: Sequence[ChunkInput], rows: int) -> tuple[np.ndarray, ...]:
-    """temperature, top_k, top_p, min_p, seed, step, wants-logprobs of the sampling chunks, padded
-    to ``rows`` with greedy rows that want nothing."""
-    pad = rows - len(picked)
-
-    def col(attr: str, dtype) -> np.ndarray:
-        return np.asarray([getattr(c, attr) for c in picked] + [0] * pad, dtype)
-
-    return (
-        col("temperature", np.float32),
-        col("top_k", np.int32),
-        np.asarray([c.top_p for c in picked] + [1.0] * pad, np.float32),
-        col("min_p", np.float32),
-        np.asarray([c.seed & 0xFFFFFFFF for c in picked] + [0] * pad, np.uint32),
-        col("step", np.int32),
-        col("logprobs", np.int32),
-    )
-
-
-def _penalties(picked: Sequence[ChunkInput], rows: int, width: int) -> tuple | None:
-    """sample_penalized's extra inputs, or None when every row's penalties are neutral.
-
-    History rows are padded with -1 (ignored by the kernel); padding rows have no history and
-    neutral penalties.
-    """
-    if not any(c.penalized for c in picked):
-        return None
-    history = np.full((rows, width), -1, np.int32)
-    for i, c in enumerate(picked):
-        if len(c.history) > width:
-            raise ValueError(f"a history of {len(c.history)} tokens exceeds max_seq_len={width}")
-        history[i, : len(c.history)] = c.history
-    pad = rows - len(picked)
-
-    def col(attr: str, neutral: float, dtype) -> np.ndarray:
-        return np.asarray([getattr(c, attr) for c in picked] + [neutral] * pad, dtype)
-
-    return (
-        history,
-        col("prompt_len", 0, np.int32),
-        col("presence_penalty", 0.0, np.float32),
-        col("frequency_penalty", 0.0, np.float32),
-        col("repetition_penalty", 1.0, np.float32),
+        penalties=(
+            Penalties.pack(picked, r_bucket, max_seq_len=max_seq_len)
+            if any(c.penalized for c in picked)
+            else None
+        ),
     )

@@ -123,11 +123,6 @@ class Engine:
             )
         if any(not 0 <= t < self.loaded.model.vocab_size for t in ids):
             raise RequestError(f"prompt token ids must be in [0, {self.loaded.model.vocab_size})")
-        if params.has_penalties and not self.runner.supports_penalties:
-            raise RequestError(
-                "presence/frequency/repetition penalties need the sample_penalized graphs, which "
-                "this bundle predates: rebuild it with this aotlm"
-            )
         request_id = f"req-{next(self._ids)}"
         seqs = make_sequences(request_id, ids, params, first_seq_id=next(self._ids))
         for _ in seqs[1:]:
@@ -149,7 +144,7 @@ class Engine:
             seed=c.seq.seed,
             step=c.seq.num_output_tokens,
             num_top=p.logprobs or 0,
-            logprobs=p.logprobs is not None,
+            want_logprobs=p.logprobs is not None,
             **self._penalties(c),
         )
 

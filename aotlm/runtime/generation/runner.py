@@ -16,8 +16,9 @@ import jax
 import numpy as np
 
 from aotlm.buckets import pick_bucket
+from aotlm.kernels.step_inputs import DecodeRows, Sampling
 from aotlm.models import lm_head
-from aotlm.runtime.generation.batch import ChunkInput, StepArrays, pack_step, sampling_columns
+from aotlm.runtime.generation.batch import ChunkInput, StepArrays, pack_step
 from aotlm.runtime.load.loader import LoadedBundle
 
 
@@ -52,14 +53,6 @@ class ModelRunner:
         self.bucket_calls: Counter[tuple[str, tuple[int, ...]]] = Counter()
         # decode[R] runs up to this many steps per call (1: the bundle has no decode graphs).
         self.decode_steps = s.decode_steps
-        # Samplers take want_logprobs (8 inputs) from format 4 on; older ones take 7 and always
-        # compute logprobs. Asked of the executable itself, so any bundle runs as it was built.
-        sampler = self.exe[("sample", (self.request_buckets[0],))]
-        self.want_column = sampler.in_tree.num_leaves == 8
-        # Bundles built before sample_penalized existed (format < 3) cannot apply penalties.
-        self.supports_penalties = all(
-            ("sample_penalized", (r,)) in self.exe for r in self.request_buckets
-        )
 
     def pack(self, chunks: Sequence[ChunkInput]) -> StepArrays:
         return pack_step(
@@ -110,13 +103,11 @@ class ModelRunner:
         logits = self._logits(step)
         if logits is None:
             return {}
-        *columns, want = step.sampling
-        want = (want,) if self.want_column else ()
         if step.penalties is None:
-            out = self._call("sample", (step.requests,), logits, *columns, *want)
+            out = self._call("sample", (step.requests,), logits, step.sampling)
         else:
             out = self._call(
-                "sample_penalized", (step.requests,), logits, *columns, *step.penalties, *want
+                "sample_penalized", (step.requests,), logits, step.sampling, step.penalties
             )
         outputs = [np.asarray(x) for x in out]
         return {
@@ -135,18 +126,22 @@ class ModelRunner:
         if not 1 <= num_steps <= self.decode_steps:
             raise ValueError(f"num_steps={num_steps}: this bundle runs 1..{self.decode_steps}")
         rows = pick_bucket(self.request_buckets, len(chunks), kind="request")
-        tokens, positions, limit = (np.zeros(rows, np.int32) for _ in range(3))
-        tables = np.zeros((rows, self.pages_per_seq), np.int32)
-        limit -= 1  # padding rows are never live
-        for i, c in enumerate(chunks):
-            tokens[i], positions[i], limit[i] = c.token_ids[-1], c.start, limits[i]
-            tables[i, : len(c.block_table)] = c.block_table
+        where = [
+            {
+                "token": c.token_ids[-1],
+                "position": c.start,
+                "limit": lim,
+                "block_table": c.block_table,
+            }
+            for c, lim in zip(chunks, limits, strict=True)
+        ]
         kept = [min(num_steps, lim - c.start + 1) for c, lim in zip(chunks, limits, strict=True)]
         self.real_tokens += sum(kept)
         self.padded_tokens += rows * num_steps
         out = self._call(
             "decode", (rows,), self.params, self.k_pages, self.v_pages,
-            tokens, positions, limit, tables, *sampling_columns(chunks, rows), np.int32(num_steps),
+            DecodeRows.pack(where, rows, pages_per_seq=self.pages_per_seq),
+            Sampling.pack(chunks, rows), np.int32(num_steps),
         )  # fmt: skip
         *sampled, self.k_pages, self.v_pages = out
         outputs = [np.asarray(x) for x in sampled]  # each [K, R, ...]

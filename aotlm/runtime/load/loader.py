@@ -29,7 +29,10 @@ from aotlm.bundle.fingerprint import fingerprint_diff, local_fingerprint, local_
 from aotlm.bundle.format import MANIFEST_FILE, WEIGHTS_FILE
 from aotlm.bundle.manifest import BucketKey, CompiledTarget, Function, Serving
 from aotlm.errors import BundleError
-from aotlm.kernels import cpu_attention
+from aotlm.kernels import (
+    cpu_attention,
+    step_inputs,  # noqa: F401  (registers the exports' input pytrees)
+)
 from aotlm.models import ModelConfig
 from aotlm.models.bert import EncoderConfig
 from aotlm.models.catalog import model_config
