@@ -15,18 +15,14 @@ from types import SimpleNamespace
 import pytest
 
 from aotlm.errors import BundleError, NoBucketError, RequestError
-from aotlm.runtime.generation.async_engine import (
-    AsyncEngine,
-    EngineUnavailableError,
-    RequestFailedError,
-    RequestStream,
-    _put_all,
-    stable_text_end,
-)
+from aotlm.runtime.generation.async_engine import AsyncEngine
 from aotlm.runtime.generation.block_manager import BlockManager
+from aotlm.runtime.generation.engine import Engine
 from aotlm.runtime.generation.sampling_params import SamplingParams
 from aotlm.runtime.generation.scheduler import QueueFullError, Scheduler
 from aotlm.runtime.generation.sequence import Sample, make_sequences
+from aotlm.runtime.generation.streams import RequestStream, put_all, stable_text_end
+from aotlm.runtime.worker import EngineUnavailableError, RequestFailedError
 
 REPLY = "héllo wörld € END and more text after the stop ".encode()
 
@@ -97,6 +93,11 @@ class FakeEngine:
 
     def release(self, seq):
         self._texts.pop(seq.seq_id, None)
+
+    # The rest of Engine's interface, as Engine has it (the async engine uses nothing else).
+    has_unfinished = Engine.has_unfinished
+    abort = Engine.abort
+    stats = Engine.stats
 
 
 def _run(coro):
@@ -319,10 +320,10 @@ def _loop_thread() -> tuple[asyncio.AbstractEventLoop, threading.Thread]:
 
 
 def test_handoff_returns_once_the_readers_took_the_outputs():
-    """With a wait, a step's outputs are in the readers' hands when _put_all returns (on the CPU
+    """With a wait, a step's outputs are in the readers' hands when put_all returns (on the CPU
     backend the next step then does not share the cores with their SSE writes)."""
     loop, thread = _loop_thread()
-    stream = RequestStream(SimpleNamespace(), loop)
+    stream = RequestStream(lambda s: None, loop)
     got: list[str] = []
 
     async def reader() -> None:
@@ -332,7 +333,7 @@ def test_handoff_returns_once_the_readers_took_the_outputs():
         got.clear()
         task = asyncio.run_coroutine_threadsafe(reader(), loop)
         time.sleep(0.01)  # the reader is waiting on the queue
-        _put_all([(stream, "out")], wait=5.0)
+        put_all([(stream, "out")], wait=5.0)
         assert got == ["out"]
         task.result(timeout=5)
     loop.call_soon_threadsafe(loop.stop)
@@ -341,14 +342,14 @@ def test_handoff_returns_once_the_readers_took_the_outputs():
 
 def test_handoff_wait_is_bounded_by_a_busy_or_closed_loop():
     loop, thread = _loop_thread()
-    stream = RequestStream(SimpleNamespace(), loop)
+    stream = RequestStream(lambda s: None, loop)
     loop.call_soon_threadsafe(time.sleep, 0.5)  # the loop is stuck in a callback
     start = time.monotonic()
-    _put_all([(stream, "out")], wait=0.05)
+    put_all([(stream, "out")], wait=0.05)
     assert time.monotonic() - start < 0.4
     loop.call_soon_threadsafe(loop.stop)
     thread.join(timeout=5)
     loop.close()
     start = time.monotonic()
-    _put_all([(stream, "out")], wait=5.0)  # nobody listens any more: no wait at all
+    put_all([(stream, "out")], wait=5.0)  # nobody listens any more: no wait at all
     assert time.monotonic() - start < 1.0

@@ -12,6 +12,7 @@ the thread.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -46,6 +47,17 @@ class EngineStats:
     padded_tokens: int = 0
     compiles_after_ready: int = 0
     preemptions: int = 0
+
+
+def settle_future(future: asyncio.Future, result: object) -> None:
+    """Resolve `future` with `result` (an exception is raised to the awaiting caller); on the
+    caller's loop. A future already done (its caller went away) is left alone."""
+    if future.done():
+        return
+    if isinstance(result, BaseException):
+        future.set_exception(result)
+    else:
+        future.set_result(result)
 
 
 M = TypeVar("M")  # the loaded model: an Engine or an Embedder (each has a sealed `counter`)

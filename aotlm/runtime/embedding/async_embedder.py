@@ -29,6 +29,7 @@ from aotlm.runtime.worker import (
     EngineStats,
     EngineUnavailableError,
     RequestFailedError,
+    settle_future,
 )
 
 log = logging.getLogger(__name__)
@@ -41,15 +42,6 @@ class _Job:
     inputs: Sequence[Sequence[int]]
     future: asyncio.Future
     loop: asyncio.AbstractEventLoop
-
-
-def _settle(future: asyncio.Future, result: np.ndarray | BaseException) -> None:
-    if future.done():  # the caller went away meanwhile
-        return
-    if isinstance(result, BaseException):
-        future.set_exception(result)
-    else:
-        future.set_result(result)
 
 
 class AsyncEmbedder(BackgroundWorker[Embedder]):
@@ -108,7 +100,7 @@ class AsyncEmbedder(BackgroundWorker[Embedder]):
             jobs, self._jobs = self._jobs, []
         for job in jobs:
             with contextlib.suppress(RuntimeError):  # the caller's loop is closed
-                job.loop.call_soon_threadsafe(_settle, job.future, error)
+                job.loop.call_soon_threadsafe(settle_future, job.future, error)
 
     def _next_group(self, embedder: Embedder) -> list[_Job] | None:
         """Wait for work, give others `max_wait_s` to join, take up to a full batch bucket."""
@@ -146,7 +138,7 @@ class AsyncEmbedder(BackgroundWorker[Embedder]):
                 n = len(job.inputs)
                 part = vectors if isinstance(vectors, BaseException) else vectors[at : at + n]
                 with contextlib.suppress(RuntimeError):  # the caller's loop is closed
-                    job.loop.call_soon_threadsafe(_settle, job.future, part)
+                    job.loop.call_soon_threadsafe(settle_future, job.future, part)
                 at += n
             with self._cv:
                 self._running = 0

@@ -25,6 +25,7 @@ from aotlm.runtime.generation.sequence import Sequence, make_sequences
 from aotlm.runtime.load.loader import LoadedBundle, load_bundle
 from aotlm.runtime.load.tokenizer import BundleTokenizer, Detokenizer
 from aotlm.runtime.load.trust import TrustPolicy
+from aotlm.runtime.worker import EngineStats
 
 
 class StepFailedError(AotlmError):
@@ -211,6 +212,31 @@ class Engine:
             self.scheduler.finish(seq, "stop", stop_reason=stop)
         detok.text = text[:at]
 
+    @property
+    def has_unfinished(self) -> bool:
+        """Some request is waiting or running: `step` has work."""
+        return self.scheduler.has_unfinished
+
+    def abort(self, request_id: str) -> list[Sequence]:
+        """Stop a request; returns its choices that were not finished yet (now aborted)."""
+        return self.scheduler.abort(request_id)
+
+    def stats(self) -> EngineStats:
+        """Counters for /metrics: queues, KV pages, prefix cache, padding, compiles."""
+        sched, bm = self.scheduler, self.block_manager
+        return EngineStats(
+            running=len({s.request_id for s in sched.running}),
+            waiting=len({s.request_id for s in sched.waiting}),
+            kv_pages_used=bm.num_used_pages,
+            kv_pages_total=bm.num_usable_pages,
+            prefix_queries=bm.prefix_queries,
+            prefix_hits=bm.prefix_hits,
+            real_tokens=self.runner.real_tokens,
+            padded_tokens=self.runner.padded_tokens,
+            compiles_after_ready=self.compiles_after_ready,
+            preemptions=sched.num_preemptions,
+        )
+
     def text(self, seq: Sequence) -> str:
         detok = self._texts.get(seq.seq_id)
         return "" if detok is None else detok.text
@@ -224,7 +250,7 @@ class Engine:
     ) -> list[list[Completion]]:
         """Offline generation of many prompts at once (continuous batching); one list per prompt."""
         requests = [self.add_request(p, params) for p in prompts]
-        while self.scheduler.has_unfinished:
+        while self.has_unfinished:
             self.step()
         return [[self._completion(s) for s in seqs] for seqs in requests]
 

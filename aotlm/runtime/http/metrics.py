@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from aotlm.runtime.generation.async_engine import RequestOutput
+from aotlm.runtime.generation.streams import RequestOutput
 from aotlm.runtime.worker import EngineStats
 
 # Latency buckets in seconds: a CPU tiny model answers in milliseconds, a TPU 70B in seconds.

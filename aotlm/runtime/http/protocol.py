@@ -14,8 +14,8 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, ConfigDict, Field
 
 from aotlm.errors import RequestError
-from aotlm.runtime.generation.async_engine import ChoiceDelta
 from aotlm.runtime.generation.sampling_params import SamplingParams
+from aotlm.runtime.generation.streams import ChoiceDelta
 
 TokenText = Callable[[int], str]
 

@@ -29,10 +29,11 @@ from aotlm.bundle import ENCODER, read_manifest
 from aotlm.errors import AotlmError
 from aotlm.runtime.embedding.async_embedder import AsyncEmbedder
 from aotlm.runtime.embedding.embedder import InputTooLongError
-from aotlm.runtime.generation.async_engine import AsyncEngine, ChoiceDelta, RequestStream
+from aotlm.runtime.generation.async_engine import AsyncEngine
 from aotlm.runtime.generation.engine import Engine, decode_steps_for
 from aotlm.runtime.generation.sampling_params import SamplingParams
 from aotlm.runtime.generation.scheduler import QueueFullError
+from aotlm.runtime.generation.streams import ChoiceDelta, RequestStream
 from aotlm.runtime.http.api_errors import APIError, as_api_error, validation_message
 from aotlm.runtime.http.chat import chat_prompt_ids
 from aotlm.runtime.http.embedding_protocol import EmbeddingRequest, embedding_response

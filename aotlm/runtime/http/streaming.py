@@ -16,7 +16,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
-from aotlm.runtime.generation.async_engine import ChoiceDelta, RequestOutput, RequestStream
+from aotlm.runtime.generation.streams import ChoiceDelta, RequestOutput, RequestStream
 from aotlm.runtime.http.api_errors import as_api_error
 from aotlm.runtime.http.metrics import ServerMetrics
 from aotlm.runtime.http.protocol import SamplingRequest, usage
