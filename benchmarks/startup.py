@@ -76,11 +76,10 @@ def _jit_warmup(bundle: Path, counter) -> dict:
 
     # The inputs' tree structures (named step inputs) from the exports, outside the timing: a
     # peer's code knows them.
+    pre = open_bundle(bundle)
     trees = {
-        (fn.name, fn.key): jax_export.deserialize(
-            bytearray(open_bundle(bundle).file(fn.file))
-        ).in_tree
-        for fn in open_bundle(bundle).manifest.functions
+        fn.key: jax_export.deserialize(bytearray(pre.read(fn.file))).in_tree
+        for fn in pre.manifest.functions
     }
     start = time.perf_counter()
     b = open_bundle(bundle)

@@ -38,3 +38,27 @@ def test_serve_benchmark_runs_every_side_on_the_same_requests(
     # the shared prefix was served from the cache once its first request computed it
     assert summary["prefix_hits_cold"] == 0 and summary["prefix_hits_shared"] > 0
     assert "aotlm / transformers (mixed, output tok/s)" in proc.stdout
+
+
+def test_startup_benchmark_runs_every_mode_on_the_tiny_model(tmp_path):
+    """benchmarks/startup.py --models tiny: builds, then starts each way a server can (jit cold,
+    jit with the persistent cache, bundle StableHLO, bundle compiled, the read-bytes floor)."""
+    out = tmp_path / "startup.json"
+    cmd = [
+        sys.executable,
+        str(ROOT / "benchmarks/startup.py"),
+        "--models",
+        "tiny",
+        "--out",
+        str(out),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    tiny = json.loads(out.read_text(encoding="utf-8"))["models"]["tiny"]
+    ready, build = tiny["ready"], tiny["build"]
+    graphs = build["jobs1"]["exported"]
+    assert graphs > 0 and build["rebuild"]["exported"] == build["rebuild"]["compiled"] == 0
+    # the jit baseline compiles every graph at start; the compiled bundle compiles none
+    assert ready["jit"]["compiles"] == ready["stablehlo"]["compiles"] == graphs
+    assert ready["compiled"]["compiles"] == 0 and ready["compiled"]["timings"]["tier"] == "compiled"
+    assert "bundle compiled" in proc.stdout

@@ -126,3 +126,21 @@ def test_traversal_path_in_files_is_refused(tiny_bundle, tmp_path):
     _rewrite_manifest(b, files=files)
     with pytest.raises(BundleError, match="escapes the bundle"):
         open_bundle(b)
+
+
+def test_the_exported_samplers_and_decode_take_named_inputs(tiny_bundle):
+    """The step inputs' names travel through jax.export: a loader calls the graphs with the same
+    Sampling / Penalties / DecodeRows objects the host packs (kernels/step_inputs.py)."""
+    from jax import export as jax_export
+
+    from aotlm.kernels.step_inputs import DecodeRows, Penalties, Sampling
+
+    b = open_bundle(tiny_bundle[0])
+    kinds = {}
+    for fn in b.manifest.functions:
+        tree = jax_export.deserialize(bytearray(b.read(fn.file))).in_tree
+        args, _ = tree.unflatten(range(tree.num_leaves))
+        kinds[fn.name] = tuple(type(a).__name__ for a in args)
+    assert kinds["sample"] == ("int", Sampling.__name__)
+    assert kinds["sample_penalized"] == ("int", Sampling.__name__, Penalties.__name__)
+    assert kinds["decode"][3:] == (DecodeRows.__name__, Sampling.__name__, "int")

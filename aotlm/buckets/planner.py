@@ -17,6 +17,9 @@ full models; an unpartitioned build compiles ``|T|*|R|`` full models (:func:`ful
 The two terms are separable (T's ladder only moves the first, R's only the second), so the plan
 is exact: for each ladder an optimal ``k``-rung ladder for every ``k`` (:func:`optimal_ladders`,
 the classic 1-D bucketing DP), then the best ``(|T|, |R|)`` split within the budget.
+
+Why ~390 lines: the cost model, the exact ladder optimizer and its entry points are one
+algorithm; the ladders themselves and the traffic replay live in ladder.py and simulate.py.
 """
 
 from __future__ import annotations

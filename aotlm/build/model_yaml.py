@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,17 +18,16 @@ import yaml
 
 from aotlm.buckets.ladder import ladder_from_spec
 from aotlm.buckets.plan_spec import check_plan_keys, planned_ladders
+from aotlm.build import model_yaml_fields as fields
+from aotlm.build.model_yaml_fields import Checker
 from aotlm.bundle.manifest import ENCODER
 from aotlm.errors import ConfigError
 from aotlm.models.catalog import checkpoint_kind
 
 DTYPES = ("float32", "bfloat16")
 MAX_PAGE_SIZE = 1024
-MAX_DECODE_STEPS = 64
 MAX_YAML_VALUES = 100_000  # a model.yaml holds dozens; a bomb of aliases holds billions
 DEFAULT_TARGETS = ("cpu",)
-# Topologies as jax's get_topology_desc names them: v5e:2x2, v6e:2x2, v5p:2x2x1, tpu7x:2x2x1.
-_TARGET_RE = re.compile(r"cpu|cuda|tpu:[a-z][a-z0-9]*:\d+(x\d+)+")
 _TOP_KEYS = (
     "model",
     "name",
@@ -43,7 +41,6 @@ _TOP_KEYS = (
     "attention",
     "decode_steps",
 )
-CPU_ATTENTION = ("kernel", "jnp")
 _REQUIRED_TOP = ("model", "dtype", "max_seq_len", "buckets")
 _BUCKET_KEYS = ("tokens", "requests", "page_size")
 
@@ -139,11 +136,11 @@ def _check_expanded_size(data: Any, file_name: str) -> None:
 def parse_build_config(data: dict, source: Path) -> BuildConfig:
     """Validate already-parsed YAML; ``source`` names errors and anchors a relative ``model``."""
     source = Path(source).absolute()
-    check = _Checker(source.name)
+    check = Checker(source.name)
     if not isinstance(data, Mapping):
         raise ConfigError(
             f"{source.name}: expected a mapping of keys (model, dtype, ...) at the top level, "
-            f"got {_type_name(data)}"
+            f"got {fields.type_name(data)}"
         )
     check.keys(data, "", _TOP_KEYS, _REQUIRED_TOP)
 
@@ -154,8 +151,8 @@ def parse_build_config(data: dict, source: Path) -> BuildConfig:
     if dtype not in DTYPES:
         raise check.error("dtype", f"must be one of {', '.join(DTYPES)} (got {dtype!r})")
     max_seq_len = check.positive_int(data["max_seq_len"], "max_seq_len")
-    model = _checkpoint_dir(check, data["model"], source.parent)
-    tp = _mesh_tp(check, data.get("mesh"))
+    model = fields.checkpoint_dir(check, data["model"], source.parent)
+    tp = fields.mesh_tp(check, data.get("mesh"))
     if checkpoint_kind(model) == ENCODER:
         if tp > 1:
             raise check.error(
@@ -182,10 +179,12 @@ def parse_build_config(data: dict, source: Path) -> BuildConfig:
         )
     else:
         tokens = ladder_from_spec(buckets["tokens"], check.where("buckets.tokens"))
-        _check_at_most(check, "buckets.tokens", tokens, max_seq_len, "max_seq_len")
+        fields.check_at_most(check, "buckets.tokens", tokens, max_seq_len, "max_seq_len")
         requests = ladder_from_spec(buckets["requests"], check.where("buckets.requests"))
     # Every scheduled request contributes at least one token to a step.
-    _check_at_most(check, "buckets.requests", requests, tokens[-1], "the largest token bucket")
+    fields.check_at_most(
+        check, "buckets.requests", requests, tokens[-1], "the largest token bucket"
+    )
 
     pages_per_seq = math.ceil(max_seq_len / page_size)
     kv_pages = default_kv_pages(max_seq_len, page_size, requests[-1])
@@ -208,24 +207,24 @@ def parse_build_config(data: dict, source: Path) -> BuildConfig:
         request_buckets=requests,
         page_size=page_size,
         kv_pages=kv_pages,
-        targets=_targets(check, data.get("targets", list(DEFAULT_TARGETS))),
-        memory_gib=_memory_gib(check, data.get("memory_gib")),
+        targets=fields.targets(check, data.get("targets", list(DEFAULT_TARGETS))),
+        memory_gib=fields.memory_gib(check, data.get("memory_gib")),
         bucket_plan=bucket_plan,
         tp=tp,
-        attention_blocks=_attention_blocks(check, data.get("attention")),
-        attention_cpu=_attention_cpu(check, data.get("attention")),
-        decode_steps=_decode_steps(check, data.get("decode_steps", 1)),
+        attention_blocks=fields.attention_blocks(check, data.get("attention")),
+        attention_cpu=fields.attention_cpu(check, data.get("attention")),
+        decode_steps=fields.decode_steps(check, data.get("decode_steps", 1)),
     )
 
 
 def with_targets(config: BuildConfig, targets: Sequence[str]) -> BuildConfig:
     """A copy of ``config`` that builds for ``targets`` (the ``aotlm build --target`` override)."""
-    checked = _targets(_Checker("aotlm build"), list(targets), key="--target")
+    checked = fields.targets(Checker("aotlm build"), list(targets), key="--target")
     return dataclasses.replace(config, targets=checked)
 
 
 def _encoder_config(
-    check: _Checker,
+    check: Checker,
     data: Mapping,
     source: Path,
     model: Path,
@@ -245,7 +244,7 @@ def _encoder_config(
             )
     check.keys(buckets, "buckets", ("tokens", "requests"), ("tokens", "requests"))
     tokens = ladder_from_spec(buckets["tokens"], check.where("buckets.tokens"))
-    _check_at_most(check, "buckets.tokens", tokens, max_seq_len, "max_seq_len")
+    fields.check_at_most(check, "buckets.tokens", tokens, max_seq_len, "max_seq_len")
     if tokens[-1] != max_seq_len:
         raise check.error(
             f"buckets.tokens[{len(tokens) - 1}]",
@@ -262,8 +261,8 @@ def _encoder_config(
         request_buckets=ladder_from_spec(buckets["requests"], check.where("buckets.requests")),
         page_size=0,
         kv_pages=0,
-        targets=_targets(check, data.get("targets", list(DEFAULT_TARGETS))),
-        memory_gib=_memory_gib(check, data.get("memory_gib")),
+        targets=fields.targets(check, data.get("targets", list(DEFAULT_TARGETS))),
+        memory_gib=fields.memory_gib(check, data.get("memory_gib")),
         kind="encoder",
     )
 
@@ -274,137 +273,3 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
     if mark is None or problem is None:
         return f": {exc}"
     return f" at line {mark.line + 1}, column {mark.column + 1}: {problem}"
-
-
-def _check_at_most(
-    check: _Checker, key: str, ladder: tuple[int, ...], limit: int, limit_name: str
-) -> None:
-    for i, value in enumerate(ladder):
-        if value > limit:
-            raise check.error(
-                f"{key}[{i}]", f"must be at most {limit_name} ({limit}) (got {value})"
-            )
-
-
-def _checkpoint_dir(check: _Checker, value: Any, base: Path) -> Path:
-    model = (base / check.string(value, "model")).resolve()
-    if not model.is_dir():
-        raise check.error(
-            "model",
-            f"checkpoint directory {model} does not exist (a relative path resolves against "
-            f"the directory of {check.file_name}; `python -m aotlm.tiny DIR` creates the tiny "
-            "test model)",
-        )
-    if not (model / "config.json").is_file():
-        raise check.error(
-            "model", f"{model} has no config.json (expected a Hugging Face checkpoint directory)"
-        )
-    return model
-
-
-def _targets(check: _Checker, value: Any, key: str = "targets") -> tuple[str, ...]:
-    if not isinstance(value, list) or not value:
-        raise check.error(key, f"expected a non-empty list of strings, got {value!r}")
-    for i, target in enumerate(value):
-        if not isinstance(target, str) or not _TARGET_RE.fullmatch(target):
-            raise check.error(
-                f"{key}[{i}]",
-                f"expected cpu, cuda or tpu:<topology> such as tpu:v5e:2x2 (got {target!r})",
-            )
-        if target in value[:i]:
-            raise check.error(f"{key}[{i}]", f"duplicate target {target!r}")
-    return tuple(value)
-
-
-def _mesh_tp(check: _Checker, value: Any) -> int:
-    """`mesh: {tp: N}` -> N (1 when absent). Whether the model splits N ways (heads,
-    intermediate size) is checked against the checkpoint by the build; whether N devices exist,
-    when the bundle is compiled or loaded."""
-    if value is None:
-        return 1
-    check.keys(value, "mesh", ("tp",), ("tp",))
-    return check.positive_int(value["tp"], "mesh.tp")
-
-
-def _attention_blocks(check: _Checker, value: Any) -> tuple[int | None, int | None]:
-    """`attention: {block_queries, block_kv_pages}` (both optional) -> the kernel's block sizes."""
-    if value is None:
-        return (None, None)
-    keys = ("block_queries", "block_kv_pages")
-    check.keys(value, "attention", (*keys, "cpu"), ())
-    return tuple(  # type: ignore[return-value]
-        None if value.get(k) is None else check.positive_int(value[k], f"attention.{k}")
-        for k in keys
-    )
-
-
-def _attention_cpu(check: _Checker, value: Any) -> str:
-    """`attention: {cpu: kernel | jnp}` -> what a cpu target's attention runs (default kernel)."""
-    choice = "kernel" if value is None else value.get("cpu", "kernel")
-    if choice not in CPU_ATTENTION:
-        raise check.error(
-            "attention.cpu", f"must be one of {', '.join(CPU_ATTENTION)} (got {choice!r})"
-        )
-    return choice
-
-
-def _decode_steps(check: _Checker, value: Any) -> int:
-    steps = check.positive_int(value, "decode_steps")
-    if steps > MAX_DECODE_STEPS:
-        raise check.error("decode_steps", f"must be between 1 and {MAX_DECODE_STEPS} (got {steps})")
-    return steps
-
-
-def _memory_gib(check: _Checker, value: Any) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise check.error("memory_gib", f"expected a number of GiB, got {value!r}")
-    if not math.isfinite(value) or value <= 0:
-        raise check.error("memory_gib", f"must be a positive number of GiB (got {value})")
-    return float(value)
-
-
-def _type_name(value: Any) -> str:
-    return {list: "a list", str: "a string", type(None): "nothing (empty file?)"}.get(
-        type(value), type(value).__name__
-    )
-
-
-class _Checker:
-    """Builds ``file: key.path: message`` errors and checks scalar types."""
-
-    def __init__(self, file_name: str) -> None:
-        self.file_name = file_name
-
-    def where(self, key: str) -> str:
-        return f"{self.file_name}: {key}"
-
-    def error(self, key: str, message: str) -> ConfigError:
-        return ConfigError(f"{self.where(key)}: {message}")
-
-    def keys(
-        self, value: Any, key: str, allowed: tuple[str, ...], required: tuple[str, ...]
-    ) -> None:
-        prefix = f"{key}." if key else ""
-        if not isinstance(value, Mapping):
-            raise self.error(key, f"expected a mapping with keys {', '.join(allowed)}")
-        for k in value:
-            if k not in allowed:
-                raise self.error(f"{prefix}{k}", f"unknown key (allowed: {', '.join(allowed)})")
-        for k in required:
-            if k not in value:
-                raise self.error(f"{prefix}{k}", "required key is missing")
-
-    def string(self, value: Any, key: str) -> str:
-        if not isinstance(value, str):
-            raise self.error(key, f"expected a string, got {value!r}")
-        return value
-
-    def positive_int(self, value: Any, key: str) -> int:
-        # bool is an int subclass in Python; `max_seq_len: yes` is a mistake, not 1.
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise self.error(key, f"expected an integer, got {value!r}")
-        if value <= 0:
-            raise self.error(key, f"must be positive (got {value})")
-        return value

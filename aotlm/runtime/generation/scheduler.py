@@ -24,6 +24,9 @@ sequence that is not already scheduled this step is preempted (pages freed, toke
 at the front of the waiting queue). A decode may preempt itself; a prefill instead shrinks its
 chunk or waits. Because the pool holds at least one full-length sequence, the oldest running
 sequence always progresses: no deadlock, and no request is lost.
+
+Why one file of ~400 lines: `schedule` and `postprocess` share the queues, the budgets and the
+preemption rules; split, each half would reach into the other's state.
 """
 
 from __future__ import annotations
