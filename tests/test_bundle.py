@@ -95,7 +95,7 @@ def test_an_older_format_version_says_rebuild(tiny_bundle, tmp_path, version):
         open_bundle(b)
     message = str(e.value)
     assert f"format_version {version}" in message and "written by aotlm 0.0.9" in message
-    assert f"reads only format {FORMAT_VERSION}: rebuild the bundle" in message
+    assert f"reads formats 7, {FORMAT_VERSION}: rebuild the bundle" in message
     assert "manifest.msgpack" in message
 
 
@@ -133,7 +133,7 @@ def test_the_exported_samplers_and_decode_take_named_inputs(tiny_bundle):
     Sampling / Penalties / DecodeRows objects the host packs (kernels/step_inputs.py)."""
     from jax import export as jax_export
 
-    from aotlm.kernels.step_inputs import DecodeRows, Penalties, Sampling
+    from aotlm.kernels.step_inputs import DecodeRows, Penalties, Sampling, TokenMask
 
     b = open_bundle(tiny_bundle[0])
     kinds = {}
@@ -143,4 +143,6 @@ def test_the_exported_samplers_and_decode_take_named_inputs(tiny_bundle):
         kinds[fn.name] = tuple(type(a).__name__ for a in args)
     assert kinds["sample"] == ("int", Sampling.__name__)
     assert kinds["sample_penalized"] == ("int", Sampling.__name__, Penalties.__name__)
+    masked = ("int", Sampling.__name__, Penalties.__name__, TokenMask.__name__)
+    assert kinds["sample_masked"] == masked
     assert kinds["decode"][3:] == (DecodeRows.__name__, Sampling.__name__, "int")

@@ -272,7 +272,7 @@ def test_planned_buckets_resolve_at_load_time(planned) -> None:
         ({"plan": "nope.jsonl"}, "buckets.plan: trace file"),
         ({"plan": 5}, "buckets.plan: expected a path"),
         ({"tokens": [16, 64]}, "buckets.tokens: not allowed with buckets.plan"),
-        ({"max_graphs": 3}, "buckets.max_graphs: must be at least 4 (got 3)"),
+        ({"max_graphs": 3}, "buckets.max_graphs: must be at least 5 (got 3)"),
         ({"max_graphs": None}, "buckets.max_graphs: required key is missing"),
         ({"page_size": 12}, "buckets.page_size: must be a power of two"),
         ({"max_tokens": 256}, "buckets.max_tokens: must be at most max_seq_len (128)"),

@@ -135,6 +135,7 @@ def test_cli_build_inspect_generate_json(tiny_yaml, tmp_path):
         "logits": 9,
         "sample": 3,
         "sample_penalized": 3,
+        "sample_masked": 3,
         "decode": 3,  # the shared tiny model.yaml has decode_steps: 4
     }
     gen = cli.invoke(

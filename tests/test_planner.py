@@ -43,9 +43,9 @@ from aotlm.runtime.generation.sequence import make_sequences
 
 
 def test_graph_count_formula() -> None:
-    assert graph_count(1, 1) == 4
-    assert graph_count(3, 3) == 3 + 9 + 2 * 3
-    assert graph_count(19, 1) == 40
+    assert graph_count(1, 1) == 5
+    assert graph_count(3, 3) == 3 + 9 + 3 * 3
+    assert graph_count(19, 1) == 41
     assert graph_count(3, 3, decode_steps=8) == graph_count(3, 3) + 3
     assert full_model_graphs(8, 7) == 8
     assert full_model_graphs(8, 7, partitioned=False) == 56
@@ -57,7 +57,10 @@ def test_graph_count_matches_what_a_build_exports(tiny_bundle) -> None:
     per_name = Counter(f["name"] for f in result.functions)
     # the shared tiny bundle has decode_steps: 4 (tests/conftest.py)
     assert len(result.functions) == graph_count(len(tokens), len(requests), decode_steps=4)
-    assert per_name == {"forward": 3, "logits": 9, "sample": 3, "sample_penalized": 3, "decode": 3}
+    assert per_name == {
+        "forward": 3, "logits": 9, "sample": 3, "sample_penalized": 3, "sample_masked": 3,
+        "decode": 3,
+    }  # fmt: skip
     assert per_name["forward"] == full_model_graphs(len(tokens), len(requests))
 
 
@@ -141,7 +144,7 @@ def test_plan_is_optimal_over_every_ladder_pair_within_the_budget(seed: int) -> 
 
 def test_plan_rejects_bad_budgets() -> None:
     shapes = shapes_of([3, 5], [1, 1], 8, 2)
-    with pytest.raises(ConfigError, match="max_graphs: must be an integer >= 4"):
+    with pytest.raises(ConfigError, match="max_graphs: must be an integer >= 5"):
         plan_buckets(shapes, 3)
     with pytest.raises(ConfigError, match="max_seqs_per_step"):
         plan_buckets(shapes_of([3], [1], 4, 8), 10)

@@ -10,8 +10,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from aotlm.kernels.sampling import apply_penalties, greedy_tokens, sample, sample_penalized
-from aotlm.kernels.step_inputs import Penalties, Sampling
+from aotlm.grammar.compiler import allowed
+from aotlm.kernels.sampling import (
+    apply_penalties,
+    apply_token_mask,
+    bitmask_words,
+    greedy_tokens,
+    sample,
+    sample_masked,
+    sample_penalized,
+)
+from aotlm.kernels.step_inputs import Penalties, Sampling, TokenMask
 
 V, S = 50, 24
 
@@ -93,12 +102,10 @@ def test_greedy_takes_the_argmax_of_penalized_logits_and_logprobs_stay_raw():
     )
 
 
-def test_neutral_penalties_give_exactly_what_sample_gives():
-    rng = np.random.default_rng(3)
-    logits, history, prompt_len, *_ = random_inputs(rng, rows=8)
-    temperature = np.array([0, 0.7, 1.0, 1.3, 0, 0.5, 2.0, 0.9], np.float32)
-    sampling = Sampling(
-        temperature=temperature,
+def mixed_sampling(rng: np.random.Generator) -> Sampling:
+    """Eight rows: greedy, tempered, top-k, top-p and min-p mixed."""
+    return Sampling(
+        temperature=np.array([0, 0.7, 1.0, 1.3, 0, 0.5, 2.0, 0.9], np.float32),
         top_k=np.array([0, 5, 0, 10, 0, 0, 3, 0], np.int32),
         top_p=np.array([1, 0.9, 0.8, 1, 1, 0.5, 1, 0.95], np.float32),
         min_p=np.array([0, 0, 0.05, 0, 0, 0.1, 0, 0], np.float32),
@@ -106,6 +113,63 @@ def test_neutral_penalties_give_exactly_what_sample_gives():
         step=rng.integers(0, 100, 8).astype(np.int32),
         want_logprobs=np.ones(8, np.int32),
     )
+
+
+def pack(allowed_rows: list[np.ndarray], vocab: int) -> np.ndarray:
+    """Token ids per row -> the packed int32 bitmask a grammar engine writes."""
+    bits = np.zeros((len(allowed_rows), bitmask_words(vocab) * 32), np.uint8)
+    for r, ids in enumerate(allowed_rows):
+        bits[r, ids] = 1
+    return np.packbits(bits, axis=-1, bitorder="little").view(np.int32)
+
+
+def test_the_token_mask_forbids_exactly_the_clear_bits():
+    """apply_token_mask against the host's reading of the same bits (grammar.compiler.allowed),
+    for a vocabulary that does not fill its last word, bit 31 (the sign bit) included."""
+    rng = np.random.default_rng(11)
+    vocab = 70
+    rows = [rng.choice(vocab, n, replace=False) for n in (1, 5, 35, 69, 70)] + [np.array([31, 63])]
+    bitmask = pack(rows, vocab)
+    logits = rng.standard_normal((len(rows), vocab)).astype(np.float32)
+    out = np.asarray(jax.jit(apply_token_mask)(logits, bitmask))
+    for r, ids in enumerate(rows):
+        assert allowed(bitmask[r], vocab).tolist() == sorted(ids.tolist())
+        assert np.isfinite(out[r]).nonzero()[0].tolist() == sorted(ids.tolist())
+        np.testing.assert_array_equal(out[r, ids], logits[r, ids])
+
+
+def test_masked_sampling_takes_only_allowed_tokens_and_all_ones_changes_nothing():
+    rng = np.random.default_rng(4)
+    logits, history, prompt_len, *_ = random_inputs(rng, rows=8)
+    sampling = mixed_sampling(rng)
+    neutral = Penalties(history, prompt_len, *np.zeros((2, 8), np.float32), np.ones(8, np.float32))
+    words = bitmask_words(V)
+    everything = TokenMask(np.full((8, words), -1, np.int32))
+    a = jax.jit(sample)(logits, sampling)
+    b = jax.jit(sample_masked)(logits, sampling, neutral, everything)
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    rows = [rng.choice(V, n, replace=False) for n in (1, 2, 3, 4, 6, 8, 10, 12)]
+    mask = TokenMask(pack(rows, V))
+    run = jax.jit(sample_masked)
+    for step in range(20):  # many draws: a forbidden token would show up
+        tokens, logprob, _, _ = run(
+            logits, dataclasses.replace(sampling, step=sampling.step + step), neutral, mask
+        )
+        for r, t in enumerate(np.asarray(tokens)):
+            assert t in rows[r]
+    greedy = [0, 4]
+    for r in greedy:  # the best allowed token, and its logprob under the unmasked model
+        best = rows[r][np.argmax(logits[r, rows[r]])]
+        assert int(tokens[r]) == best
+        raw = np.asarray(jax.nn.log_softmax(logits[r]))
+        np.testing.assert_allclose(float(logprob[r]), raw[best], rtol=1e-6)
+
+
+def test_neutral_penalties_give_exactly_what_sample_gives():
+    rng = np.random.default_rng(3)
+    logits, history, prompt_len, *_ = random_inputs(rng, rows=8)
+    sampling = mixed_sampling(rng)
     neutral = Penalties(history, prompt_len, *np.zeros((2, 8), np.float32), np.ones(8, np.float32))
     a = jax.jit(sample)(logits, sampling)
     b = jax.jit(sample_penalized)(logits, sampling, neutral)

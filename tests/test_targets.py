@@ -90,7 +90,7 @@ def test_build_records_tier_fingerprint_and_files(tiny_bundle):
     fp = m.compiled["cpu"].fingerprint
     assert fp["platform"] == "cpu" and fp["device_count"] >= 1 and fp["jax"]
     execs = m.compiled["cpu"].executables
-    assert len(execs) == len(m.functions) == 21  # 18 + decode[R] for 3 request buckets
+    assert len(execs) == len(m.functions) == 24  # 21 + decode[R] for 3 request buckets
     for e in execs:
         assert e.file.startswith("compiled/cpu/") and e.file.endswith(".bin")
         assert e.file in m.files and (path / e.file).is_file()
@@ -206,7 +206,7 @@ def test_rebuild_hits_the_cache_and_one_changed_bucket_rebuilds_only_it(
     counter = CompileCounter()
     again = build_from_yaml(tiny_yaml, tmp_path / "again")
     assert (again.exported, again.compiled, counter.before_seal) == (0, 0, 0)
-    assert again.cached == 2 * 21 and again.digest == tiny_bundle[1].digest
+    assert again.cached == 2 * 24 and again.digest == tiny_bundle[1].digest
     counter.close()
     # tokens [16, 32, 64] -> [16, 32, 48]: forward t48 and logits t48 x 3 request buckets are new
     buckets = {"tokens": [16, 32, 48], "requests": [1, 2, 4], "page_size": 16}
@@ -235,7 +235,7 @@ def test_cli_build_and_inspect_show_tiers_and_memory(tiny_yaml, tiny_bundle, tmp
     result = CliRunner().invoke(main, ["build", str(tiny_yaml), "-o", str(out)])
     assert result.exit_code == 0, result.output
     assert "cpu     compiled" in result.output
-    assert "exported 0, compiled 0, from cache 42" in result.output
+    assert "exported 0, compiled 0, from cache 48" in result.output
     shown = CliRunner().invoke(main, ["inspect", str(out)])
     assert shown.exit_code == 0, shown.output
     assert (
@@ -252,7 +252,7 @@ def test_stablehlo_only_builds_are_reproducible_without_the_cache(tiny_yaml, tmp
     cfg = load_build_config(tiny_yaml)
     a = build_bundle(cfg, tmp_path / "a", use_cache=False, compile_targets=False)
     b = build_bundle(cfg, tmp_path / "b", use_cache=False, compile_targets=False, jobs=2)
-    assert a.digest == b.digest and a.exported == 21 and a.compiled == 0
+    assert a.digest == b.digest and a.exported == 24 and a.compiled == 0
 
 
 def test_a_target_without_a_compiler_here_is_stablehlo_with_a_reason():

@@ -10,8 +10,8 @@ the padded rows of ``logits[T, R]`` (an LM-head row) and ``sample[R]``, priced a
 tokens each: ``V*H`` over the forward's multiply-adds per token (see :func:`row_cost_for_model`;
 the default 0.1 is about an 8B Llama's). Steps where nothing samples run no logits or sample.
 
-Graphs, as the partitioned build exports them: ``|T|`` forward + ``|T|*|R|`` logits + ``2|R|``
-samplers, ``sample`` and ``sample_penalized`` (:func:`graph_count`). Only ``|T|`` of those are
+Graphs, as the partitioned build exports them: ``|T|`` forward + ``|T|*|R|`` logits + ``3|R|``
+samplers, ``sample``, ``sample_penalized`` and ``sample_masked`` (:func:`graph_count`). Only ``|T|`` of those are
 full models; an unpartitioned build compiles ``|T|*|R|`` full models (:func:`full_model_graphs`).
 
 The two terms are separable (T's ladder only moves the first, R's only the second), so the plan
@@ -39,16 +39,17 @@ from aotlm.buckets.traffic import read_trace
 from aotlm.errors import ConfigError
 
 DEFAULT_ROW_COST = 0.1
-MIN_GRAPHS = 4  # one forward, one logits, one sample, one sample_penalized
+MIN_GRAPHS = 5  # one forward, one logits, and the three samplers
 
 
 def graph_count(num_token_buckets: int, num_request_buckets: int, decode_steps: int = 1) -> int:
-    """Graphs a partitioned build exports: forward[T] + logits[T, R] + sample[R] and
-    sample_penalized[R] (every bundle can serve penalties, so both samplers are always built),
-    plus decode[R] with ``decode_steps`` > 1. The planner's ``max_graphs`` budget counts the
-    first four (decode graphs come on top: one per request bucket)."""
+    """Graphs a partitioned build exports: forward[T] + logits[T, R] + sample[R],
+    sample_penalized[R] and sample_masked[R] (every bundle can serve penalties and grammars, so
+    the three samplers are always built), plus decode[R] with ``decode_steps`` > 1. The
+    planner's ``max_graphs`` budget counts the first five (decode graphs come on top: one per
+    request bucket)."""
     decode = num_request_buckets if decode_steps > 1 else 0
-    return num_token_buckets * (1 + num_request_buckets) + 2 * num_request_buckets + decode
+    return num_token_buckets * (1 + num_request_buckets) + 3 * num_request_buckets + decode
 
 
 def full_model_graphs(
@@ -282,8 +283,8 @@ def _step_family(max_size: int) -> list[Ladder]:
 def _check_plan_args(shapes: StepShapes, max_graphs: int, row_cost: float, align: int) -> None:
     if isinstance(max_graphs, bool) or not isinstance(max_graphs, int) or max_graphs < MIN_GRAPHS:
         raise ConfigError(
-            f"max_graphs: must be an integer >= {MIN_GRAPHS} (one forward, one logits, one "
-            f"sample and one sample_penalized graph) (got {max_graphs!r})"
+            f"max_graphs: must be an integer >= {MIN_GRAPHS} (one forward, one logits and "
+            f"the three samplers' graphs) (got {max_graphs!r})"
         )
     if row_cost < 0:
         raise ConfigError(f"row_cost: must be >= 0 (got {row_cost})")

@@ -10,7 +10,8 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding
 
 from aotlm.build.model_yaml import BuildConfig
-from aotlm.kernels.step_inputs import DecodeRows, Penalties, Sampling
+from aotlm.kernels.sampling import bitmask_words
+from aotlm.kernels.step_inputs import DecodeRows, Penalties, Sampling, TokenMask
 from aotlm.models import ModelConfig, abstract_params
 from aotlm.models.llama import param_specs
 from aotlm.models.sharding import REPLICATED, abstract_mesh, kv_spec, with_shardings
@@ -77,8 +78,9 @@ def head_aval(cfg: ModelConfig, build: BuildConfig) -> jax.ShapeDtypeStruct:
 
 
 def step_specs(cfg: ModelConfig, build: BuildConfig) -> list[StepSpec]:
-    """forward per token bucket, logits per (token, request) pair, sample and sample_penalized
-    per request bucket (the second also takes each row's tokens, i32[R, max_seq_len]), and with
+    """forward per token bucket, logits per (token, request) pair, sample, sample_penalized and
+    sample_masked per request bucket (the second also takes each row's tokens, i32[R,
+    max_seq_len], the third those and a token bitmask, i32[R, ceil(V/32)]), and with
     ``decode_steps`` > 1 decode per request bucket."""
     params = params_avals(cfg, build)
     kv = kv_pages_aval(cfg, build)
@@ -103,6 +105,9 @@ def step_specs(cfg: ModelConfig, build: BuildConfig) -> list[StepSpec]:
         specs.append(StepSpec("sample", {"requests": r}, (logits, sampling)))
         penalties = Penalties.avals(r, max_seq_len=build.max_seq_len)
         specs.append(StepSpec("sample_penalized", {"requests": r}, (logits, sampling, penalties)))
+        mask = TokenMask.avals(r, mask_words=bitmask_words(cfg.vocab_size))
+        args = (logits, sampling, penalties, mask)
+        specs.append(StepSpec("sample_masked", {"requests": r}, args))
     if build.decode_steps > 1:
         for r in build.request_buckets:
             rows = DecodeRows.avals(r, pages_per_seq=build.pages_per_seq)

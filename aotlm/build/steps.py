@@ -3,7 +3,9 @@
 Splitting the model into forward[T] / logits[T,R] / sample[R] keeps the count of full-model graphs
 at |T| instead of |T|·|R|: only the tiny logits gather and the samplers see the request bucket.
 sample_penalized[R] is sample[R] with presence / frequency / repetition penalties; it is its own
-graph so that the common path never pays for the token-history input and its scatter.
+graph so that the common path never pays for the token-history input and its scatter;
+sample_masked[R] adds a token bitmask per row (structured output), its own graph for the same
+reason (unpacking and applying a 152k-token mask costs the sampler 20-30% on CPU).
 decode[R] (only with ``decode_steps: K`` in model.yaml) runs up to K whole decode steps of R
 sequences in one call (forward, LM head, sample, feed the token back): the host's per-step work
 is paid once per K tokens.
@@ -18,7 +20,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from aotlm.kernels.sampling import TOP_LOGPROBS, sample, sample_penalized
+from aotlm.kernels.sampling import TOP_LOGPROBS, sample, sample_masked, sample_penalized
 from aotlm.kernels.step_inputs import DecodeRows, Sampling
 from aotlm.models import ModelConfig, forward, lm_head
 from aotlm.models.sharding import abstract_mesh
@@ -99,6 +101,7 @@ def step_functions(cfg: ModelConfig, tp: int = 1) -> dict[str, Callable]:
         "logits": logits_step,
         "sample": sample,
         "sample_penalized": sample_penalized,
+        "sample_masked": sample_masked,
         "decode": functools.partial(decode_steps, cfg, fwd),
     }
 
@@ -109,6 +112,7 @@ DONATE_ARGNUMS: dict[str, tuple[int, ...]] = {
     "logits": (),
     "sample": (),
     "sample_penalized": (),
+    "sample_masked": (),
     "decode": (1, 2),  # params, k_pages, v_pages, ...
     "embed": (),  # encoders (aotlm/build/embed_steps.py): no KV cache, nothing donated
 }

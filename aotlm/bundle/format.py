@@ -1,14 +1,17 @@
 """The bundle format version and its changelog.
 
-A reader accepts exactly FORMAT_VERSION: before a first release no older format is kept alive (an
-older bundle is rebuilt, a newer one needs a newer aotlm; the error says which). The changelog
-keeps every version's line, so that error can say what an old bundle lacks.
+A reader accepts FORMAT_VERSION and the versions in READABLE (older formats it still serves,
+with what they lack refused per request); anything older is rebuilt, a newer one needs a newer
+aotlm (the error says which). The changelog keeps every version's line, so that error can say
+what an old bundle lacks.
 """
 
 from __future__ import annotations
 
 FORMAT_NAME = "aotlm-bundle"
-FORMAT_VERSION = 7
+FORMAT_VERSION = 8
+# Older versions still read: 7 lacks sample_masked, so it serves every request but grammars.
+READABLE = (7, 8)
 
 # version -> (date, what changed). Add a line for every change a reader can observe.
 CHANGELOG: dict[int, tuple[str, str]] = {
@@ -74,6 +77,15 @@ CHANGELOG: dict[int, tuple[str, str]] = {
         "sample_penalized[R](logits, Sampling, Penalties), decode[R](params, k_pages, v_pages, "
         "DecodeRows, Sampling, num_steps). The exports' input trees changed; the flat input "
         "avals are those of format 6 in the fields' order.",
+    ),
+    8: (
+        "2026-12-06",
+        "sample_masked[R](logits, Sampling, Penalties, TokenMask) exported per request bucket: "
+        "sample_penalized with a token bitmask per row (TokenMask.bitmask, i32[R, ceil(V/32)], "
+        "bit t % 32 of word t // 32 set = token t allowed; -1 = no constraint) applied after the "
+        "penalties and before temperature / top-k / top-p / min-p; for structured output. "
+        "Version 7 bundles still load and serve every request without a grammar; requests with "
+        "response_format, structured_outputs or forced tool calls get a 400 that says to rebuild.",
     ),
 }
 

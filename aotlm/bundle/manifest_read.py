@@ -2,8 +2,9 @@
 
 The manifest is read before any file is verified and comes from wherever the bundle came from,
 so nothing is trusted: sizes are bounded, every field's type is checked, and any problem is a
-BundleError that names the field. Only the current format version is accepted (formats 1-5 never
-shipped in a release): an older bundle is rebuilt, a newer one needs a newer aotlm.
+BundleError that names the field. Only the versions in format.READABLE are accepted (the current
+one and 7, which lacks only the masked sampler): an older bundle is rebuilt, a newer one needs a
+newer aotlm.
 """
 
 from __future__ import annotations
@@ -12,7 +13,14 @@ from typing import Any
 
 import msgpack
 
-from aotlm.bundle.format import CHANGELOG, COMPILED_DIR, FORMAT_NAME, FORMAT_VERSION, MANIFEST_FILE
+from aotlm.bundle.format import (
+    CHANGELOG,
+    COMPILED_DIR,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    MANIFEST_FILE,
+    READABLE,
+)
 from aotlm.bundle.manifest import (
     DECODER,
     MODEL_KINDS,
@@ -104,11 +112,12 @@ def _check_version(m: dict) -> None:
             f"{MANIFEST_FILE}: format_version {version} was written by aotlm {writer}, newer than this "
             f"aotlm (reads {FORMAT_VERSION}): upgrade aotlm, or rebuild the bundle with this one"
         )
-    if version != FORMAT_VERSION:
+    if version not in READABLE:
         known = f" ({CHANGELOG[version][1][:60]}...)" if version in CHANGELOG else ""
         raise BundleError(
             f"{MANIFEST_FILE}: format_version {version}{known} was written by aotlm {writer}; this "
-            f"aotlm reads only format {FORMAT_VERSION}: rebuild the bundle with `aotlm build`"
+            f"aotlm reads formats {', '.join(map(str, READABLE))}: rebuild the bundle with "
+            "`aotlm build`"
         )
 
 

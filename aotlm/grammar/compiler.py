@@ -18,15 +18,11 @@ import llguidance
 import numpy as np
 
 from aotlm.grammar.spec import GrammarError, GrammarSpec
+from aotlm.kernels.sampling import bitmask_words
 
 MAX_CACHED = 256
 # llguidance's defaults, stated so they are ours: lexer fuel ~50k/ms at compile, ~14k/ms a step.
 LIMITS = dict(initial_lexer_fuel=1_000_000, step_lexer_fuel=200_000, max_grammar_size=500_000)
-
-
-def bitmask_words(vocab_size: int) -> int:
-    """int32 words per row of a token bitmask."""
-    return (vocab_size + 31) // 32
 
 
 class GrammarCompiler:
@@ -60,21 +56,21 @@ class GrammarCompiler:
         return grammar
 
     def matcher(self, spec: GrammarSpec) -> RowGrammar:
-        return RowGrammar(
-            llguidance.LLMatcher(self.tokenizer, self.compile(spec), limits=self.limits)
-        )
+        matcher = llguidance.LLMatcher(self.tokenizer, self.compile(spec), limits=self.limits)
+        return RowGrammar(matcher, self.vocab_size)
 
 
 class RowGrammar:
     """One sequence's place in its grammar: which tokens may come next, and the ones taken."""
 
-    def __init__(self, matcher: llguidance.LLMatcher) -> None:
+    def __init__(self, matcher: llguidance.LLMatcher, vocab_size: int) -> None:
         self._m = matcher
+        self.words = bitmask_words(vocab_size)
 
     def fill(self, row: np.ndarray) -> None:
         """Write the allowed next tokens into `row` (int32 [bitmask_words(V)], C-contiguous)."""
-        if row.dtype != np.int32 or not row.flags["C_CONTIGUOUS"]:
-            raise ValueError("a bitmask row must be contiguous int32")
+        if row.shape != (self.words,) or row.dtype != np.int32 or not row.flags["C_CONTIGUOUS"]:
+            raise ValueError(f"a bitmask row must be a contiguous int32[{self.words}]")
         self._m.unsafe_compute_mask_ptr(row.ctypes.data, row.nbytes)
 
     def accept(self, token_id: int) -> bool:

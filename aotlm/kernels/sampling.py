@@ -4,10 +4,13 @@ Every row depends only on its own logits, parameters, seed and step, so a reques
 change with whatever else shares the batch (the key is derived from (seed, step), not from a batch
 key that would be split by row position).
 
-Two exported variants: `sample` (the common path) and `sample_penalized`, which first applies
-presence / frequency / repetition penalties computed on device from each row's token history.
-The runner calls the second only for a step where some row has non-neutral penalties; with
-neutral penalties it returns exactly what `sample` returns (x / 1, x * 1 and x - 0 are exact).
+Three exported variants: `sample` (the common path); `sample_penalized`, which first applies
+presence / frequency / repetition penalties computed on device from each row's token history;
+and `sample_masked`, which also takes a token bitmask per row (a grammar's allowed next tokens,
+computed on the host). The runner calls the second only for a step where some row has
+non-neutral penalties and the third only where some row has a grammar; with neutral penalties
+and all-allowed masks they return exactly what `sample` returns (x / 1, x * 1 and x - 0 are
+exact, and an allowed logit passes unchanged), so a row pays for what it asked and nothing else.
 """
 
 from __future__ import annotations
@@ -15,10 +18,15 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from aotlm.kernels.step_inputs import Penalties, Sampling
+from aotlm.kernels.step_inputs import Penalties, Sampling, TokenMask
 
 # Fixed width of the top-logprobs output: OpenAI allows at most 20.
 TOP_LOGPROBS = 20
+
+
+def bitmask_words(vocab_size: int) -> int:
+    """int32 words per row of a token bitmask (TokenMask.bitmask's width)."""
+    return (vocab_size + 31) // 32
 
 
 def _mask_row(logits: jax.Array, top_k: jax.Array, top_p: jax.Array, min_p: jax.Array) -> jax.Array:
@@ -155,3 +163,32 @@ def sample_penalized(
     logits = logits.astype(jnp.float32)
     tokens = _choose(apply_penalties(logits, penalties), sampling)
     return _outputs(logits, tokens, sampling.want_logprobs)
+
+
+def apply_token_mask(logits: jax.Array, bitmask: jax.Array) -> jax.Array:
+    """-inf for every token whose bit is clear: logits f32[R,V], bitmask i32[R, ceil(V/32)].
+
+    The bits are unpacked with a shift per bit position ([R, W, 32] -> [R, W*32]), not a gather
+    of word ``t // 32`` per token: one broadcast op XLA fuses into the select.
+    """
+    r, v = logits.shape
+    shifts = jnp.arange(32, dtype=jnp.int32)
+    bits = jnp.right_shift(bitmask[:, :, None], shifts) & 1  # arithmetic shift; & 1 keeps the bit
+    allowed = bits.reshape(r, -1)[:, :v] != 0
+    return jnp.where(allowed, logits, jnp.array(-jnp.inf, logits.dtype))
+
+
+def sample_masked(
+    logits: jax.Array, sampling: Sampling, penalties: Penalties, mask: TokenMask
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """`sample_penalized` restricted to the tokens `mask` allows (structured output).
+
+    The mask comes after the penalties and before temperature, top-k/p and min-p, so those act
+    on the allowed tokens only, and a greedy row takes the best allowed token (as xgrammar's and
+    llguidance's logits processors do in vLLM). Logprobs stay the unmodified model
+    distribution's, like the other samplers'. A row must allow at least one token: the host
+    never sends an empty mask (a grammar in error allows EOS).
+    """
+    logits = logits.astype(jnp.float32)
+    constrained = apply_token_mask(apply_penalties(logits, penalties), mask.bitmask)
+    return _outputs(logits, _choose(constrained, sampling), sampling.want_logprobs)

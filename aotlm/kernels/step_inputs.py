@@ -109,3 +109,12 @@ class DecodeRows(_Rows):
     position: jax.Array = _column(np.int32, 0)  # that token's position
     limit: jax.Array = _column(np.int32, -1)  # the last position it may write; padding: never
     block_table: jax.Array = _column(np.int32, 0, "pages_per_seq")
+
+
+@_register
+class TokenMask(_Rows):
+    """The tokens each row may take next (sample_masked), as a grammar engine writes them: bit
+    ``t % 32`` of word ``t // 32`` is token t. Padding rows and rows without a grammar: all bits
+    set (-1), nothing forbidden."""
+
+    bitmask: jax.Array = _column(np.int32, -1, "mask_words")
