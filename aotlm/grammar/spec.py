@@ -17,6 +17,11 @@ from aotlm.errors import RequestError
 
 Kind = Literal["json_schema", "json_object", "regex", "choice", "grammar"]
 KINDS: tuple[str, ...] = ("json_schema", "json_object", "regex", "choice", "grammar")
+# Whitespace between JSON tokens: what pretty-printing needs (a newline and indentation ~7 levels
+# deep), but bounded, so a model that prefers whitespace cannot fill max_tokens with it (unbounded,
+# the usual default, is a known way for small models to never close an object). A schema's own
+# "x-guidance" options override this (e.g. {"whitespace_flexible": false} for compact JSON).
+JSON_OPTIONS = {"whitespace_pattern": r"[\x20\x0A\x0D\x09]{0,16}"}
 
 
 class GrammarError(RequestError):
@@ -62,9 +67,16 @@ class GrammarSpec:
         """The engine's grammar text; errors in it surface when it is validated."""
         m = llguidance.LLMatcher
         if self.kind == "json_schema":
-            return m.grammar_from_json_schema(self.source)
+            # llguidance merges the defaults in, and a whitespace_pattern beats the schema's own
+            # whitespace_flexible: the schema's choice, if it makes one, must replace ours.
+            own = json.loads(self.source).get("x-guidance")
+            mine = isinstance(own, dict) and own.keys() & {
+                "whitespace_flexible",
+                "whitespace_pattern",
+            }
+            return m.grammar_from_json_schema(self.source, defaults=None if mine else JSON_OPTIONS)
         if self.kind == "json_object":
-            return m.grammar_from_json_schema({"type": "object"})
+            return m.grammar_from_json_schema({"type": "object"}, defaults=JSON_OPTIONS)
         if self.kind == "regex":
             return m.grammar_from_regex(self.source)
         if self.kind == "choice":

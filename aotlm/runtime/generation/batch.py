@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from aotlm.buckets import pick_bucket
-from aotlm.kernels.step_inputs import Penalties, Sampling
+from aotlm.kernels.step_inputs import Penalties, Sampling, TokenMask
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,8 @@ class ChunkInput:
     prompt_len: int = 0
     num_top: int = 0  # top alternatives (with logprobs) to return for the sampled token
     want_logprobs: bool = False  # return the sampled token's logprob (and num_top alternatives)
+    # Under a grammar: the tokens it allows next, a packed int32 row (see TokenMask); () is free.
+    bitmask: Sequence[int] | np.ndarray = ()
 
     @property
     def penalized(self) -> bool:
@@ -58,8 +60,11 @@ class StepArrays:
     sampling: Sampling
     sample_chunks: tuple[int, ...]  # chunk index of each real row
     real_tokens: int
-    # Only when some sampling row has non-neutral penalties (then sample_penalized runs).
+    # Only when some sampling row has non-neutral penalties (then sample_penalized runs), or
+    # with `mask`.
     penalties: Penalties | None = None
+    # Only when some sampling row is under a grammar (then sample_masked runs).
+    mask: TokenMask | None = None
 
 
 def pack_step(
@@ -69,8 +74,10 @@ def pack_step(
     pages_per_seq: int,
     page_size: int,
     max_seq_len: int = 0,
+    mask_words: int = 0,
 ) -> StepArrays:
-    """Pad ``chunks`` to buckets; ``max_seq_len`` (the history width) is needed with penalties."""
+    """Pad ``chunks`` to buckets; ``max_seq_len`` (the history width) is needed with penalties,
+    ``mask_words`` (bitmask_words(V)) with grammars."""
     n = sum(len(c.token_ids) for c in chunks)
     t_bucket = pick_bucket(token_ladder, n)
     r_max = max(request_ladder)
@@ -99,6 +106,7 @@ def pack_step(
     r_bucket = pick_bucket(request_ladder, max(1, len(rows)), kind="request")
     pad = r_bucket - len(rows)
     picked = [chunks[i] for i in sample_chunks]
+    masked = any(len(c.bitmask) for c in picked)
     return StepArrays(
         tokens=t_bucket,
         requests=r_bucket,
@@ -109,7 +117,8 @@ def pack_step(
         real_tokens=n,
         penalties=(
             Penalties.pack(picked, r_bucket, max_seq_len=max_seq_len)
-            if any(c.penalized for c in picked)
+            if masked or any(c.penalized for c in picked)
             else None
         ),
+        mask=TokenMask.pack(picked, r_bucket, mask_words=mask_words) if masked else None,
     )

@@ -16,6 +16,7 @@ import jax
 import numpy as np
 
 from aotlm.buckets import pick_bucket
+from aotlm.kernels.sampling import bitmask_words
 from aotlm.kernels.step_inputs import DecodeRows, Sampling
 from aotlm.models import lm_head
 from aotlm.runtime.generation.batch import ChunkInput, StepArrays, pack_step
@@ -53,6 +54,7 @@ class ModelRunner:
         self.bucket_calls: Counter[tuple[str, tuple[int, ...]]] = Counter()
         # decode[R] runs up to this many steps per call (1: the bundle has no decode graphs).
         self.decode_steps = s.decode_steps
+        self.mask_words = bitmask_words(loaded.model.vocab_size)
 
     def pack(self, chunks: Sequence[ChunkInput]) -> StepArrays:
         return pack_step(
@@ -62,6 +64,7 @@ class ModelRunner:
             self.pages_per_seq,
             self.page_size,
             max_seq_len=self.max_seq_len,
+            mask_words=self.mask_words,
         )
 
     def _call(self, name: str, bucket: tuple[int, ...], *args):
@@ -97,13 +100,18 @@ class ModelRunner:
     def execute(self, chunks: Sequence[ChunkInput]) -> dict[int, Sampled]:
         """Run forward (+ logits + sample when any chunk samples); returns chunk index -> Sampled.
 
-        The sampler is sample[R], or sample_penalized[R] when a sampling row has penalties.
+        The sampler is sample[R], sample_penalized[R] when a sampling row has penalties, or
+        sample_masked[R] when one is under a grammar.
         """
         step = self.pack(chunks)
         logits = self._logits(step)
         if logits is None:
             return {}
-        if step.penalties is None:
+        if step.mask is not None:
+            out = self._call(
+                "sample_masked", (step.requests,), logits, step.sampling, step.penalties, step.mask
+            )
+        elif step.penalties is None:
             out = self._call("sample", (step.requests,), logits, step.sampling)
         else:
             out = self._call(

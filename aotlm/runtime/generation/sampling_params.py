@@ -9,8 +9,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from aotlm.errors import RequestError
+
+if TYPE_CHECKING:  # the grammar engine loads only where grammars are compiled (the engine)
+    from aotlm.grammar.spec import GrammarSpec
 
 # Below this temperature the sampler is greedy; dividing logits by ~0 would overflow instead.
 GREEDY_EPS = 1e-5
@@ -29,6 +33,7 @@ class SamplingParams:
     its own random seed. `logprobs` is the number of top alternatives to return per token
     (None: none; the sampled token's own logprob is always available). `stop` strings are
     matched by the engine's detokenizer; `stop_token_ids` and EOS by the scheduler.
+    `grammar` constrains the output (structured output): every sampled token is one it allows.
     A bare string for `stop` and lists for `stop`/`stop_token_ids` are normalised to tuples.
     """
 
@@ -46,6 +51,7 @@ class SamplingParams:
     logprobs: int | None = None
     n: int = 1
     ignore_eos: bool = False
+    grammar: GrammarSpec | None = None
 
     def __post_init__(self) -> None:
         # OpenAI accepts `stop` as one string or a list; keep the dataclass hashable either way.

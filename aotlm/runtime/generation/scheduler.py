@@ -16,9 +16,10 @@ Policy of `schedule()`, within a token budget (the largest token bucket) and a s
    preempted, so a victim is not readmitted into the pressure that evicted it.
 `schedule_decode(k)` / `postprocess_decode` are the multi-step variant (decode[R] graphs): when
 every running sequence is decoding, none has penalties (their token history changes each step)
-and nobody waits, one device call runs up to k decode steps of all of them; each sequence gets
-pages for the steps it can use (its max_tokens and max_seq_len cap them) and is stopped at its
-first stop condition, the rest of its tokens dropped. Anything else is a normal step.
+or a grammar (its next mask depends on the token just sampled, computed on the host), and nobody
+waits, one device call runs up to k decode steps of all of them; each sequence gets pages for
+the steps it can use (its max_tokens and max_seq_len cap them) and is stopped at its first stop
+condition, the rest of its tokens dropped. Anything else is a normal step.
 When a running sequence needs a page and none is free, the most recently admitted running
 sequence that is not already scheduled this step is preempted (pages freed, tokens kept, put
 at the front of the waiting queue). A decode may preempt itself; a prefill instead shrinks its
@@ -213,7 +214,10 @@ class Scheduler:
         running = self.running
         if max_steps < 2 or self.waiting or not running or len(running) > self.max_seqs_per_step:
             return None
-        if any(s.num_uncomputed_tokens != 1 or s.params.has_penalties for s in running):
+        if any(
+            s.num_uncomputed_tokens != 1 or s.params.has_penalties or s.grammar is not None
+            for s in running
+        ):
             return None
         steps = [
             min(

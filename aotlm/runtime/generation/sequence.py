@@ -17,9 +17,12 @@ import enum
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from aotlm.runtime.generation.sampling_params import SamplingParams
+
+if TYPE_CHECKING:  # the scheduler imports no jax; the grammar's mask width comes from a kernel
+    from aotlm.grammar.compiler import RowGrammar
 
 _U32 = 0xFFFFFFFF
 _U64 = 0xFFFFFFFFFFFFFFFF
@@ -118,6 +121,9 @@ class Sequence:
     num_cached_prompt_tokens: int | None = None
     page_hashes: list[bytes] = field(default_factory=list, repr=False)
     num_preemptions: int = 0
+    # Where the output stands in `params.grammar` (set by the engine; kept across preemption,
+    # like the output tokens it has accepted).
+    grammar: RowGrammar | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.prompt_token_ids = tuple(self.prompt_token_ids)
