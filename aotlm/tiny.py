@@ -32,11 +32,24 @@ WEIGHT_STD = 0.08
 # end of the assistant's turn.
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
-    "{% for message in messages %}"
-    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
-    "{{ raise_exception('role must be system, user or assistant, got ' + message['role']) }}"
+    # Tools the Qwen/Hermes way: their JSON signatures up front, calls as <tool_call> JSON.
+    "{% if tools %}"
+    "{{ '<|system|>\\nYou may call these functions:\\n<tools>\\n' }}"
+    "{% for tool in tools %}{{ tool | tojson }}{{ '\\n' }}{% endfor %}"
+    '{{ \'</tools>\\nTo call one, answer <tool_call>{"name": ..., "arguments": ...}'
+    "</tool_call>' + eos_token + '\\n' }}"
     "{% endif %}"
-    "{{ '<|' + message['role'] + '|>\\n' + message['content'] + eos_token + '\\n' }}"
+    "{% for message in messages %}"
+    "{% if message['role'] not in ['system', 'user', 'assistant', 'tool'] %}"
+    "{{ raise_exception('role must be system, user, assistant or tool, got ' + message['role']) }}"
+    "{% endif %}"
+    "{{ '<|' + message['role'] + '|>\\n' + message['content'] }}"
+    "{% for call in message['tool_calls'] or [] %}"
+    "{% set args = call['function']['arguments'] %}"
+    "{{ '<tool_call>{\"name\": ' + call['function']['name'] | tojson + ', \"arguments\": ' }}"
+    "{{ (args if args is string else args | tojson) + '}</tool_call>' }}"
+    "{% endfor %}"
+    "{{ eos_token + '\\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
 )

@@ -62,3 +62,20 @@ def test_startup_benchmark_runs_every_mode_on_the_tiny_model(tmp_path):
     assert ready["jit"]["compiles"] == ready["stablehlo"]["compiles"] == graphs
     assert ready["compiled"]["compiles"] == 0 and ready["compiled"]["timings"]["tier"] == "compiled"
     assert "bundle compiled" in proc.stdout
+
+
+def test_structured_benchmark_runs_every_mix(tiny_bundle, tmp_path):
+    """benchmarks/structured.py at a tiny size: 0/50/100% grammar rows on the same requests,
+    every grammar row's output parses, nothing compiled."""
+    out = tmp_path / "structured.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks/structured.py"), "--bundle", str(tiny_bundle[0])]
+    cmd += ["--requests", "4", "--max-tokens", "48", "--passes", "1", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text(encoding="utf-8"))
+    assert report["compiles_after_ready"] == 0
+    assert [s["grammar_share"] for s in report["summary"]] == [0.0, 0.5, 1.0]
+    assert [r["valid_json"] for r in report["runs"]] == [0, 2, 4]
+    assert report["runs"][0]["mask_fills"] == 0 < report["runs"][1]["mask_fills"]
+    assert report["summary"][0]["ratio_vs_free"] == 1.0
+    assert "vs free" in proc.stdout

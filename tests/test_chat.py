@@ -58,7 +58,7 @@ def test_text_content_parts_are_joined_and_others_refused():
 @pytest.mark.parametrize(
     ("template", "messages", "match"),
     [
-        (CHAT_TEMPLATE, [{"role": "tool", "content": "x"}], "role must be"),  # raise_exception
+        (CHAT_TEMPLATE, [{"role": "robot", "content": "x"}], "role must be"),  # raise_exception
         ("{{ ''.__class__.__mro__ }}", MESSAGES, "rejected"),  # sandbox
         ("{{ messages.append(1) }}", MESSAGES, "rejected"),  # immutable
         ("{% for %}", MESSAGES, "rejected"),  # syntax

@@ -23,6 +23,14 @@ log = logging.getLogger(__name__)
 _TYPE_TAGS = frozenset({"str", "int", "float", "bool", "dict", "list", "none"})
 
 
+class ParamError(RequestError):
+    """A bad request parameter; `param` goes into the OpenAI error's `param` field."""
+
+    def __init__(self, param: str | None, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
 class APIError(Exception):
     """An HTTP error in OpenAI's shape."""
 

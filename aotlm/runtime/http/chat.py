@@ -86,8 +86,10 @@ def render_chat(
     messages: Sequence[Mapping[str, Any]],
     *,
     add_generation_prompt: bool = True,
+    tools: Sequence[Mapping[str, Any]] | None = None,
 ) -> str:
-    """The prompt text for `messages`, rendered by the bundle's chat template."""
+    """The prompt text for `messages` (and the request's `tools`, in OpenAI's shape, as Hugging
+    Face templates take them), rendered by the bundle's chat template."""
     if not tokenizer.chat_template:
         raise RequestError("this model has no chat template: use /v1/completions")
     if not messages:
@@ -97,6 +99,7 @@ def render_chat(
         return _compile(tokenizer.chat_template).render(
             messages=msgs,
             add_generation_prompt=add_generation_prompt,
+            tools=tools,
             bos_token=_special_token(tokenizer.config, "bos_token"),
             eos_token=_special_token(tokenizer.config, "eos_token"),
         )
@@ -113,8 +116,11 @@ def chat_prompt_ids(
     messages: Sequence[Mapping[str, Any]],
     *,
     add_generation_prompt: bool = True,
+    tools: Sequence[Mapping[str, Any]] | None = None,
 ) -> list[int]:
     """Render then encode. When the template already wrote BOS, encoding must not add it again."""
-    text = render_chat(tokenizer, messages, add_generation_prompt=add_generation_prompt)
+    text = render_chat(
+        tokenizer, messages, add_generation_prompt=add_generation_prompt, tools=tools
+    )
     bos = _special_token(tokenizer.config, "bos_token")
     return tokenizer.encode(text, add_special_tokens=not (bos and text.startswith(bos)))

@@ -14,18 +14,14 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, ConfigDict, Field
 
 from aotlm.errors import RequestError
+from aotlm.grammar.spec import GrammarSpec
 from aotlm.runtime.generation.sampling_params import SamplingParams
 from aotlm.runtime.generation.streams import ChoiceDelta
+from aotlm.runtime.http.api_errors import ParamError
+from aotlm.runtime.http.structured import ResponseFormat, StructuredOutputs, request_spec
+from aotlm.runtime.http.tools import ToolChoice, ToolDefinition
 
 TokenText = Callable[[int], str]
-
-
-class ParamError(RequestError):
-    """A bad request parameter; `param` goes into the OpenAI error's `param` field."""
-
-    def __init__(self, param: str | None, message: str) -> None:
-        super().__init__(message)
-        self.param = param
 
 
 class StreamOptions(BaseModel):
@@ -54,6 +50,8 @@ class SamplingRequest(BaseModel):
     stream_options: StreamOptions | None = None
     user: str | None = None
     ignore_eos: bool = False
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None  # vLLM's extra body
 
     @property
     def include_usage(self) -> bool:
@@ -81,7 +79,13 @@ class SamplingRequest(BaseModel):
                     f"implement it); leave it out or send {accepted[-1]!r}",
                 )
 
-    def sampling_params(self, max_tokens: int) -> SamplingParams:
+    def grammar(self) -> GrammarSpec | None:
+        """The output constraint asked for (`response_format` or `structured_outputs`)."""
+        return request_spec(self.response_format, self.structured_outputs)
+
+    def sampling_params(
+        self, max_tokens: int, grammar: GrammarSpec | None = None
+    ) -> SamplingParams:
         """Validated `SamplingParams`; raises `ParamError` (HTTP 400) naming the bad field."""
         self.check_supported()
         repetition = 1.0 if self.repetition_penalty is None else self.repetition_penalty
@@ -101,6 +105,7 @@ class SamplingRequest(BaseModel):
                 logprobs=self.num_top_logprobs,
                 n=1 if self.n is None else self.n,
                 ignore_eos=self.ignore_eos,
+                grammar=grammar,
             ).validate()
         except RequestError as e:  # its messages start with the parameter's name
             name = str(e).split(" ", 1)[0]
@@ -156,6 +161,8 @@ class ChatCompletionRequest(SamplingRequest):
     logprobs: bool = False
     top_logprobs: int | None = None
     add_generation_prompt: bool = True
+    tools: list[ToolDefinition] | None = None
+    tool_choice: ToolChoice | None = None
 
     @property
     def requested_max_tokens(self) -> int | None:
@@ -258,17 +265,33 @@ def completion_choice(
 
 
 def chat_choice(
-    index: int, d: ChoiceDelta, token_text: TokenText, want_logprobs: bool, stream: bool
+    index: int,
+    d: ChoiceDelta,
+    token_text: TokenText,
+    want_logprobs: bool,
+    stream: bool,
+    fields: dict[str, Any] | None = None,
+    called: bool = False,
 ) -> dict[str, Any]:
-    """A chat choice: a `delta` when streamed, the whole `message` otherwise."""
+    """A chat choice: a `delta` when streamed, the whole `message` otherwise. `fields` replace
+    the text when tools read it (`content`, `tool_calls`); `called`: the choice made calls."""
+    fields = {"content": d.text} if fields is None else fields
     if stream:
-        body = {"delta": {"content": d.text} if d.text else {}}
+        body = {"delta": {k: v for k, v in fields.items() if v}}
     else:
-        body = {"message": {"role": "assistant", "content": d.text}}
+        message = {"role": "assistant", "content": fields.get("content") or None}
+        if fields.get("tool_calls"):  # the message's calls carry no stream index
+            message["tool_calls"] = [
+                {k: v for k, v in c.items() if k != "index"} for c in fields["tool_calls"]
+            ]
+        elif message["content"] is None:
+            message["content"] = ""
+        body = {"message": message}
+    finish = d.finish_reason
     return {
         "index": index,
         **body,
         "logprobs": chat_logprobs(d, token_text) if want_logprobs else None,
-        "finish_reason": d.finish_reason,
+        "finish_reason": "tool_calls" if called and finish == "stop" else finish,
         "stop_reason": d.stop_reason,
     }

@@ -13,6 +13,7 @@ chat templates, metrics).
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 import signal
@@ -31,6 +32,7 @@ from starlette.exceptions import HTTPException
 
 from aotlm.bundle import ENCODER, read_manifest
 from aotlm.errors import AotlmError
+from aotlm.grammar.spec import GrammarSpec
 from aotlm.runtime.embedding.async_embedder import AsyncEmbedder
 from aotlm.runtime.embedding.embedder import InputTooLongError
 from aotlm.runtime.generation.async_engine import AsyncEngine
@@ -54,6 +56,7 @@ from aotlm.runtime.http.protocol import (
     completion_choice,
 )
 from aotlm.runtime.http.streaming import Job, collect, events, sse, unless_disconnected
+from aotlm.runtime.http.tools import ToolOutput, ToolPlan, plan_tools
 from aotlm.runtime.http.traffic_recorder import TraceRecorder
 from aotlm.runtime.load.tokenizer import BundleTokenizer
 from aotlm.runtime.load.trust import TrustPolicy
@@ -104,7 +107,13 @@ class _OpenAI:
         return self.engine.engine
 
     def params(
-        self, req: SamplingRequest, prompt_len: int, limit: int, default: int, prompt_param: str
+        self,
+        req: SamplingRequest,
+        prompt_len: int,
+        limit: int,
+        default: int,
+        prompt_param: str,
+        grammar: GrammarSpec | None = None,
     ) -> SamplingParams:
         """Check the context length (OpenAI's wording and code) and build SamplingParams."""
         room = limit - prompt_len
@@ -127,7 +136,25 @@ class _OpenAI:
                 param="max_tokens",
                 code="context_length_exceeded",
             )
-        return req.sampling_params(asked if asked is not None else min(default, room))
+        return req.sampling_params(asked if asked is not None else min(default, room), grammar)
+
+    async def grammar(
+        self, engine: Engine, req: SamplingRequest, plan: ToolPlan | None = None
+    ) -> GrammarSpec | None:
+        """The request's output constraint, compiled here (off the event loop, before the
+        engine thread sees it) so a bad schema is a 400 naming its field."""
+        spec = req.grammar()
+        if plan is not None and plan.grammar is not None:
+            if spec is not None:
+                raise ParamError(
+                    "tool_choice",
+                    f"tool_choice {plan.mode!r} makes the output a tool call; it cannot also "
+                    f"follow {spec.param}",
+                )
+            spec = plan.grammar
+        if spec is not None:
+            await asyncio.to_thread(engine.check_grammar, spec)
+        return spec
 
     async def submit(self, prompts: list[list[int]], params: list[SamplingParams]) -> Job:
         """Queue every prompt or none. The queue check counts the prompts of concurrent
@@ -161,16 +188,28 @@ class _OpenAI:
         engine = self.ready_engine(req.model, "/v1/completions")
         tok = engine.tokenizer
         prompts = [tok.encode(p) if isinstance(p, str) else list(p) for p in req.prompts()]
-        params = [self.params(req, len(p), engine.max_seq_len, 16, "prompt") for p in prompts]
+        grammar = await self.grammar(engine, req)
+        params = [
+            self.params(req, len(p), engine.max_seq_len, 16, "prompt", grammar) for p in prompts
+        ]
         return await self.respond(req, raw, await self.submit(prompts, params), tok, chat=False)
 
     async def chat(self, req: ChatCompletionRequest, raw: Request) -> Response:
         engine = self.ready_engine(req.model, "/v1/chat/completions")
         tok = engine.tokenizer
         msgs = req.message_dicts()
-        ids = chat_prompt_ids(tok, msgs, add_generation_prompt=req.add_generation_prompt)
-        params = self.params(req, len(ids), engine.max_seq_len, engine.max_seq_len, "messages")
-        return await self.respond(req, raw, await self.submit([ids], [params]), tok, chat=True)
+        plan = plan_tools(req.tools, req.tool_choice, tok.chat_template)
+        ids = chat_prompt_ids(
+            tok,
+            msgs,
+            add_generation_prompt=req.add_generation_prompt,
+            tools=plan.tools if plan else None,
+        )
+        grammar = await self.grammar(engine, req, plan)
+        limit = engine.max_seq_len
+        params = self.params(req, len(ids), limit, limit, "messages", grammar)
+        job = await self.submit([ids], [params])
+        return await self.respond(req, raw, job, tok, chat=True, tools=plan)
 
     async def embeddings(self, req: EmbeddingRequest) -> Response:
         """Tokenized and checked here; the embedder thread batches it with concurrent requests."""
@@ -196,7 +235,13 @@ class _OpenAI:
         return JSONResponse(body)
 
     async def respond(
-        self, req: SamplingRequest, raw: Request, job: Job, tok: BundleTokenizer, chat: bool
+        self,
+        req: SamplingRequest,
+        raw: Request,
+        job: Job,
+        tok: BundleTokenizer,
+        chat: bool,
+        tools: ToolPlan | None = None,
     ) -> Response:
         """One JSON answer, or SSE chunks; the two share the choice shapes of protocol.py."""
         head = {
@@ -207,10 +252,19 @@ class _OpenAI:
         }
         want_logprobs = req.num_top_logprobs is not None
         offsets: dict[int, int] = {}  # completions' logprobs.text_offset, per choice
+        readers: dict[int, ToolOutput | None] = {}  # per choice, when tools read the output
 
-        def shape(i: int, d: ChoiceDelta, stream: bool) -> dict[str, Any]:
+        def shape(i: int, d: ChoiceDelta, stream: bool) -> dict[str, Any] | None:
             if chat:
-                return chat_choice(i, d, tok.token_text, want_logprobs, stream)
+                reader = readers.setdefault(i, tools.output() if tools else None)
+                if reader is None:
+                    return chat_choice(i, d, tok.token_text, want_logprobs, stream)
+                fields = reader.read(d.text, final=d.finish_reason is not None)
+                said = any(fields.values()) or d.finish_reason or (want_logprobs and d.token_ids)
+                if stream and not said:
+                    return None  # held back: it may be the start of a call
+                called = bool(reader.calls)
+                return chat_choice(i, d, tok.token_text, want_logprobs, stream, fields, called)
             choice, offsets[i] = completion_choice(
                 i, d, tok.token_text, want_logprobs, offsets.get(i, 0)
             )

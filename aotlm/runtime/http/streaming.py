@@ -129,20 +129,21 @@ async def events(
     req: SamplingRequest,
     job: Job,
     head: dict[str, Any],
-    shape: Callable[[int, ChoiceDelta, bool], dict[str, Any]],
+    shape: Callable[[int, ChoiceDelta, bool], dict[str, Any] | None],
     chat: bool,
     want_logprobs: bool,
 ) -> AsyncIterator[dict[str, Any]]:
     """SSE chunks: (chat: a role chunk per choice), one chunk per choice delta that says
-    something, then the usage chunk when asked; an engine failure becomes an error event."""
+    something (tools may hold a delta back while a call may be starting), then the usage chunk when asked; an engine failure becomes an error event."""
     extra = {"usage": None} if req.include_usage else {}
     for i in range(job.n if chat else 0):
         role = {"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
         yield {**head, "choices": [role], **extra}
     try:
         async for i, d in job.outputs():
-            if d.text or d.finish_reason or (want_logprobs and d.token_ids):
-                yield {**head, "choices": [shape(i, d, True)], **extra}
+            says = d.text or d.finish_reason or (want_logprobs and d.token_ids)
+            if says and (choice := shape(i, d, True)) is not None:  # None: held back for now
+                yield {**head, "choices": [choice], **extra}
         if req.include_usage:
             yield {**head, "choices": [], "usage": job.usage()}
     except Exception as e:  # the engine failed mid-stream: say so in-band
