@@ -5,8 +5,9 @@
 
 One engine on the bundle runs the same batch of requests once per mix, in the same run: free rows
 (seeded sampling, ignore_eos) and rows under a JSON schema (llguidance, masked sampler, one step
-per call since multi-step decode cannot take a host mask between its tokens). It reports output
-tokens per second, the ratio to the all-free mix, the host time the grammars spent filling masks
+per call since multi-step decode cannot take a host mask between its tokens; the free batch runs
+also at one step per call, to separate that cost from the masks'). It reports output
+tokens per second, the ratio to the all-free mix at the bundle's decode_steps, the host time the grammars spent filling masks
 (per call of `RowGrammar.fill`, mean and p99) and the engine steps each mix took. Prints a table,
 writes benchmarks/results/structured.json.
 """
@@ -66,7 +67,8 @@ class FillTimer:
         compiler.RowGrammar.fill = self.original
 
 
-def run(engine: Engine, n: int, grammar_rows: int, max_tokens: int, seed: int) -> dict:
+def run(engine: Engine, n: int, grammar_rows: int, max_tokens: int, seed: int, steps: int) -> dict:
+    engine.decode_steps = steps
     spec = GrammarSpec.of("json_schema", SCHEMA, "response_format")
     # grammar rows spread through the batch, the same positions in every pass
     picked = set(np.linspace(0, n - 1, grammar_rows).round().astype(int)) if grammar_rows else set()
@@ -98,6 +100,7 @@ def run(engine: Engine, n: int, grammar_rows: int, max_tokens: int, seed: int) -
     fills = np.array(timer.times) * 1e6
     return {
         "grammar_rows": grammar_rows,
+        "decode_steps": steps,
         "requests": n,
         "output_tokens": tokens,
         "wall_s": wall,
@@ -120,21 +123,25 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/structured.json")
     args = ap.parse_args()
     engine = Engine.from_bundle(args.bundle)
-    n = args.requests
-    mixes = [0, n // 2, n]
-    for k in mixes:  # warm: first calls of each graph, the schema's compile
-        run(engine, n, k, args.max_tokens, seed=0)
+    n, built = args.requests, engine.decode_steps
+    # (grammar rows, decode steps): the free batch also at one step per call, as grammar rows
+    # run, to tell what the lost multi-step decode costs from what the masks cost
+    mixes = [(0, built), (0, 1), (n // 2, built), (n, built)] if built > 1 else [(0, 1)]
+    mixes += [] if built > 1 else [(n // 2, 1), (n, 1)]
+    for k, steps in mixes:  # warm: first calls of each graph, the schema's compile
+        run(engine, n, k, args.max_tokens, 0, steps)
     rows = []
     for p in range(args.passes):  # interleaved, so drift hits every mix alike
-        for k in mixes:
-            rows.append({"pass": p, **run(engine, n, k, args.max_tokens, seed=1000 * (p + 1))})
+        for k, steps in mixes:
+            rows.append({"pass": p, **run(engine, n, k, args.max_tokens, 1000 * (p + 1), steps)})
     summary = []
-    for k in mixes:
-        mine = [r for r in rows if r["grammar_rows"] == k]
-        base = [r for r in rows if r["grammar_rows"] == 0]
+    base = [r for r in rows if (r["grammar_rows"], r["decode_steps"]) == mixes[0]]
+    for k, steps in mixes:
+        mine = [r for r in rows if (r["grammar_rows"], r["decode_steps"]) == (k, steps)]
         ratio = float(np.median([a["tok_s"] / b["tok_s"] for a, b in zip(mine, base, strict=True)]))
         summary.append({
             "grammar_share": k / n,
+            "decode_steps": steps,
             "tok_s": float(np.median([r["tok_s"] for r in mine])),
             "ratio_vs_free": ratio,
             "engine_calls": int(np.median([r["engine_calls"] for r in mine])),
@@ -143,11 +150,12 @@ def main() -> None:
             "mask_share": float(np.mean([r["mask_share"] for r in mine])),
         })  # fmt: skip
     print(f"{n} requests, max_tokens {args.max_tokens}, vocab {engine.tokenizer.vocab_size}")
-    head = f"{'grammar rows':>12} {'tok/s':>8} {'vs free':>8} {'calls':>6} "
+    head = f"{'grammar rows':>12} {'steps':>5} {'tok/s':>8} {'vs free':>8} {'calls':>6} "
     print(head + f"{'mask us mean':>13} {'p99':>7} {'mask share':>11}")
     for s in summary:
         print(
-            f"{s['grammar_share']:>11.0%} {s['tok_s']:>8.1f} {s['ratio_vs_free']:>7.2f}x "
+            f"{s['grammar_share']:>12.0%} {s['decode_steps']:>5} {s['tok_s']:>8.1f} "
+            f"{s['ratio_vs_free']:>7.2f}x "
             f"{s['engine_calls']:>6} {s['mask_us_mean']:>13.1f} {s['mask_us_p99']:>7.1f} "
             f"{s['mask_share']:>10.1%}"
         )
