@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
+import pydantic
 import pytest
 import test_server
 from bundle_factory import build_from_yaml, write_model_yaml
@@ -33,6 +34,14 @@ CITY = {
     "additionalProperties": False,
     "x-guidance": {"whitespace_flexible": False},
 }
+
+
+class City(pydantic.BaseModel):  # CITY as a model, to validate the arguments of calls
+    model_config = pydantic.ConfigDict(extra="forbid", strict=True)
+    city: str = pydantic.Field(max_length=10)
+    days: int
+
+
 TOOLS = [
     {"type": "function", "function": {"name": "get_weather", "parameters": CITY}},
     {
@@ -145,24 +154,35 @@ def test_required_and_named_force_valid_calls(client):
     assert choice.finish_reason == "tool_calls" and choice.message.content is None
     calls = calls_of(choice.message)
     assert calls and all(name in {"get_weather", "now"} for name, _ in calls)
+    for name, args in calls:
+        assert City.model_validate(args) if name == "get_weather" else args == {}
     for call in choice.message.tool_calls:
         assert call.type == "function" and re.fullmatch(r"call_[0-9a-f]{24}", call.id)
     named = {"type": "function", "function": {"name": "get_weather"}}
     r = client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, tool_choice=named)
     ((name, args),) = calls_of(r.choices[0].message)
-    assert name == "get_weather" and set(args) == {"city", "days"}
+    assert name == "get_weather" and City.model_validate(args)
     assert r.choices[0].finish_reason == "tool_calls"
 
 
-def test_forced_call_streams_as_tool_call_deltas(client):
-    named = {"type": "function", "function": {"name": "get_weather"}}
+@pytest.mark.parametrize(
+    "choice", ["required", {"type": "function", "function": {"name": "get_weather"}}]
+)
+def test_forced_call_streams_as_tool_call_deltas(client, choice):
     with client.chat.completions.stream(
-        model=MODEL, messages=ASK, tools=TOOLS, tool_choice=named, seed=2
+        model=MODEL,
+        messages=ASK,
+        tools=TOOLS,
+        tool_choice=choice,
+        parallel_tool_calls=False,
+        seed=2,
+        temperature=1.0,
     ) as stream:
         final = stream.get_final_completion()
-    ((name, args),) = calls_of(final.choices[0].message)
-    assert name == "get_weather" and isinstance(args["days"], int)
-    assert final.choices[0].finish_reason == "tool_calls"
+    calls = calls_of(final.choices[0].message)
+    assert len(calls) == 1 and final.choices[0].finish_reason == "tool_calls"
+    for name, args in calls:
+        assert City.model_validate(args) if name == "get_weather" else args == {}
 
 
 HERMES = (
@@ -227,6 +247,12 @@ def test_grammar_rows_leave_free_rows_alone(client):
         results = list(pool.map(work, range(16)))
     assert results[0::2] == [alone] * 8
     assert all(isinstance(p, Person) for p in results[1::2])
+
+
+def test_nothing_compiled_after_ready(engine, client):
+    """Last in the module: every grammar, tool and mixed batch above ran on the bundle's graphs."""
+    assert engine.engine.compiles_after_ready == 0
+    assert engine.engine.can_constrain
 
 
 @pytest.mark.parametrize(

@@ -100,6 +100,11 @@ def test_required_forces_an_array_of_declared_calls():
     assert read(plan, [cut]) == (cut, [])
 
 
+def test_no_parallel_calls_means_exactly_one():
+    plan = plan_tools(TOOLS, "required", CHAT_TEMPLATE, parallel=False)
+    assert json.loads(plan.grammar.source)["maxItems"] == 1
+
+
 def test_a_named_function_forces_its_parameters():
     plan = plan_tools(TOOLS, named("get_weather"), CHAT_TEMPLATE)
     assert json.loads(plan.grammar.source) == WEATHER

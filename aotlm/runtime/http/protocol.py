@@ -163,6 +163,7 @@ class ChatCompletionRequest(SamplingRequest):
     add_generation_prompt: bool = True
     tools: list[ToolDefinition] | None = None
     tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
 
     @property
     def requested_max_tokens(self) -> int | None:

@@ -198,7 +198,8 @@ class _OpenAI:
         engine = self.ready_engine(req.model, "/v1/chat/completions")
         tok = engine.tokenizer
         msgs = req.message_dicts()
-        plan = plan_tools(req.tools, req.tool_choice, tok.chat_template)
+        parallel = req.parallel_tool_calls is not False
+        plan = plan_tools(req.tools, req.tool_choice, tok.chat_template, parallel)
         ids = chat_prompt_ids(
             tok,
             msgs,

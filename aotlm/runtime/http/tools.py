@@ -82,9 +82,13 @@ def template_format(template: str) -> Format | None:
 
 
 def plan_tools(
-    tools: list[ToolDefinition] | None, choice: ToolChoice | None, template: str | None
+    tools: list[ToolDefinition] | None,
+    choice: ToolChoice | None,
+    template: str | None,
+    parallel: bool = True,
 ) -> ToolPlan | None:
-    """The request's `ToolPlan`, or None without tools; a 400 naming the field otherwise."""
+    """The request's `ToolPlan`, or None without tools; a 400 naming the field otherwise.
+    `parallel` False (OpenAI's parallel_tool_calls) makes `required` exactly one call."""
     if not tools:
         if choice not in (None, "none", "auto"):
             raise ParamError("tool_choice", "tool_choice needs tools to choose from")
@@ -120,6 +124,8 @@ def plan_tools(
             for name, f in by_name.items()
         ]
         schema = {"type": "array", "minItems": 1, "items": {"anyOf": calls}}
+        if not parallel:
+            schema["maxItems"] = 1
         return ToolPlan(rendered, "required", GrammarSpec.of("json_schema", schema, "tools"))
     name = choice.function.name
     if name not in by_name:
