@@ -142,6 +142,17 @@ def test_vllm_structured_outputs(client):
     assert set(json.loads(r.choices[0].message.content)) == {"city", "days"}
 
 
+def test_vllm_guided_fields_of_older_clients(client):
+    r = client.chat.completions.create(
+        model=MODEL, messages=ASK, n=4, seed=8, extra_body={"guided_choice": ["up", "down"]}
+    )
+    assert {c.message.content for c in r.choices} <= {"up", "down"}
+    r = client.completions.create(
+        model=MODEL, prompt="x", extra_body={"guided_json": json.dumps(CITY)}, max_tokens=60
+    )
+    assert City.model_validate(json.loads(r.choices[0].text))
+
+
 def calls_of(message) -> list[tuple[str, dict]]:
     return [(c.function.name, json.loads(c.function.arguments)) for c in message.tool_calls]
 
@@ -277,6 +288,8 @@ def test_nothing_compiled_after_ready(engine, client):
             {"structured_outputs": {"regex": "a"}, "response_format": {"type": "json_object"}},
             "structured_outputs",
         ),
+        ({"guided_regex": "a", "guided_choice": ["b"]}, "guided_choice"),
+        ({"guided_regex": "a", "structured_outputs": {"regex": "b"}}, "guided_regex"),
         ({"tool_choice": "required"}, "tool_choice"),
         (
             {"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}},

@@ -18,7 +18,12 @@ from aotlm.grammar.spec import GrammarSpec
 from aotlm.runtime.generation.sampling_params import SamplingParams
 from aotlm.runtime.generation.streams import ChoiceDelta
 from aotlm.runtime.http.api_errors import ParamError
-from aotlm.runtime.http.structured import ResponseFormat, StructuredOutputs, request_spec
+from aotlm.runtime.http.structured import (
+    GuidedFields,
+    ResponseFormat,
+    StructuredOutputs,
+    request_spec,
+)
 from aotlm.runtime.http.tools import ToolChoice, ToolDefinition
 
 TokenText = Callable[[int], str]
@@ -52,6 +57,10 @@ class SamplingRequest(BaseModel):
     ignore_eos: bool = False
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputs | None = None  # vLLM's extra body
+    guided_json: dict[str, Any] | str | None = None  # vLLM's older fields, the same kinds
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     @property
     def include_usage(self) -> bool:
@@ -81,7 +90,10 @@ class SamplingRequest(BaseModel):
 
     def grammar(self) -> GrammarSpec | None:
         """The output constraint asked for (`response_format` or `structured_outputs`)."""
-        return request_spec(self.response_format, self.structured_outputs)
+        guided = GuidedFields.model_validate(
+            self.model_dump(include=set(GuidedFields.model_fields))
+        )
+        return request_spec(self.response_format, self.structured_outputs, guided)
 
     def sampling_params(
         self, max_tokens: int, grammar: GrammarSpec | None = None
