@@ -133,6 +133,15 @@ def test_bad_specs_are_errors_naming_the_field(compiler, kind, value, message):
     assert str(e.value).startswith("structured_outputs." + kind + ": ")
 
 
+def test_a_schema_nested_too_deeply_is_an_error_naming_the_field():
+    schema: dict = {"type": "string"}
+    for _ in range(5000):
+        schema = {"type": "object", "properties": {"a": schema}}
+    with pytest.raises(GrammarError, match="nested too deeply") as e:
+        GrammarSpec.of("json_schema", schema, "response_format.json_schema")
+    assert e.value.param == "response_format.json_schema"
+
+
 def test_compiled_grammars_are_cached_per_spec_and_bounded(compiler):
     first = compiler.compile(GrammarSpec.of("regex", "a+", "x"))
     assert compiler.compile(GrammarSpec.of("regex", "a+", "y")) is first  # same content: a hit

@@ -309,6 +309,21 @@ def test_bad_constraints_are_400_naming_the_field(base_url, client, extra, param
     assert client.completions.create(model=MODEL, prompt="x", max_tokens=2).choices[0].text
 
 
+def test_a_schema_nested_deeper_than_anyone_needs_is_a_400(base_url, client):
+    raw = '{"type": "object", "properties": {"a": ' * 600 + '{"type": "string"}' + "}}" * 600
+    body = '{"model": "' + MODEL + '", "messages": [{"role": "user", "content": "x"}], '
+    body += '"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": '
+    body += raw + "}}}"
+    r = httpx.post(
+        f"{base_url}/v1/chat/completions",
+        content=body,
+        headers={**AUTH, "Content-Type": "application/json"},
+        timeout=60,
+    )
+    assert r.status_code == 400, r.text
+    assert client.completions.create(model=MODEL, prompt="x", max_tokens=2).choices[0].text
+
+
 def test_a_bundle_without_the_masked_sampler_refuses_grammars_and_serves(long_bundle):
     """Format-7 bundles hold no sample_masked: loaded as such (its graphs filtered), the server
     answers grammar requests with a 400 that says to rebuild, and serves everything else."""

@@ -47,7 +47,10 @@ class GrammarSpec:
             if not isinstance(value, dict):
                 raise GrammarError(param, "a JSON schema must be an object")
             # Not sort_keys: the properties' order is the order the output writes them in.
-            return cls(kind, json.dumps(value, separators=(",", ":")), param)
+            try:
+                return cls(kind, json.dumps(value, separators=(",", ":")), param)
+            except RecursionError:  # a request can nest deeper than Python's encoder goes
+                raise GrammarError(param, "the schema is nested too deeply") from None
         if kind == "json_object":
             return cls(kind, "", param)
         if kind == "choice":
