@@ -91,11 +91,12 @@ def run(engine: Engine, n: int, grammar_rows: int, max_tokens: int, seed: int, s
             calls += 1
         wall = time.perf_counter() - start
     tokens = sum(len(s.output_token_ids) for _, s in seqs)
-    valid = 0
+    valid = cut = 0
     for constrained, s in seqs:
-        if constrained:
+        if constrained and s.finish_reason == "stop":
             json.loads(engine.text(s))  # raises if the grammar let anything else out
             valid += 1
+        cut += constrained and s.finish_reason == "length"  # max_tokens ended it mid-object
         engine.release(s)
     fills = np.array(timer.times) * 1e6
     return {
@@ -107,6 +108,7 @@ def run(engine: Engine, n: int, grammar_rows: int, max_tokens: int, seed: int, s
         "tok_s": tokens / wall,
         "engine_calls": calls,
         "valid_json": valid,
+        "cut_by_max_tokens": cut,
         "mask_fills": len(fills),
         "mask_us_mean": float(fills.mean()) if len(fills) else 0.0,
         "mask_us_p99": float(np.percentile(fills, 99)) if len(fills) else 0.0,

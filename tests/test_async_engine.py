@@ -57,6 +57,7 @@ class FakeEngine:
         self.runner = SimpleNamespace(real_tokens=0, padded_tokens=0)
         self.counter = SimpleNamespace(sealed=True, close=lambda: None)
         self.compiles_after_ready = 0
+        self.grammar_masks, self.grammar_mask_seconds = 0, 0.0
         self.fail: Exception | None = None
         self.step_delay = 0.0
         self._ids = itertools.count()

@@ -29,7 +29,10 @@ ASK = [{"role": "user", "content": "Who is the admin?"}]
 
 CITY = {
     "type": "object",
-    "properties": {"city": {"type": "string", "maxLength": 10}, "days": {"type": "integer"}},
+    "properties": {
+        "city": {"type": "string", "maxLength": 10},
+        "days": {"type": "integer", "minimum": 1, "maximum": 14},
+    },
     "required": ["city", "days"],
     "additionalProperties": False,
     "x-guidance": {"whitespace_flexible": False},
@@ -39,7 +42,7 @@ CITY = {
 class City(pydantic.BaseModel):  # CITY as a model, to validate the arguments of calls
     model_config = pydantic.ConfigDict(extra="forbid", strict=True)
     city: str = pydantic.Field(max_length=10)
-    days: int
+    days: int = pydantic.Field(ge=1, le=14)
 
 
 TOOLS = [
@@ -127,7 +130,7 @@ def test_vllm_structured_outputs(client):
     assert {c.message.content for c in r.choices} <= {"red", "green", "blue"}
     so = {"regex": r"[A-Z][a-z]{2,5} [0-9]{2}"}
     r = client.completions.create(
-        model=MODEL, prompt="x", max_tokens=30, extra_body={"structured_outputs": so}
+        model=MODEL, prompt="x", max_tokens=30, seed=5, extra_body={"structured_outputs": so}
     )
     assert re.fullmatch(so["regex"], r.choices[0].text)
     so = {"grammar": 'start: "ab" NUM\nNUM: /[0-9]+/', "regex": None}
@@ -137,7 +140,7 @@ def test_vllm_structured_outputs(client):
     assert re.fullmatch(r"ab[0-9]*", "".join(c.choices[0].text for c in stream))
     so = {"json": json.dumps(CITY)}
     r = client.chat.completions.create(
-        model=MODEL, messages=ASK, extra_body={"structured_outputs": so}
+        model=MODEL, messages=ASK, seed=6, extra_body={"structured_outputs": so}
     )
     assert set(json.loads(r.choices[0].message.content)) == {"city", "days"}
 
@@ -148,7 +151,7 @@ def test_vllm_guided_fields_of_older_clients(client):
     )
     assert {c.message.content for c in r.choices} <= {"up", "down"}
     r = client.completions.create(
-        model=MODEL, prompt="x", extra_body={"guided_json": json.dumps(CITY)}, max_tokens=60
+        model=MODEL, prompt="x", extra_body={"guided_json": json.dumps(CITY)}, seed=9, max_tokens=60
     )
     assert City.model_validate(json.loads(r.choices[0].text))
 
@@ -170,7 +173,9 @@ def test_required_and_named_force_valid_calls(client):
     for call in choice.message.tool_calls:
         assert call.type == "function" and re.fullmatch(r"call_[0-9a-f]{24}", call.id)
     named = {"type": "function", "function": {"name": "get_weather"}}
-    r = client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, tool_choice=named)
+    r = client.chat.completions.create(
+        model=MODEL, messages=ASK, tools=TOOLS, tool_choice=named, seed=7
+    )
     ((name, args),) = calls_of(r.choices[0].message)
     assert name == "get_weather" and City.model_validate(args)
     assert r.choices[0].finish_reason == "tool_calls"
@@ -260,10 +265,16 @@ def test_grammar_rows_leave_free_rows_alone(client):
     assert all(isinstance(p, Person) for p in results[1::2])
 
 
-def test_nothing_compiled_after_ready(engine, client):
-    """Last in the module: every grammar, tool and mixed batch above ran on the bundle's graphs."""
+def test_nothing_compiled_after_ready(engine, base_url):
+    """Last in the module: every grammar, tool and mixed batch above ran on the bundle's graphs,
+    and /metrics counts the host's mask work."""
     assert engine.engine.compiles_after_ready == 0
     assert engine.engine.can_constrain
+    text = httpx.get(f"{base_url}/metrics").text
+    masks = re.search(r"^aotlm:grammar_masks_total (\S+)$", text, re.MULTILINE)
+    seconds = re.search(r"^aotlm:grammar_mask_seconds_total (\S+)$", text, re.MULTILINE)
+    assert float(masks.group(1)) > 50 and float(seconds.group(1)) > 0
+    assert re.search(r"^aotlm:compiles_after_ready 0\.0$", text, re.MULTILINE)
 
 
 @pytest.mark.parametrize(

@@ -71,6 +71,8 @@ def test_an_unclosed_or_broken_call_is_content():
     assert read(plan, ['<tool_call>{"name": "now", "arguments": {}}']) == ("", [("now", {})])
     broken = '<tool_call>{"name": "now", "argu'
     assert read(plan, [broken]) == (broken, [])
+    undeclared = '<tool_call>{"name": "rm_rf", "arguments": {}}</tool_call>'
+    assert read(plan, chunked(undeclared, 4)) == (undeclared, [])
 
 
 @pytest.mark.parametrize("size", [1, 4, 1000])
@@ -81,6 +83,8 @@ def test_llama3_json_calls(size):
     assert read(plan, chunked(text, size)) == ("", [("get_weather", {"city": "Rome"}), ("now", {})])
     assert read(plan, chunked("  Plain answer.", size)) == ("  Plain answer.", [])
     assert read(plan, chunked('{"not": "a call"}', size)) == ('{"not": "a call"}', [])
+    answer = '{"name": "Bob", "age": 3}'  # JSON with a "name" that is no declared tool
+    assert read(plan, chunked(answer, size)) == (answer, [])
 
 
 def test_required_forces_an_array_of_declared_calls():

@@ -47,6 +47,8 @@ class EngineStats:
     padded_tokens: int = 0
     compiles_after_ready: int = 0
     preemptions: int = 0
+    grammar_masks: int = 0  # token masks filled on the host for rows under a grammar
+    grammar_mask_seconds: float = 0.0
 
 
 def settle_future(future: asyncio.Future, result: object) -> None:

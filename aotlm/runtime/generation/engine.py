@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
+import time
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,6 +112,7 @@ class Engine:
         self._texts: dict[int, Detokenizer] = {}
         # Format-7 bundles have no masked sampler: they serve everything but grammars.
         self.can_constrain = any(name == "sample_masked" for name, _ in loaded.executables)
+        self.grammar_masks, self.grammar_mask_seconds = 0, 0.0  # host work for grammar rows
         self._grammars: GrammarCompiler | None = None
         self._grammars_lock = threading.Lock()
 
@@ -196,7 +198,10 @@ class Engine:
         if not (c.samples and grammar is not None):
             return ()
         row = np.empty(grammar.words, np.int32)
+        start = time.perf_counter()
         grammar.fill(row)
+        self.grammar_mask_seconds += time.perf_counter() - start
+        self.grammar_masks += 1
         return row
 
     @staticmethod
@@ -298,6 +303,8 @@ class Engine:
             padded_tokens=self.runner.padded_tokens,
             compiles_after_ready=self.compiles_after_ready,
             preemptions=sched.num_preemptions,
+            grammar_masks=self.grammar_masks,
+            grammar_mask_seconds=self.grammar_mask_seconds,
         )
 
     def text(self, seq: Sequence) -> str:

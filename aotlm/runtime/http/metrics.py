@@ -50,6 +50,14 @@ class _EngineCollector:
             "real_tokens": ("Tokens run by the device, excluding padding.", s.real_tokens),
             "padded_tokens": ("Tokens run by the device, padding included.", s.padded_tokens),
             "num_preemptions": ("Sequences preempted for lack of KV pages.", s.preemptions),
+            "grammar_masks": (
+                "Token masks filled on the host for rows under a grammar (structured output).",
+                s.grammar_masks,
+            ),
+            "grammar_mask_seconds": (
+                "Host time spent filling those masks.",
+                s.grammar_mask_seconds,
+            ),
         }
         for name, (doc, value) in counters.items():
             yield CounterMetricFamily(f"aotlm:{name}", doc, value=value)

@@ -71,6 +71,10 @@ class ToolPlan:
     def output(self) -> ToolOutput | None:
         return None if self.mode == "none" else ToolOutput(self)
 
+    @property
+    def names(self) -> frozenset[str]:
+        return frozenset(t["function"]["name"] for t in self.tools)
+
 
 def template_format(template: str) -> Format | None:
     """The call format a chat template teaches its model, from the template's own text."""
@@ -149,9 +153,10 @@ def tool_call(name: str, arguments: Any) -> dict[str, Any]:
     }
 
 
-def _call_of(obj: Any) -> dict[str, Any] | None:
-    """A parsed {"name", "arguments"|"parameters"} object as a call; None if it is not one."""
-    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+def _call_of(obj: Any, names: frozenset[str]) -> dict[str, Any] | None:
+    """A parsed {"name", "arguments"|"parameters"} object naming a declared tool as a call;
+    None if it is not one (an answer that merely has a "name" key is not a call)."""
+    if not isinstance(obj, dict) or obj.get("name") not in names:
         return None
     args = obj.get("arguments", obj.get("parameters", {}))
     return tool_call(obj["name"], args)
@@ -222,8 +227,10 @@ class ToolOutput:
             return None
         if self.plan.mode == "named":
             return [tool_call(self.plan.named or "", value)]
-        calls = [_call_of(v) for v in value]
-        return calls if all(calls) else None  # type: ignore[return-value]
+        if not isinstance(value, list):
+            return None
+        calls = [_call_of(v, self.plan.names) for v in value]
+        return calls if calls and all(calls) else None  # type: ignore[return-value]
 
     def _calls(self, calls: list[dict[str, Any]]) -> dict[str, Any]:
         start = len(self.calls)
@@ -251,17 +258,19 @@ class ToolOutput:
                 end = self.buffer.find(HERMES_CLOSE)
                 if end < 0:
                     break
-                if (call := self._hermes_call(self.buffer[:end])) is not None:
+                block = self.buffer[:end]
+                if (call := self._hermes_call(block)) is not None:
                     calls.append(call)
+                else:  # not a call after all: the client sees what the model wrote
+                    content += HERMES_OPEN + block + HERMES_CLOSE
                 self.buffer = self.buffer[end + len(HERMES_CLOSE) :]
                 self.inside = False
         out = {"content": content} if content else {}
         return {**out, **self._calls(calls)} if calls else out
 
-    @staticmethod
-    def _hermes_call(block: str) -> dict[str, Any] | None:
+    def _hermes_call(self, block: str) -> dict[str, Any] | None:
         try:
-            return _call_of(json.loads(block.strip()))
+            return _call_of(json.loads(block.strip()), self.plan.names)
         except json.JSONDecodeError:
             return None
 
@@ -276,11 +285,10 @@ class ToolOutput:
         content, self.buffer = self.buffer, ""
         return {"content": content}
 
-    @staticmethod
-    def _llama_calls(text: str) -> list[dict[str, Any]] | None:
+    def _llama_calls(self, text: str) -> list[dict[str, Any]] | None:
         text = text.strip().removeprefix(PYTHON_TAG)
         try:
-            calls = [_call_of(v) for v in _json_objects(text)]
+            calls = [_call_of(v, self.plan.names) for v in _json_objects(text)]
         except json.JSONDecodeError:
             return None
         return calls if calls and all(calls) else None  # type: ignore[return-value]
