@@ -6,9 +6,9 @@ leaves in OpenAI's shape (api_errors.py), validation errors included (400, not 4
 and the body limit are ASGI guards in front (middleware.py). A client that goes away aborts its
 engine requests, which frees their KV pages at the next engine iteration.
 
-Why ~400 lines: the routes share one request-to-engine path (validate, tokenize, admit, stream,
-abort on disconnect); what stands alone is already out (protocol, streaming, errors, middleware,
-chat templates, metrics).
+Why ~450 lines: the routes share one request-to-engine path (validate, tokenize, constrain,
+admit, stream, abort on disconnect); what stands alone is already out (protocol, streaming,
+errors, middleware, chat templates, structured output, tools, metrics).
 """
 
 from __future__ import annotations
