@@ -241,6 +241,16 @@ def test_auto_reads_hermes_calls_from_the_text(client, base_url, stream):
     assert json.loads(call["function"]["arguments"])["city"] in {"Paris", "Rome"}
 
 
+def test_tokenize_counts_what_chat_renders_with_tools(base_url):
+    """/tokenize with tools gives the prompt chat sends the model (usage.prompt_tokens)."""
+    body = {"model": MODEL, "messages": ASK, "tools": TOOLS}
+    r = httpx.post(f"{base_url}/tokenize", json=body, headers=AUTH, timeout=60)
+    plain = httpx.post(f"{base_url}/tokenize", json={"messages": ASK}, headers=AUTH).json()
+    body |= {"max_tokens": 1, "tool_choice": "none"}
+    chat = httpx.post(f"{base_url}/v1/chat/completions", json=body, headers=AUTH, timeout=60)
+    assert r.json()["count"] == chat.json()["usage"]["prompt_tokens"] > plain["count"]
+
+
 def test_none_and_no_tools_leave_text_alone(client):
     r = client.chat.completions.create(
         model=MODEL, messages=ASK, tools=TOOLS, tool_choice="none", max_tokens=8

@@ -248,6 +248,7 @@ class TokenizeRequest(BaseModel):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
+    tools: list[ToolDefinition] | None = None  # rendered with the messages, as chat does
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
     return_token_strs: bool = False

@@ -359,7 +359,13 @@ def create_app(
             raise ParamError("prompt", "give exactly one of prompt and messages")
         if req.messages is not None:
             msgs = [m.model_dump() for m in req.messages]
-            ids = chat_prompt_ids(tok, msgs, add_generation_prompt=req.add_generation_prompt)
+            plan = plan_tools(req.tools, "none", tok.chat_template)
+            ids = chat_prompt_ids(
+                tok,
+                msgs,
+                add_generation_prompt=req.add_generation_prompt,
+                tools=plan.tools if plan else None,
+            )
         else:
             ids = tok.encode(req.prompt or "", add_special_tokens=req.add_special_tokens)
         strs = [tok.token_text(t) for t in ids] if req.return_token_strs else None
