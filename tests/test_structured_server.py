@@ -310,6 +310,10 @@ def test_nothing_compiled_after_ready(engine, base_url):
             "structured_outputs",
         ),
         ({"guided_regex": "a", "guided_choice": ["b"]}, "guided_choice"),
+        (
+            {"structured_outputs": {"json": '{"a":' * 3000 + "1" + "}" * 3000}},
+            "structured_outputs.json",
+        ),
         ({"guided_regex": "a", "structured_outputs": {"regex": "b"}}, "guided_regex"),
         ({"tool_choice": "required"}, "tool_choice"),
         (

@@ -135,3 +135,5 @@ def _json_object(text: str, param: str) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as e:
         raise GrammarError(param, f"not valid JSON: {e}") from None
+    except RecursionError:
+        raise GrammarError(param, "the schema is nested too deeply") from None
