@@ -257,7 +257,9 @@ class _OpenAI:
 
         def shape(i: int, d: ChoiceDelta, stream: bool) -> dict[str, Any] | None:
             if chat:
-                reader = readers.setdefault(i, tools.output() if tools else None)
+                if i not in readers:
+                    readers[i] = tools.output() if tools else None
+                reader = readers[i]
                 if reader is None:
                     return chat_choice(i, d, tok.token_text, want_logprobs, stream)
                 fields = reader.read(d.text, final=d.finish_reason is not None)
