@@ -1,5 +1,8 @@
 """The embedded default model: a tiny random-weight Llama, created locally and reproducibly.
 
+``family=`` makes the same kind of checkpoint for the other families (``FAMILIES``): Gemma 3
+with local and global layers, Qwen3-MoE and Mixtral with 8 experts, top-2.
+
 It exists so that build, serve and every test run end to end with no network and no download:
 ``python -m aotlm.tiny checkpoints/tiny-llama`` writes a standard Hugging Face checkpoint
 directory (config.json, model.safetensors, tokenizer files) that transformers loads as is.
@@ -55,16 +58,20 @@ CHAT_TEMPLATE = (
 )
 
 
-def make_tiny_checkpoint(out_dir: Path, *, seed: int = 0) -> Path:
-    """Write the tiny Llama checkpoint into ``out_dir`` (created if needed) and return it."""
+def make_tiny_checkpoint(out_dir: Path, *, seed: int = 0, family: str = "llama") -> Path:
+    """Write the tiny checkpoint of ``family`` into ``out_dir`` (created if needed), return it."""
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {', '.join(FAMILIES)}, got {family!r}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = train_tokenizer()
     tokenizer.save(str(out_dir / "tokenizer.json"))
     ids = {token: tokenizer.token_to_id(token) for token in (BOS, EOS, PAD)}
-    config = _model_config(tokenizer.get_vocab_size(), ids)
+    config = _model_config(tokenizer.get_vocab_size(), ids) | FAMILIES[family]
+    config = {k: v for k, v in config.items() if v is not None or family == "llama"}
     _write_json(out_dir / "config.json", config)
-    save_file(random_weights(config, seed), str(out_dir / "model.safetensors"), {"format": "pt"})
+    weights = random_weights(config, seed) if family == "llama" else _family_weights(out_dir, seed)
+    save_file(weights, str(out_dir / "model.safetensors"), {"format": "pt"})
     _write_json(
         out_dir / "generation_config.json",
         {"bos_token_id": ids[BOS], "eos_token_id": ids[EOS], "pad_token_id": ids[PAD]},
@@ -113,6 +120,47 @@ def train_tokenizer() -> Tokenizer:
         ]
     )
     return tokenizer
+
+
+# config.json keys over the tiny Llama's, per family.
+FAMILIES: dict[str, dict[str, Any]] = {
+    "llama": {},
+    "gemma3": {
+        "architectures": ["Gemma3ForCausalLM"],
+        "model_type": "gemma3_text",
+        "num_hidden_layers": 4,
+        "hidden_activation": "gelu_pytorch_tanh",
+        "layer_types": ["sliding_attention"] * 3 + ["full_attention"],
+        "sliding_window": 64,
+        "query_pre_attn_scalar": HEAD_DIM,
+        "final_logit_softcapping": 30.0,
+        "rope_parameters": {
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            "full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
+        },
+        "rope_theta": None,  # None: the key is left out
+        "rope_scaling": None,
+        "hidden_act": None,
+        "tie_word_embeddings": True,
+    },
+    "qwen3-moe": {
+        "architectures": ["Qwen3MoeForCausalLM"],
+        "model_type": "qwen3_moe",
+        "num_experts": 8,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 128,
+        "norm_topk_prob": True,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [],
+    },
+    "mixtral": {
+        "architectures": ["MixtralForCausalLM"],
+        "model_type": "mixtral",
+        "num_local_experts": 8,
+        "num_experts_per_tok": 2,
+        "intermediate_size": 128,
+    },
+}
 
 
 def _model_config(vocab_size: int, ids: dict[str, int]) -> dict[str, Any]:
@@ -178,6 +226,32 @@ def random_weights(config: dict[str, Any], seed: int) -> dict[str, np.ndarray]:
     return weights
 
 
+def _family_weights(checkpoint: Path, seed: int) -> dict[str, np.ndarray]:
+    """Every tensor the family's loader expects for the config.json in ``checkpoint``, drawn in
+    name order. Norms are the identity (ones; zeros for Gemma's 1 + w); routers are drawn wider
+    so tokens spread over the experts; EOS's output row is zero, as for the tiny Llama."""
+    from aotlm.models.checkpoint import expected_hf_shapes
+    from aotlm.models.config import read_hf_config
+
+    cfg = read_hf_config(checkpoint)
+    rng = np.random.default_rng(seed)
+    weights = {}
+    for name, shape in sorted(expected_hf_shapes(cfg).items()):
+        if name.endswith("norm.weight"):
+            weights[name] = np.full(shape, 0.0 if cfg.is_gemma else 1.0, np.float32)
+            continue
+        std = (
+            1.0
+            if name.endswith(("mlp.gate.weight", "block_sparse_moe.gate.weight"))
+            else WEIGHT_STD
+        )
+        weights[name] = (rng.standard_normal(shape, dtype=np.float32) * std).astype(np.float32)
+    head = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
+    for eos in cfg.eos_token_ids:
+        weights[head][eos] = 0.0
+    return weights
+
+
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
@@ -188,8 +262,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("out_dir", type=Path, help="directory to write (created if missing)")
     parser.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
+    parser.add_argument("--family", choices=list(FAMILIES), default="llama")
     args = parser.parse_args(argv)
-    print(make_tiny_checkpoint(args.out_dir, seed=args.seed))
+    print(make_tiny_checkpoint(args.out_dir, seed=args.seed, family=args.family))
 
 
 if __name__ == "__main__":

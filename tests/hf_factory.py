@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-FAMILIES = ("llama", "qwen3", "qwen2", "mistral")
+FAMILIES = ("llama", "qwen3", "qwen2", "mistral", "qwen3_moe", "qwen2_moe", "mixtral", "gemma3")
 
 
 def make_hf_config(
@@ -24,8 +24,10 @@ def make_hf_config(
     hidden_size: int | None = None,
     intermediate_size: int = 128,
     rope_scaling: dict[str, Any] | None = None,
+    **family_kwargs: Any,
 ):
-    """The transformers config object for ``make_hf_checkpoint``."""
+    """The transformers config object for ``make_hf_checkpoint``. ``family_kwargs``: the
+    family's own config fields (num_experts, num_experts_per_tok, layer_types, ...)."""
     import transformers
 
     classes = {
@@ -33,6 +35,10 @@ def make_hf_config(
         "qwen3": transformers.Qwen3Config,
         "qwen2": transformers.Qwen2Config,
         "mistral": transformers.MistralConfig,
+        "qwen3_moe": transformers.Qwen3MoeConfig,
+        "qwen2_moe": transformers.Qwen2MoeConfig,
+        "mixtral": transformers.MixtralConfig,
+        "gemma3": transformers.Gemma3TextConfig,
     }
     if family not in classes:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
@@ -51,7 +57,9 @@ def make_hf_config(
     )
     if rope_scaling is not None:
         kwargs["rope_scaling"] = {"rope_theta": 10000.0, **rope_scaling}
-    return classes[family](**kwargs)
+    if family in ("qwen3_moe", "qwen2_moe"):
+        kwargs["moe_intermediate_size"] = intermediate_size
+    return classes[family](**kwargs | family_kwargs)
 
 
 def make_hf_checkpoint(
@@ -69,6 +77,7 @@ def make_hf_checkpoint(
     seed: int = 0,
     rope_scaling: dict[str, Any] | None = None,
     sharded: bool = False,
+    **family_kwargs: Any,
 ) -> Path:
     """Build a random float32 ``{family}ForCausalLM``, ``save_pretrained`` it, return the dir.
 
@@ -89,6 +98,7 @@ def make_hf_checkpoint(
         hidden_size=hidden_size,
         intermediate_size=intermediate_size,
         rope_scaling=rope_scaling,
+        **family_kwargs,
     )
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -97,6 +107,8 @@ def make_hf_checkpoint(
         for name, p in model.named_parameters():
             if name.endswith("norm.weight") or name.endswith(".bias"):
                 p.add_(0.1 * torch.randn_like(p))
+            if name.endswith("gate.weight") and "proj" not in name:  # routers: spread choices
+                p.normal_(0.0, 1.0)
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir, max_shard_size="100KB" if sharded else "50GB")
     return out_dir

@@ -25,6 +25,20 @@ CASES = {
     ),
     "qwen3-d80-mha-tied": dict(family="qwen3", head_dim=80, num_heads=2, num_kv_heads=2, tie=True),
     "qwen3-d96-gqa2": dict(family="qwen3", head_dim=96, num_heads=4, num_kv_heads=2),
+    "qwen3moe-e16-k4": dict(family="qwen3_moe", num_experts=16, num_experts_per_tok=4),
+    "mixtral-e8-k2": dict(family="mixtral", num_local_experts=8, num_experts_per_tok=2),
+    # The 100-token prompt crosses the 32-token window of the local layers, in two chunks.
+    "gemma3-d256-window32": dict(
+        family="gemma3",
+        head_dim=256,
+        num_heads=2,
+        num_kv_heads=1,
+        tie=True,
+        num_layers=3,
+        sliding_window=32,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        final_logit_softcapping=30.0,
+    ),
 }
 # Token buckets are 16/32/64: these land in each of them, and 100 is prefilled in two chunks.
 PROMPT_LENGTHS = (5, 27, 50, 100)

@@ -96,7 +96,7 @@ def test_unsupported_architecture_lists_supported(tmp_path: Path) -> None:
     assert all(arch in str(err.value) for arch in SUPPORTED_ARCHITECTURES)
 
 
-@pytest.mark.parametrize("rope_type", ["yarn", "linear", "dynamic"])
+@pytest.mark.parametrize("rope_type", ["yarn", "dynamic"])
 def test_unsupported_rope_type(tmp_path: Path, rope_type: str) -> None:
     path = _write(tmp_path, {**OLD_LLAMA3, "rope_scaling": {"type": rope_type, "factor": 2.0}})
     with pytest.raises(CheckpointError, match=f"unsupported rope type '{rope_type}'"):
@@ -127,3 +127,62 @@ def test_missing_or_broken_config(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text("{oops")
     with pytest.raises(CheckpointError, match="cannot read JSON"):
         read_hf_config(tmp_path)
+
+
+def _saved(tmp_path: Path, family: str, **kwargs) -> Path:
+    make_hf_config(family, **kwargs).save_pretrained(tmp_path)
+    return tmp_path
+
+
+def test_moe_configs_as_transformers_writes_them(tmp_path: Path) -> None:
+    cfg = read_hf_config(_saved(tmp_path / "q", "qwen3_moe", num_experts=16, num_experts_per_tok=4))
+    assert (cfg.num_experts, cfg.experts_per_token, cfg.intermediate_size) == (16, 4, 128)
+    assert cfg.qk_norm and not cfg.norm_topk_prob and cfg.shared_expert_intermediate_size == 0
+    cfg = read_hf_config(_saved(tmp_path / "m", "mixtral", num_local_experts=8))
+    assert cfg.num_experts == 8 and cfg.experts_per_token == 2 and cfg.norm_topk_prob
+    cfg = read_hf_config(
+        _saved(tmp_path / "s", "qwen2_moe", num_experts=8, shared_expert_intermediate_size=96)
+    )
+    assert cfg.shared_expert_intermediate_size == 96 and cfg.attention_bias
+
+
+def test_gemma3_config_reads_layer_pattern_ropes_and_caps(tmp_path: Path) -> None:
+    cfg = read_hf_config(
+        _saved(tmp_path, "gemma3", num_layers=6, tie=True, final_logit_softcapping=30.0)
+    )
+    assert cfg.layer_types == ("sliding_attention",) * 5 + ("full_attention",)
+    assert [cfg.sliding_layer(i) for i in range(6)] == [True] * 5 + [False]
+    assert (cfg.rope_local_theta, cfg.rope_theta) == (10000.0, 1000000.0)
+    assert cfg.final_logit_softcapping == 30.0 and cfg.tie_word_embeddings and cfg.qk_norm
+    assert cfg.attention_scale == 256**-0.5
+    assert model_config_from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+
+
+def test_gemma3_multimodal_checkpoint_reads_its_text_config(tmp_path: Path) -> None:
+    text = make_hf_config("gemma3", num_layers=2).to_dict()
+    config = {"architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3",
+              "text_config": text, "vision_config": {"hidden_size": 32}}  # fmt: skip
+    cfg = read_hf_config(_write(tmp_path, config))
+    assert cfg.architecture == "Gemma3ForConditionalGeneration" and cfg.num_layers == 2
+    del config["text_config"]["num_hidden_layers"]
+    with pytest.raises(CheckpointError, match=r"text_config\.num_hidden_layers"):
+        read_hf_config(_write(tmp_path, config))
+
+
+@pytest.mark.parametrize(
+    "family, change, key",
+    [
+        ("qwen3_moe", {"decoder_sparse_step": 2}, "decoder_sparse_step"),
+        ("qwen3_moe", {"mlp_only_layers": [0]}, "mlp_only_layers"),
+        ("qwen2_moe", {"use_sliding_window": True}, "use_sliding_window"),
+        ("mixtral", {"num_experts_per_tok": 9}, "num_experts_per_tok"),
+        ("gemma3", {"attn_logit_softcapping": 50.0}, "attn_logit_softcapping"),
+        ("gemma3", {"hidden_activation": "gelu"}, "hidden_activation"),
+        ("gemma3", {"layer_types": ["full_attention"]}, "layer_types"),
+        ("gemma3", {"use_bidirectional_attention": True}, "use_bidirectional_attention"),
+    ],
+)
+def test_fields_a_family_cannot_honour_are_refused_by_name(tmp_path, family, change, key):
+    config = json.loads((_saved(tmp_path, family) / "config.json").read_text())
+    with pytest.raises(CheckpointError, match=f"config.json: {key}: "):
+        read_hf_config(_write(tmp_path, config | change))

@@ -17,6 +17,7 @@ from aotlm.errors import CheckpointError
 from aotlm.kernels.attention_reference import paged_attention_ref
 from aotlm.models import (
     abstract_params,
+    final_logits,
     flatten_params,
     forward,
     lm_head,
@@ -28,6 +29,17 @@ from aotlm.safetensors_io import read_safetensors, write_safetensors
 
 PAGE, PAGES_PER_SEQ = 8, 8  # 64 positions per request
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+GEMMA = dict(
+    sliding_window=4,
+    layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+    num_layers=3,
+    final_logit_softcapping=30.0,
+    query_pre_attn_scalar=48,
+    rope_parameters={
+        "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+        "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+    },
+)
 CASES = {  # id -> (family, factory kwargs); covers head dims 64/80/96/128 and GQA ratios 1/2/4
     "llama-d64-gqa2": ("llama", {}),
     "llama-d128-gqa4-tied": ("llama", dict(head_dim=128, num_kv_heads=1, tie=True)),
@@ -39,6 +51,20 @@ CASES = {  # id -> (family, factory kwargs); covers head dims 64/80/96/128 and G
     "qwen2-d96-mha": ("qwen2", dict(head_dim=96, num_kv_heads=4)),
     "mistral-d128-gqa4": ("mistral", dict(head_dim=128, num_heads=8, num_kv_heads=2)),
     "llama-sharded": ("llama", dict(sharded=True, seed=1)),
+    # Mixtures of experts: 8/16 experts, top-k 2/4/8, with and without a shared expert.
+    "qwen3moe-e8-k2": ("qwen3_moe", dict(num_experts=8, num_experts_per_tok=2)),
+    "qwen3moe-e16-k4-norm": (
+        "qwen3_moe",
+        dict(head_dim=128, num_experts=16, num_experts_per_tok=4, norm_topk_prob=True),
+    ),
+    "qwen2moe-e8-k8-shared": (
+        "qwen2_moe",
+        dict(num_experts=8, num_experts_per_tok=8, shared_expert_intermediate_size=96),
+    ),
+    "mixtral-e8-k2": ("mixtral", dict(num_local_experts=8, num_experts_per_tok=2)),
+    # Gemma 3: windows shorter than the prompts, global layers with linear rope scaling.
+    "gemma3-d256-softcap": ("gemma3", dict(head_dim=256, tie=True, **GEMMA)),
+    "gemma3-d128-untied": ("gemma3", dict(head_dim=128, num_kv_heads=1, **GEMMA)),
 }
 _step = jax.jit(forward, static_argnums=0, donate_argnums=(2, 3))
 
@@ -69,7 +95,7 @@ class PagedRunner:
             rows.append(t - 1)
         args = (tokens, positions, slots, reqs, self.block_tables)
         hidden, self.k, self.v = _step(self.cfg, self.params, self.k, self.v, *args)
-        return np.asarray(hidden, np.float32)[rows] @ self.head.T
+        return np.asarray(final_logits(self.cfg, hidden[np.asarray(rows)], self.head))
 
     def greedy(self, prompt: list[int], n: int, prefill_bucket: int = 16) -> list[int]:
         out = [int(np.argmax(self.step([(0, 0, prompt)], prefill_bucket)[0]))]

@@ -9,16 +9,14 @@ the KV heads (attention under shard_map) and tp=8 replicates them (XLA-partition
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
+import sharding_driver
 import yaml
 from bundle_factory import write_model_yaml
 from hf_factory import make_hf_checkpoint
@@ -33,7 +31,6 @@ from aotlm.models.llama import param_specs
 from aotlm.models.sharding import TP
 from aotlm.runtime.load.loader import load_bundle
 
-DRIVER = Path(__file__).with_name("sharding_driver.py")
 TOKENIZER = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 PROMPT_LENGTHS = (5, 20, 40)  # the 40-token prompt is prefilled in two chunks of 32
 COLLECTIVE = r"= \S+ (all-reduce|all-gather|all-to-all|collective-permute|reduce-scatter)\("
@@ -60,27 +57,12 @@ def runs(tp_checkpoint, tmp_path_factory) -> dict:
     rng = np.random.default_rng(7)
     spec = {
         "checkpoint": str(tp_checkpoint),
-        "out": str(out),
         "tps": [1, 4, 8],
         "prompts": [rng.integers(6, 1000, size=n).tolist() for n in PROMPT_LENGTHS],
         "max_tokens": 16,
         "stablehlo_tp": 4,
     }
-    (out / "spec.json").write_text(json.dumps(spec))
-    env = os.environ | {
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-        "JAX_PLATFORMS": "cpu",
-    }
-    proc = subprocess.run(
-        [sys.executable, str(DRIVER), str(out / "spec.json")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    reports = [json.loads(line) for line in proc.stdout.splitlines()]
-    return {(r["tp"], r["tier"]): r for r in reports}
+    return {(tp, tier): r for (tp, _, tier), r in sharding_driver.run(spec, out).items()}
 
 
 @pytest.mark.parametrize("tp", [4, 8])
@@ -145,10 +127,10 @@ def test_tp_bundle_builds_on_one_device_and_is_refused_there(tp_checkpoint, tmp_
     result = build_bundle(load_build_config(spec), tmp_path / "bundle")
     cpu = result.targets["cpu"]
     assert cpu["tier"] == "stablehlo"
-    assert "mesh tp=4 needs 4 cpu devices and this build process has 1" in cpu["reason"]
+    assert "mesh of 4 devices needs 4 cpu devices and this build process has 1" in cpu["reason"]
     assert "XLA_FLAGS=--xla_force_host_platform_device_count=4" in cpu["reason"]
     assert len(jax.devices()) == 1
-    with pytest.raises(BundleError, match=r"tp=4 devices .* this process sees 1 cpu device"):
+    with pytest.raises(BundleError, match=r"mesh of 4 devices .* this process sees 1 cpu device"):
         load_bundle(tmp_path / "bundle")
 
 
@@ -267,7 +249,7 @@ def test_tpu_target_compiles_sharded_with_the_pallas_kernel_per_device(tp_checkp
     assert "mesh of 4 devices" in four["reason"]
     eight = results[8].targets["tpu:v5e:2x2"]
     assert eight["tier"] == "stablehlo"
-    assert "mesh tp=8 needs 8 tpu devices and topology v5e:2x2 has 4" in eight["reason"]
+    assert "mesh of 8 devices needs 8 tpu devices and topology v5e:2x2 has 4" in eight["reason"]
 
     exp = export.deserialize(bytearray((tmp_path / "tp4/exported/forward_t32.jaxexp").read_bytes()))
     devices = topologies.get_topology_desc("v5e:2x2", "tpu").devices

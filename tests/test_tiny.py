@@ -125,3 +125,25 @@ def test_chat_template_renders(hf_tokenizer, ckpt: Path) -> None:
     assert ids[0] == hf_tokenizer.bos_token_id and ids.count(hf_tokenizer.bos_token_id) == 1
     config = json.loads((ckpt / "tokenizer_config.json").read_text())
     assert config["chat_template"] == (ckpt / "chat_template.jinja").read_text()
+
+
+@pytest.mark.parametrize("family", ["gemma3", "qwen3-moe", "mixtral"])
+def test_other_families_load_in_transformers_and_match_ours(family: str, tmp_path: Path) -> None:
+    import torch
+    from test_models import PagedRunner
+    from transformers import AutoModelForCausalLM
+
+    ckpt = make_tiny_checkpoint(tmp_path / family, family=family)
+    assert (
+        make_tiny_checkpoint(tmp_path / "again", family=family)
+        .joinpath("model.safetensors")
+        .read_bytes()
+        == (ckpt / "model.safetensors").read_bytes()
+    )
+    hf = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+    prompt = [5, 17, 300, 42, 999, 7, 8]
+    with torch.no_grad():
+        theirs = hf(torch.tensor([prompt])).logits[0, -1].numpy()
+    ours = PagedRunner(ckpt).step([(0, 0, prompt)], 16)[0]
+    assert np.abs(ours - theirs).max() <= 1e-4 * np.abs(theirs).max()
+    assert int(np.argmax(ours)) == int(np.argmax(theirs))

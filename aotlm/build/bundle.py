@@ -73,12 +73,6 @@ def check_model_fits(build: BuildConfig, cfg: ModelConfig) -> None:
             f"{name}: max_seq_len: {build.max_seq_len} is longer than the checkpoint's "
             f"max_position_embeddings ({cfg.max_position_embeddings})"
         )
-    window = getattr(cfg, "sliding_window", None)
-    if window is not None and window < build.max_seq_len:
-        raise ConfigError(
-            f"{name}: max_seq_len: {build.max_seq_len} exceeds the model's sliding_window ({window}); "
-            "sliding-window attention is not supported yet: lower max_seq_len"
-        )
 
 
 def tokenizer_files(checkpoint: Path) -> dict[str, bytes]:
@@ -130,6 +124,7 @@ def _serving(build: BuildConfig, cfg, family: ModelFamily, platforms: tuple[str,
         targets=tuple(build.targets),
         platforms=tuple(platforms),
         tp=build.tp,
+        ep=build.ep,
     )
     if family.kind != DECODER:
         return Serving(**common)
@@ -204,20 +199,20 @@ def build_bundle(
         )
     cfg = family.read_config(build.model)
     check_model_fits(build, cfg)
-    if build.tp > 1:
+    if build.tp * build.ep > 1:
         if family.sharded_step_functions is None:
             raise ConfigError(
                 f"{build.source.name}: mesh: {family.name} models run on one device; remove mesh"
             )
-        check_mesh(cfg, build.tp, f"{build.source.name}: mesh.tp")
+        check_mesh(cfg, build.tp, f"{build.source.name}: mesh.tp", build.ep)
     cache_root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     targets = [Target.parse(t) for t in build.targets]
     if compile_targets:
-        plans = [plan_target(t, build.tp) for t in targets]
+        plans = [plan_target(t, build.tp, build.ep) for t in targets]
     else:
         plans = [TargetPlan(t, STABLEHLO, "compiled tier not requested") for t in targets]
     specs = family.step_specs(cfg, build)
-    params_per_device = params_avals(cfg, build) if build.tp > 1 else None  # shards only
+    params_per_device = params_avals(cfg, build) if build.tp * build.ep > 1 else None
     resident = (
         nbytes(params_per_device or family.abstract_params(cfg, build.dtype)),
         family.kv_pool_bytes(cfg, build),

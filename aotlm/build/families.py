@@ -71,9 +71,9 @@ class ModelFamily:
     step_specs: Callable[[Any, BuildConfig], list[StepSpec]]  # every (function, bucket)
     kv_pool_bytes: Callable[[Any, BuildConfig], int]  # device bytes of the KV cache
     manifest_extra: Callable[[Any], dict] = field(default=lambda cfg: {})  # into model.*
-    # (config, tp) -> step functions for a tensor-parallel mesh of tp devices (model.yaml
-    # `mesh: {tp: N}`, aotlm/models/sharding.py); None: the family runs on one device only.
-    sharded_step_functions: Callable[[Any, int], dict[str, Callable]] | None = None
+    # (config, tp, ep) -> step functions for a mesh of tp * ep devices (model.yaml
+    # `mesh: {tp: N, ep: M}`, aotlm/models/sharding.py); None: the family runs on one device.
+    sharded_step_functions: Callable[[Any, int, int], dict[str, Callable]] | None = None
 
     @property
     def kind(self) -> str:

@@ -77,6 +77,9 @@ class BuildConfig:
     # `mesh: {tp: N}`: tensor-parallel degree, the model split over N devices
     # (aotlm/models/sharding.py); 1: one device. Checked against the checkpoint by the build.
     tp: int = 1
+    # `mesh: {ep: M}`: experts split over M devices (mixture-of-experts models); the mesh has
+    # tp * ep devices.
+    ep: int = 1
     # `attention: {block_queries: N, block_kv_pages: M}`: the Pallas kernel's block sizes (query
     # tokens per block, KV pages per block), tuned per target; None picks the kernel's default.
     # The resolved sizes are recorded in the manifest's serving.attention.
@@ -152,9 +155,9 @@ def parse_build_config(data: dict, source: Path) -> BuildConfig:
         raise check.error("dtype", f"must be one of {', '.join(DTYPES)} (got {dtype!r})")
     max_seq_len = check.positive_int(data["max_seq_len"], "max_seq_len")
     model = fields.checkpoint_dir(check, data["model"], source.parent)
-    tp = fields.mesh_tp(check, data.get("mesh"))
+    tp, ep = fields.mesh(check, data.get("mesh"))
     if checkpoint_kind(model) == ENCODER:
-        if tp > 1:
+        if tp * ep > 1:
             raise check.error(
                 "mesh", "the checkpoint is an encoder (embedding model): it runs on one device"
             )
@@ -211,6 +214,7 @@ def parse_build_config(data: dict, source: Path) -> BuildConfig:
         memory_gib=fields.memory_gib(check, data.get("memory_gib")),
         bucket_plan=bucket_plan,
         tp=tp,
+        ep=ep,
         attention_blocks=fields.attention_blocks(check, data.get("attention")),
         attention_cpu=fields.attention_cpu(check, data.get("attention")),
         decode_steps=fields.decode_steps(check, data.get("decode_steps", 1)),

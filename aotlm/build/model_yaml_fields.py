@@ -57,14 +57,15 @@ def targets(check: Checker, value: Any, key: str = "targets") -> tuple[str, ...]
     return tuple(value)
 
 
-def mesh_tp(check: Checker, value: Any) -> int:
-    """`mesh: {tp: N}` -> N (1 when absent). Whether the model splits N ways (heads,
-    intermediate size) is checked against the checkpoint by the build; whether N devices exist,
-    when the bundle is compiled or loaded."""
+def mesh(check: Checker, value: Any) -> tuple[int, int]:
+    """`mesh: {tp: N, ep: M}` -> (N, M), each 1 when absent. Whether the model splits N ways
+    (heads, intermediate size) and its experts M ways is checked against the checkpoint by the
+    build; whether N * M devices exist, when the bundle is compiled or loaded."""
     if value is None:
-        return 1
-    check.keys(value, "mesh", ("tp",), ("tp",))
-    return check.positive_int(value["tp"], "mesh.tp")
+        return 1, 1
+    check.keys(value, "mesh", ("tp", "ep"), ("tp",))
+    tp = check.positive_int(value["tp"], "mesh.tp")
+    return tp, check.positive_int(value.get("ep", 1), "mesh.ep")
 
 
 def attention_blocks(check: Checker, value: Any) -> tuple[int | None, int | None]:

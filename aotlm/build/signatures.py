@@ -43,23 +43,24 @@ def kv_pages_aval(cfg: ModelConfig, build: BuildConfig) -> jax.ShapeDtypeStruct:
     """One KV page pool; on a mesh (``mesh: {tp: N}``) with its sharding over the KV heads."""
     shape = (cfg.num_layers, build.kv_pages, build.page_size, cfg.num_kv_heads, cfg.head_dim)
     sharding = None
-    if build.tp > 1:
-        sharding = NamedSharding(abstract_mesh(build.tp), kv_spec(cfg, build.tp))
+    if build.tp * build.ep > 1:
+        sharding = NamedSharding(abstract_mesh(build.tp, build.ep), kv_spec(cfg, build.tp))
     return _s(shape, jnp.dtype(build.dtype), sharding)
 
 
 def params_avals(cfg: ModelConfig, build: BuildConfig) -> dict:
     """The abstract params; on a mesh each carries its sharding (Megatron layout)."""
     params = abstract_params(cfg, build.dtype)
-    if build.tp > 1:
-        return with_shardings(params, param_specs(cfg, build.tp), abstract_mesh(build.tp))
+    if build.tp * build.ep > 1:
+        specs = param_specs(cfg, build.tp, build.ep)
+        return with_shardings(params, specs, abstract_mesh(build.tp, build.ep))
     return params
 
 
-def _on_mesh(spec: StepSpec, tp: int) -> StepSpec:
+def _on_mesh(spec: StepSpec, tp: int, ep: int) -> StepSpec:
     """``spec`` on a mesh: the inputs without a sharding yet (all but forward's params and KV
     pages) and the outputs (but forward's KV pages, updated in place) replicated."""
-    replicated = NamedSharding(abstract_mesh(tp), REPLICATED)
+    replicated = NamedSharding(abstract_mesh(tp, ep), REPLICATED)
 
     def place(a: jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:
         return a if a.sharding is not None else _s(a.shape, a.dtype, replicated)
@@ -113,6 +114,6 @@ def step_specs(cfg: ModelConfig, build: BuildConfig) -> list[StepSpec]:
             rows = DecodeRows.avals(r, pages_per_seq=build.pages_per_seq)
             args = (params, kv, kv, rows, Sampling.avals(r), _s((), I32))
             specs.append(StepSpec("decode", {"requests": r}, args))
-    if build.tp > 1:
-        return [_on_mesh(spec, build.tp) for spec in specs]
+    if build.tp * build.ep > 1:
+        return [_on_mesh(spec, build.tp, build.ep) for spec in specs]
     return specs

@@ -83,8 +83,8 @@ class StepBuilder:
         self, family: ModelFamily, cfg, build: BuildConfig, plans, cache: BuildCache | None
     ):
         self.fns = (
-            family.sharded_step_functions(cfg, build.tp)  # type: ignore[misc]
-            if build.tp > 1
+            family.sharded_step_functions(cfg, build.tp, build.ep)  # type: ignore[misc]
+            if build.tp * build.ep > 1
             else family.step_functions(cfg)
         )
         if "forward" in self.fns:
@@ -111,6 +111,7 @@ class StepBuilder:
             "attention_cpu": build.attention_cpu,
         }
         self.decode_steps = build.decode_steps
+        self.ep = build.ep
 
     def _cached(self, key: str, make: Callable[[], tuple[bytes, dict]]):
         hit = self.cache.get(key) if self.cache else None
@@ -139,7 +140,7 @@ class StepBuilder:
         for plan in self.plans:
 
             def make(plan=plan):
-                compiled = compile_exported(exp, donate, plan.devices)
+                compiled = compile_exported(exp, donate, plan.devices, ep=self.ep)
                 return serialize_compiled(compiled, exp), {"memory": memory_stats(compiled)}
 
             key = cache_key(

@@ -22,14 +22,13 @@ import jax.numpy as jnp
 
 from aotlm.kernels.sampling import TOP_LOGPROBS, sample, sample_masked, sample_penalized
 from aotlm.kernels.step_inputs import DecodeRows, Sampling
-from aotlm.models import ModelConfig, forward, lm_head
+from aotlm.models import ModelConfig, final_logits, forward, lm_head
 from aotlm.models.sharding import abstract_mesh
 
 
-def logits_step(head: jax.Array, hidden: jax.Array, rows: jax.Array) -> jax.Array:
+def logits_step(cfg: ModelConfig, head: jax.Array, hidden: jax.Array, rows: jax.Array) -> jax.Array:
     """head [V,H], hidden [T,H], rows i32[R] -> f32 [R,V]: the LM head on the rows that sample."""
-    picked = jnp.take(hidden, rows, axis=0)
-    return jnp.einsum("rh,vh->rv", picked, head, preferred_element_type=jnp.float32)
+    return final_logits(cfg, jnp.take(hidden, rows, axis=0), head)
 
 
 def decode_steps(
@@ -78,7 +77,7 @@ def decode_steps(
         hidden, k_pages, v_pages = forward_fn(
             params, k_pages, v_pages, tok, fed, slots, req, block_tables, **forward_kwargs
         )
-        logits = jnp.einsum("rh,vh->rv", hidden, head, preferred_element_type=jnp.float32)
+        logits = final_logits(cfg, hidden, head)
         sampled = sample(logits, dataclasses.replace(sampling, step=sampling.step + k))
         outs = tuple(o.at[k].set(x) for o, x in zip(outs, sampled, strict=True))
         return sampled[0], pos + 1, k_pages, v_pages, outs
@@ -88,17 +87,18 @@ def decode_steps(
     return (*outs, k_pages, v_pages)
 
 
-def step_functions(cfg: ModelConfig, tp: int = 1) -> dict[str, Callable]:
+def step_functions(cfg: ModelConfig, tp: int = 1, ep: int = 1) -> dict[str, Callable]:
     """The step functions for one model config, keyed by the names the manifest uses.
 
-    ``tp`` > 1: for a tensor-parallel mesh (aotlm/models/sharding.py). The arguments' shardings
+    ``tp`` * ``ep`` > 1: for a tensor- (and expert-) parallel mesh (aotlm/models/sharding.py). The arguments' shardings
     come with the traced signatures; only forward's attention needs to know the mesh. decode
     needs ``max_steps=`` bound by the builder (model.yaml's decode_steps).
     """
-    fwd = functools.partial(forward, cfg, mesh=abstract_mesh(tp) if tp > 1 else None)
+    mesh = abstract_mesh(tp, ep) if tp * ep > 1 else None
+    fwd = functools.partial(forward, cfg, mesh=mesh)
     return {
         "forward": fwd,
-        "logits": logits_step,
+        "logits": functools.partial(logits_step, cfg),
         "sample": sample,
         "sample_penalized": sample_penalized,
         "sample_masked": sample_masked,

@@ -73,28 +73,29 @@ def _deviceless_tpu(target: Target) -> TargetPlan:
     return TargetPlan(target, COMPILED, "deviceless TPU compile", devices, fingerprint(devices))
 
 
-def plan_target(target: Target, tp: int = 1) -> TargetPlan:
-    """The tier `target` gets when built in this process, with the reason; `tp` > 1: for
+def plan_target(target: Target, tp: int = 1, ep: int = 1) -> TargetPlan:
+    """The tier `target` gets when built in this process, with the reason; `tp` * `ep` > 1: for
     executables sharded over a mesh of that many devices."""
     plan = _plan_target(target)
-    if tp == 1 or plan.tier != COMPILED:
+    n = tp * ep
+    if n == 1 or plan.tier != COMPILED:
         return plan
-    if len(plan.devices) < tp:
+    if len(plan.devices) < n:
         where = f"topology {target.topology}" if target.topology else "this build process"
         hint = (
-            f" (on CPU: start the build with XLA_FLAGS=--xla_force_host_platform_device_count={tp})"
+            f" (on CPU: start the build with XLA_FLAGS=--xla_force_host_platform_device_count={n})"
             if target.platform == "cpu"
             else ""
         )
         return TargetPlan(
             target,
             STABLEHLO,
-            f"mesh tp={tp} needs {tp} {target.platform} devices and {where} has "
+            f"mesh of {n} devices needs {n} {target.platform} devices and {where} has "
             f"{len(plan.devices)}: serving compiles the StableHLO at startup; for the compiled "
-            f"tier build where {tp} devices are visible{hint}",
+            f"tier build where {n} devices are visible{hint}",
         )
-    plan.fingerprint |= mesh_fingerprint(tp)
-    plan.reason += f", mesh of {tp} devices"
+    plan.fingerprint |= mesh_fingerprint(tp, ep)
+    plan.reason += f", mesh of {n} devices"
     return plan
 
 

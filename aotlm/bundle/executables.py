@@ -27,15 +27,17 @@ MEMORY_FIELDS = {
 
 
 def compile_exported(
-    exp: jax_export.Exported, donate: tuple[int, ...], devices: Sequence[Any] = ()
+    exp: jax_export.Exported, donate: tuple[int, ...], devices: Sequence[Any] = (), ep: int = 1
 ) -> jax.stages.Compiled:
     """`jax.jit(exp.call, donate_argnums=...)`, compiled for the default device or for
     `devices[0]` (of this process, or of a deviceless TPU topology); an export sharded over a
     mesh of N devices (`exp.nr_devices`) for that mesh over the first N of `devices` (default:
-    this process's), with the shardings the export carries."""
+    this process's), with the shardings the export carries. ``ep``: the mesh's expert axis
+    (the tp axis has the other nr_devices / ep devices)."""
     n = exp.nr_devices
     if n > 1:
-        shardings = mesh_in_shardings(exp, device_mesh(n, devices or jax.devices()))
+        mesh = device_mesh(n // ep, devices or jax.devices(), ep=ep)
+        shardings = mesh_in_shardings(exp, mesh)
     else:
         shardings = [SingleDeviceSharding(devices[0]) if devices else None] * len(exp.in_avals)
     structs = [

@@ -75,13 +75,15 @@ def fingerprint(devices: list[Any]) -> dict:
     }
 
 
-def local_fingerprint(tp: int = 1) -> dict:
-    """This process's fingerprint, for executables of a bundle sharded over `tp` devices."""
-    return fingerprint(jax.devices()) | mesh_fingerprint(tp)
+def local_fingerprint(tp: int = 1, ep: int = 1) -> dict:
+    """This process's fingerprint, for executables of a bundle sharded over a tp x ep mesh."""
+    return fingerprint(jax.devices()) | mesh_fingerprint(tp, ep)
 
 
-def mesh_fingerprint(tp: int) -> dict:
+def mesh_fingerprint(tp: int, ep: int = 1) -> dict:
     """The mesh executables are compiled for (absent for one device, as before meshes)."""
+    if ep > 1:
+        return {"mesh": {"tp": tp, "ep": ep}}
     return {"mesh": {"tp": tp}} if tp > 1 else {}
 
 

@@ -109,6 +109,7 @@ class Serving:
     targets: tuple[str, ...]
     platforms: tuple[str, ...]
     tp: int = 1  # tensor-parallel degree (model.yaml mesh.tp); 1: one device
+    ep: int = 1  # expert-parallel degree (model.yaml mesh.ep); the mesh has tp * ep devices
     page_size: int | None = None
     kv_pages: int | None = None
     pages_per_seq: int | None = None
@@ -216,8 +217,8 @@ def _serving_dict(s: Serving) -> dict:
             "cpu": a.cpu,
             "custom_calls": list(a.custom_calls),
         }
-    if s.tp > 1:
-        out["mesh"] = {"tp": s.tp}
+    if s.tp * s.ep > 1:
+        out["mesh"] = {"tp": s.tp} | ({"ep": s.ep} if s.ep > 1 else {})
     return out
 
 

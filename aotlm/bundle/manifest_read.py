@@ -225,16 +225,19 @@ def _serving(m: dict, kind: str) -> Serving:
             cpu=_field(a, "cpu", str, f"{at}attention."),
             custom_calls=_strings(a, "custom_calls", f"{at}attention."),
         )
-    tp = 1
+    tp = ep = 1
     if "mesh" in s:  # a sharded bundle; absent: one device
-        tp = _field(_map(s, "mesh", at), "tp", int, f"{at}mesh.")
-        _expect(tp > 1, f"{at}mesh.tp", "expected an int > 1")
+        mesh = _map(s, "mesh", at)
+        tp = _field(mesh, "tp", int, f"{at}mesh.")
+        ep = _field(mesh, "ep", int, f"{at}mesh.") if "ep" in mesh else 1
+        _expect(tp >= 1 and ep >= 1 and tp * ep > 1, f"{at}mesh", "expected tp * ep > 1")
     return Serving(
         dtype=_field(s, "dtype", str, at),
         max_seq_len=_positive(s, "max_seq_len", at),
         targets=_strings(s, "targets", at),
         platforms=_strings(s, "platforms", at),
         tp=tp,
+        ep=ep,
         **kv,
     )
 

@@ -111,9 +111,16 @@ def _progress():
 @click.command("tiny-checkpoint")
 @click.argument("out_dir", type=click.Path(path_type=Path))
 @option("--seed", default=0, help="Seed for the random weights.")
+@option(
+    "--family",
+    type=click.Choice(["llama", "gemma3", "qwen3-moe", "mixtral"]),
+    default="llama",
+    help="Model family (default: the Llama the embedded default builds from).",
+)
 @errors_to_exit
-def tiny_checkpoint(out_dir: Path, seed: int) -> None:
-    """Create the small local Llama checkpoint the embedded default builds from (no network)."""
+def tiny_checkpoint(out_dir: Path, seed: int, family: str) -> None:
+    """Create a small local random-weight checkpoint (no network): the Llama the embedded
+    default builds from, or one of another family."""
     from aotlm.tiny import make_tiny_checkpoint
 
-    click.echo(f"wrote {make_tiny_checkpoint(out_dir, seed=seed)}")
+    click.echo(f"wrote {make_tiny_checkpoint(out_dir, seed=seed, family=family)}")

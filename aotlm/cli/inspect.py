@@ -64,7 +64,7 @@ def inspect(bundle_dir: Path, as_json: bool) -> None:
         click.echo(
             f"serving   max_seq_len={s['max_seq_len']} page_size={s['page_size']} kv_pages={s['kv_pages']} "
             f"platforms={','.join(s['platforms'])}"
-            + (f" mesh=tp:{s['mesh']['tp']}" if "mesh" in s else "")
+            + (" mesh=" + ",".join(f"{k}:{v}" for k, v in s["mesh"].items()) if "mesh" in s else "")
             + (f" decode_steps={s['decode_steps']}" if s.get("decode_steps", 1) > 1 else "")
         )
         click.echo(f"buckets   tokens={m['buckets']['tokens']} requests={m['buckets']['requests']}")

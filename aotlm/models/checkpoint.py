@@ -42,8 +42,35 @@ LAYER_TENSORS: dict[str, tuple[str, bool]] = {
     "w_up": ("mlp.up_proj.weight", True),
     "w_down": ("mlp.down_proj.weight", True),
 }
+# Gemma 3 names its four norms per layer differently (its post_attention_layernorm is not the
+# MLP's input norm).
+_GEMMA_TENSORS = {
+    "mlp_norm": ("pre_feedforward_layernorm.weight", False),
+    "post_attn_norm": ("post_attention_layernorm.weight", False),
+    "post_mlp_norm": ("post_feedforward_layernorm.weight", False),
+}
+# Experts: "{e}" is the expert index; routers are stored [E, H] and we keep [H, E].
+_QWEN_MOE_TENSORS = {
+    "router": ("mlp.gate.weight", True),
+    "we_gate": ("mlp.experts.{e}.gate_proj.weight", True),
+    "we_up": ("mlp.experts.{e}.up_proj.weight", True),
+    "we_down": ("mlp.experts.{e}.down_proj.weight", True),
+    "ws_router": ("mlp.shared_expert_gate.weight", True),
+    "ws_gate": ("mlp.shared_expert.gate_proj.weight", True),
+    "ws_up": ("mlp.shared_expert.up_proj.weight", True),
+    "ws_down": ("mlp.shared_expert.down_proj.weight", True),
+}
+_MIXTRAL_TENSORS = {
+    "router": ("block_sparse_moe.gate.weight", True),
+    "we_gate": ("block_sparse_moe.experts.{e}.w1.weight", True),
+    "we_up": ("block_sparse_moe.experts.{e}.w3.weight", True),
+    "we_down": ("block_sparse_moe.experts.{e}.w2.weight", True),
+}
 TOP_TENSORS = {"embed": "model.embed_tokens.weight", "final_norm": "model.norm.weight"}
 LM_HEAD = "lm_head.weight"
+# Where a multimodal checkpoint keeps its language model (transformers >= 5, then < 5); the
+# other tensors (vision tower, projector) are not read.
+_TEXT_PREFIXES = ("model.language_model.", "language_model.model.")
 _IGNORED_SUFFIX = "rotary_emb.inv_freq"  # a non-persistent buffer some old exports contain
 
 
@@ -83,17 +110,48 @@ def open_checkpoint_files(checkpoint_dir: Path) -> dict[str, SafetensorsFile]:
     )
 
 
-def expected_hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+def layer_tensors(cfg: ModelConfig) -> dict[str, tuple[str, bool]]:
+    """Our stacked layer name -> (HF name inside the layer, stored transposed) for cfg's family."""
+    names = dict(LAYER_TENSORS)
+    if cfg.is_gemma:
+        names |= _GEMMA_TENSORS
+    if cfg.is_moe:
+        names |= _MIXTRAL_TENSORS if cfg.family == "mixtral" else _QWEN_MOE_TENSORS
+    return names
+
+
+def per_layer_tensors(cfg: ModelConfig, key: str, shape: tuple[int, ...], prefix: str = "model."):
+    """[(layer, expert or None, HF name, HF shape, transposed)] for one stacked tensor."""
+    hf_name, transposed = layer_tensors(cfg)[key]
+    inner = shape[2:] if "{e}" in hf_name else shape[1:]
+    hf_shape = inner[::-1] if transposed else inner
+    experts = range(cfg.num_experts) if "{e}" in hf_name else [None]
+    return [
+        (i, e, f"{prefix}layers.{i}." + hf_name.format(e=e), hf_shape, transposed)
+        for i in range(cfg.num_layers)
+        for e in experts
+    ]
+
+
+def _prefix(cfg: ModelConfig, names) -> str:
+    """The language model's tensor prefix: "model." or a multimodal checkpoint's."""
+    if cfg.architecture != "Gemma3ForConditionalGeneration":
+        return "model."
+    for prefix in _TEXT_PREFIXES:
+        if prefix + "embed_tokens.weight" in names:
+            return prefix
+    return _TEXT_PREFIXES[0]
+
+
+def expected_hf_shapes(cfg: ModelConfig, prefix: str = "model.") -> dict[str, tuple[int, ...]]:
     """HF tensor name -> HF shape, for every tensor the checkpoint must hold."""
     vh = (cfg.vocab_size, cfg.hidden_size)
-    out = {TOP_TENSORS["embed"]: vh, TOP_TENSORS["final_norm"]: (cfg.hidden_size,)}
+    out = {prefix + "embed_tokens.weight": vh, prefix + "norm.weight": (cfg.hidden_size,)}
     if not cfg.tie_word_embeddings:
         out[LM_HEAD] = vh
     for key, shape in layer_shapes(cfg).items():
-        hf_name, transposed = LAYER_TENSORS[key]
-        per_layer = shape[1:][::-1] if transposed else shape[1:]
-        for i in range(cfg.num_layers):
-            out[f"model.layers.{i}.{hf_name}"] = per_layer
+        for _, _, name, hf_shape, _ in per_layer_tensors(cfg, key, shape, prefix):
+            out[name] = hf_shape
     return out
 
 
@@ -123,9 +181,12 @@ def load_checkpoint(checkpoint_dir: str | Path, cfg: ModelConfig, dtype: str) ->
     checkpoint_dir = Path(checkpoint_dir)
     dt = serving_dtype(dtype)
     files = open_checkpoint_files(checkpoint_dir)
-    expected = expected_hf_shapes(cfg)
+    prefix = _prefix(cfg, files)
+    expected = expected_hf_shapes(cfg, prefix)
     for name, f in sorted(files.items()):
         tolerated = name.endswith(_IGNORED_SUFFIX) or (name == LM_HEAD and cfg.tie_word_embeddings)
+        if prefix != "model." and not name.startswith(prefix) and name != LM_HEAD:
+            continue  # a multimodal checkpoint's vision tower and projector
         if name not in expected and not tolerated:
             raise CheckpointError(
                 f"{f.path}: unexpected tensor {name!r} for {cfg.architecture} with "
@@ -141,17 +202,19 @@ def load_checkpoint(checkpoint_dir: str | Path, cfg: ModelConfig, dtype: str) ->
         out[...] = to_serving_dtype(checked_tensor(files, name, expected[name]), dt)
         return out
 
-    params: Params = {key: top(hf) for key, hf in TOP_TENSORS.items()}
+    params: Params = {key: top(prefix + hf[len("model.") :]) for key, hf in TOP_TENSORS.items()}
     if not cfg.tie_word_embeddings:
         params["lm_head"] = top(LM_HEAD)
     layers: dict[str, np.ndarray] = {}
     for key, shape in layer_shapes(cfg).items():
-        hf_name, transposed = LAYER_TENSORS[key]
         out = np.empty(shape, dt)
-        for i in range(cfg.num_layers):
-            name = f"model.layers.{i}.{hf_name}"
-            x = checked_tensor(files, name, expected[name])
-            out[i] = to_serving_dtype(x.T if transposed else x, dt)
+        for i, e, name, hf_shape, transposed in per_layer_tensors(cfg, key, shape, prefix):
+            x = checked_tensor(files, name, hf_shape)
+            x = to_serving_dtype(x.T if transposed else x, dt)
+            if e is None:
+                out[i] = x
+            else:
+                out[i, e] = x
         layers[key] = out
     params["layers"] = layers
     for f in set(files.values()):

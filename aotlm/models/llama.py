@@ -1,9 +1,12 @@
 """Llama-family decoder (Llama, Mistral, Qwen2, Qwen3) as pure functions over a params pytree.
 
 Params layout (docs/internals.md): layers stacked on a leading L axis, weights stored [in, out].
-The per-family differences are three switches on ``ModelConfig``: ``attention_bias`` (Qwen2 q/k/v
-biases), ``qk_norm`` (Qwen3 per-head RMSNorm on q and k before RoPE) and ``rope_scaling``
-(Llama 3 frequency scaling). The numerics follow transformers' eager implementation.
+The per-family differences are switches on ``ModelConfig``: ``attention_bias`` (Qwen2 q/k/v
+biases), ``qk_norm`` (Qwen3 per-head RMSNorm on q and k before RoPE), ``rope_scaling`` (Llama 3
+or linear frequency scaling) and ``num_experts`` (a mixture-of-experts MLP, aotlm/models/moe.py:
+Qwen2-MoE, Qwen3-MoE, Mixtral). Gemma 3 shares this params layout (plus two norms per layer)
+and has its own forward (aotlm/models/gemma3.py). The numerics follow transformers' eager
+implementation.
 """
 
 from __future__ import annotations
@@ -21,7 +24,15 @@ from aotlm.kernels.attention import paged_attention
 from aotlm.kernels.attention_reference import write_kv
 from aotlm.kernels.paged_attention_pallas import BlockSizes
 from aotlm.models.config import ModelConfig
-from aotlm.models.sharding import REPLICATED, TP, kv_heads_sharded, shard_attention
+from aotlm.models.moe import dense_mlp, moe_mlp
+from aotlm.models.sharding import (
+    EP,
+    REPLICATED,
+    TP,
+    kv_heads_sharded,
+    shard_attention,
+    shard_experts,
+)
 
 Params = dict[str, Any]
 
@@ -35,19 +46,32 @@ def layer_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         shapes |= {"bq": (n, q), "bk": (n, kv), "bv": (n, kv)}
     if cfg.qk_norm:
         shapes |= {"q_norm": (n, d), "k_norm": (n, d)}
-    shapes |= {"wo": (n, q, h), "mlp_norm": (n, h), "w_gate": (n, h, mlp), "w_up": (n, h, mlp)}
-    shapes["w_down"] = (n, mlp, h)
+    shapes |= {"wo": (n, q, h), "mlp_norm": (n, h)}
+    if cfg.is_gemma:  # norms after attention and after the MLP too
+        shapes |= {"post_attn_norm": (n, h), "post_mlp_norm": (n, h)}
+    if not cfg.is_moe:
+        return shapes | {"w_gate": (n, h, mlp), "w_up": (n, h, mlp), "w_down": (n, mlp, h)}
+    e = cfg.num_experts
+    shapes |= {"router": (n, h, e), "we_gate": (n, e, h, mlp), "we_up": (n, e, h, mlp)}
+    shapes["we_down"] = (n, e, mlp, h)
+    if s := cfg.shared_expert_intermediate_size:
+        shapes |= {"ws_router": (n, h, 1), "ws_gate": (n, h, s), "ws_up": (n, h, s)}
+        shapes["ws_down"] = (n, s, h)
     return shapes
 
 
-def param_specs(cfg: ModelConfig, tp: int) -> dict[str, Any]:
+def param_specs(cfg: ModelConfig, tp: int, ep: int = 1) -> dict[str, Any]:
     """PartitionSpecs with the structure of ``abstract_params(cfg, dtype)`` (layers stacked on
-    a leading L axis, weights [in, out])."""
+    a leading L axis, weights [in, out]; experts [L, E, in, out] split over ``ep`` too)."""
     col, row, vec = P(None, None, TP), P(None, TP, None), P(None, TP)
+    experts = EP if ep > 1 else None
     kv_col, kv_vec = (col, vec) if kv_heads_sharded(cfg, tp) else (REPLICATED, REPLICATED)
     by_name = {
         "wq": col, "bq": vec, "wk": kv_col, "bk": kv_vec, "wv": kv_col, "bv": kv_vec,
         "wo": row, "w_gate": col, "w_up": col, "w_down": row,
+        "ws_gate": col, "ws_up": col, "ws_down": row,
+        "we_gate": P(None, experts, None, TP), "we_up": P(None, experts, None, TP),
+        "we_down": P(None, experts, TP, None),
     }  # fmt: skip
     specs: dict[str, Any] = {
         "embed": REPLICATED,
@@ -93,6 +117,8 @@ def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
     scaling = cfg.rope_scaling_dict
     if scaling is None:
         return inv_freq
+    if scaling["rope_type"] == "linear":
+        return (inv_freq / scaling["factor"]).astype(np.float32)
     # Llama 3: keep high frequencies, divide low ones by `factor`, interpolate in between.
     factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
     old_len = scaling["original_max_position_embeddings"]
@@ -173,8 +199,11 @@ def forward(
             block_sizes=block_sizes or BlockSizes(), slots=slots, cpu=cpu_attention,
         )  # fmt: skip
 
+    experts = None
     if mesh is not None:
         attend = shard_attention(attend, cfg, mesh)
+        experts = shard_experts(cfg, mesh) if cfg.is_moe else None
+    valid = slots >= k_pages.shape[2]  # padding writes the trash page 0: routed nowhere
 
     def layer(carry, xs):
         x, k_pages, v_pages = carry
@@ -186,7 +215,10 @@ def forward(
         attn = attend(q, k_pages, v_pages, positions, token_req, block_tables, index, slots)
         x = x + attn.reshape(attn.shape[0], -1) @ lp["wo"]
         h = rms_norm(x, lp["mlp_norm"], eps)
-        x = x + (jax.nn.silu(h @ lp["w_gate"]) * (h @ lp["w_up"])) @ lp["w_down"]
+        if cfg.is_moe:
+            x = x + moe_mlp(cfg, lp, h, valid, experts)
+        else:
+            x = x + dense_mlp(h, lp["w_gate"], lp["w_up"], lp["w_down"])
         return (x, k_pages, v_pages), None
 
     x = params["embed"][tokens]

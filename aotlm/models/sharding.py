@@ -17,6 +17,13 @@ use). Otherwise attention runs under ``shard_map`` over the KV heads, so each de
 with its own heads and pages: on TPU that is the Pallas kernel, a custom call XLA could not
 partition by itself.
 
+Mixtures of experts: every expert's intermediate size is split over ``tp`` like the dense MLP,
+and an optional second axis, ``ep`` (``mesh: {tp: N, ep: M}``, N*M devices), splits the experts
+themselves: each device holds E/M experts [L, E/M, H, I/N]. Attention, norms and routers are
+replicated over ``ep`` (each ep group attends redundantly; the KV pool is per tp shard), the
+expert MLP runs under ``shard_map`` and ends in one all-reduce over the whole mesh
+(``shard_experts``).
+
 Exports are traced against an ``AbstractMesh`` (no devices needed: a build machine with one
 device exports a tp=8 bundle); compiling and serving use a concrete mesh of ``tp`` devices.
 Axis types are Auto: Explicit axes break gathers under ``jax.export`` (DESIGN.md).
@@ -28,6 +35,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import numpy as np
 from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -35,6 +43,7 @@ from aotlm.errors import ConfigError
 from aotlm.models.config import ModelConfig
 
 TP = "tp"
+EP = "ep"  # experts (mixture-of-experts models), model.yaml `mesh: {tp: N, ep: M}`
 REPLICATED = P()
 # [T, heads, D] activations of attention, split over heads.
 HEADS = P(None, TP, None)
@@ -45,11 +54,20 @@ def kv_heads_sharded(cfg: ModelConfig, tp: int) -> bool:
     return tp > 1 and cfg.num_kv_heads % tp == 0
 
 
-def check_mesh(cfg: ModelConfig, tp: int, where: str) -> None:
-    """Refuse a tp the model cannot be split by; ``where`` prefixes the message (file: key)."""
+def check_mesh(cfg: ModelConfig, tp: int, where: str, ep: int = 1) -> None:
+    """Refuse a tp (or ep) the model cannot be split by; ``where`` prefixes the message."""
+    if ep > 1 and not cfg.is_moe:
+        raise ConfigError(f"{where}: ep={ep} needs a mixture-of-experts model; remove mesh.ep")
+    if ep > 1 and cfg.num_experts % ep:
+        raise ConfigError(
+            f"{where}: ep={ep} must divide the checkpoint's num_experts ({cfg.num_experts})"
+        )
     if tp == 1:
         return
-    for what, n in (("num_heads", cfg.num_heads), ("intermediate_size", cfg.intermediate_size)):
+    sizes = [("num_heads", cfg.num_heads), ("intermediate_size", cfg.intermediate_size)]
+    if cfg.shared_expert_intermediate_size:
+        sizes.append(("shared_expert_intermediate_size", cfg.shared_expert_intermediate_size))
+    for what, n in sizes:
         if n % tp:
             raise ConfigError(
                 f"{where}: tp={tp} must divide the checkpoint's {what} ({n}): "
@@ -63,14 +81,24 @@ def kv_spec(cfg: ModelConfig, tp: int) -> P:
     return P(None, None, None, TP, None) if kv_heads_sharded(cfg, tp) else REPLICATED
 
 
-def abstract_mesh(tp: int) -> AbstractMesh:
+def _axes(tp: int, ep: int) -> tuple[tuple[int, ...], tuple[str, ...]]:
+    return ((tp, ep), (TP, EP)) if ep > 1 else ((tp,), (TP,))
+
+
+def abstract_mesh(tp: int, ep: int = 1) -> AbstractMesh:
     """The mesh exports are traced against: its shape and axis names, no devices."""
-    return AbstractMesh((tp,), (TP,), axis_types=(AxisType.Auto,))
+    shape, names = _axes(tp, ep)
+    return AbstractMesh(shape, names, axis_types=(AxisType.Auto,) * len(shape))
 
 
-def device_mesh(tp: int, devices: Sequence[Any]) -> Mesh:
-    """The same mesh over the first ``tp`` of ``devices`` (the loader's, or a TPU topology's)."""
-    return jax.make_mesh((tp,), (TP,), axis_types=(AxisType.Auto,), devices=list(devices)[:tp])
+def device_mesh(tp: int, devices: Sequence[Any], ep: int = 1) -> Mesh:
+    """The same mesh over the first ``tp * ep`` of ``devices`` (the loader's, or a TPU
+    topology's), in their order: an export's device ids index that flat order."""
+    shape, names = _axes(tp, ep)
+    if ep == 1:
+        return jax.make_mesh(shape, names, axis_types=(AxisType.Auto,), devices=list(devices)[:tp])
+    grid = np.asarray(list(devices)[: tp * ep], dtype=object).reshape(shape)
+    return Mesh(grid, names, axis_types=(AxisType.Auto,) * 2)
 
 
 def with_shardings(structs: Any, specs: Any, mesh: AbstractMesh | Mesh) -> Any:
@@ -112,3 +140,35 @@ def shard_attention(fn: Callable, cfg: ModelConfig, mesh: AbstractMesh | Mesh) -
         return fn(q, k_pages, v_pages, *rest, impl="reference")
 
     return on_replicated_pages
+
+
+def shard_experts(cfg: ModelConfig, mesh: AbstractMesh | Mesh) -> Callable:
+    """The grouped expert MLP (aotlm/kernels/grouped_mlp.py) split over the mesh: every expert's
+    intermediate size over ``tp`` and, with an ``ep`` axis, the experts themselves over ``ep``.
+
+    Tokens and routing are replicated, so each device runs the rows routed to its own experts
+    (the others' ids are out of its range: routed nowhere, no work) with its slice of their
+    intermediate size, and one all-reduce over the whole mesh sums the partial outputs. Under
+    ``shard_map`` because the CPU path is a loop over a data-dependent number of blocks, which
+    XLA's partitioner could only run by gathering every expert onto every device.
+    """
+    from aotlm.kernels.grouped_mlp import grouped_mlp
+
+    axes = tuple(mesh.axis_names)
+    ep = EP if EP in axes else None
+    local = cfg.num_experts // (mesh.shape[EP] if ep else 1)
+
+    def on_device(h, w_gate, w_up, w_down, expert, weight):
+        if ep is not None:
+            expert = expert - jax.lax.axis_index(EP) * local
+        out = grouped_mlp(h, w_gate, w_up, w_down, expert, weight)
+        return jax.lax.psum(out, axes)
+
+    up = P(ep, None, TP)
+    return jax.shard_map(
+        on_device,
+        mesh=mesh,
+        in_specs=(REPLICATED, up, up, P(ep, TP, None), REPLICATED, REPLICATED),
+        out_specs=REPLICATED,
+        check_vma=False,
+    )

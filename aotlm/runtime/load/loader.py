@@ -147,7 +147,7 @@ def choose_compiled_target(bundle: Bundle, trust: TrustPolicy) -> tuple[Compiled
     }
     if not candidates:
         return None, f"the bundle has no compiled executables for {platform}"
-    local = local_fingerprint(bundle.manifest.serving.tp)
+    local = local_fingerprint(bundle.manifest.serving.tp, bundle.manifest.serving.ep)
     diffs = {}
     for name, entry in sorted(candidates.items()):
         diffs[name] = fingerprint_diff(dict(entry.fingerprint), local)
@@ -193,7 +193,9 @@ def _load_compiled(
 
 def _compile_all(bundle: Bundle) -> dict[BucketKey, jax.stages.Compiled]:
     return {
-        f.key: compile_exported(_deserialize_export(bundle, f), f.donate_argnums)
+        f.key: compile_exported(
+            _deserialize_export(bundle, f), f.donate_argnums, ep=bundle.manifest.serving.ep
+        )
         for f in bundle.manifest.functions
     }
 

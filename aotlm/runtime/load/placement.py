@@ -27,24 +27,26 @@ from aotlm.safetensors_io import SafetensorsFile
 
 
 def serving_mesh(bundle: Bundle) -> Mesh | None:
-    """The mesh over this process's first tp devices; None for a one-device bundle."""
-    tp = bundle.manifest.serving.tp
-    if tp == 1:
+    """The mesh over this process's first tp * ep devices; None for a one-device bundle."""
+    tp, ep = bundle.manifest.serving.tp, bundle.manifest.serving.ep
+    n = tp * ep
+    if n == 1:
         return None
     devices = jax.devices()
-    if len(devices) < tp:
+    if len(devices) < n:
         platform = devices[0].platform
         hint = (
-            f" (on CPU: start the process with XLA_FLAGS=--xla_force_host_platform_device_count={tp})"
+            f" (on CPU: start the process with XLA_FLAGS=--xla_force_host_platform_device_count={n})"
             if platform == "cpu"
             else ""
         )
         raise BundleError(
-            f"{bundle.path}: the bundle is sharded over a mesh of tp={tp} devices (model.yaml "
-            f"mesh: {{tp: {tp}}}) but this process sees {len(devices)} {platform} device(s): "
-            f"serve it where {tp} devices are visible{hint}, or rebuild it with a smaller mesh"
+            f"{bundle.path}: the bundle is sharded over a mesh of {n} devices (model.yaml "
+            f"mesh: {{tp: {tp}{f', ep: {ep}' if ep > 1 else ''}}}) but this process sees "
+            f"{len(devices)} {platform} device(s): serve it where {n} devices are "
+            f"visible{hint}, or rebuild it with a smaller mesh"
         )
-    return device_mesh(tp, devices)
+    return device_mesh(tp, devices, ep=ep)
 
 
 def forward_shardings(exp: jax_export.Exported, mesh: Mesh) -> tuple[dict, NamedSharding]:
