@@ -62,15 +62,22 @@ def make_tiny_checkpoint(out_dir: Path, *, seed: int = 0, family: str = "llama")
     """Write the tiny checkpoint of ``family`` into ``out_dir`` (created if needed), return it."""
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {', '.join(FAMILIES)}, got {family!r}")
+    return write_checkpoint(out_dir, FAMILIES[family], seed=seed)
+
+
+def write_checkpoint(out_dir: Path, overrides: dict[str, Any], *, seed: int = 0) -> Path:
+    """A checkpoint with the tiny tokenizer whose config.json is the tiny Llama's keys updated
+    by ``overrides`` (a None value removes the key): any supported architecture and size, with
+    random weights for every tensor its loader expects (benchmarks make larger models so)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = train_tokenizer()
     tokenizer.save(str(out_dir / "tokenizer.json"))
     ids = {token: tokenizer.token_to_id(token) for token in (BOS, EOS, PAD)}
-    config = _model_config(tokenizer.get_vocab_size(), ids) | FAMILIES[family]
-    config = {k: v for k, v in config.items() if v is not None or family == "llama"}
+    config = _model_config(tokenizer.get_vocab_size(), ids) | overrides
+    config = {k: v for k, v in config.items() if v is not None or k not in overrides}
     _write_json(out_dir / "config.json", config)
-    weights = random_weights(config, seed) if family == "llama" else _family_weights(out_dir, seed)
+    weights = random_weights(config, seed) if not overrides else _family_weights(out_dir, seed)
     save_file(weights, str(out_dir / "model.safetensors"), {"format": "pt"})
     _write_json(
         out_dir / "generation_config.json",

@@ -81,3 +81,25 @@ def test_structured_benchmark_runs_every_mix(tiny_bundle, tmp_path):
     assert report["runs"][1]["mask_fills"] == 0 < report["runs"][2]["mask_fills"]
     assert report["summary"][0]["ratio_vs_free"] == 1.0
     assert "vs free" in proc.stdout
+
+
+def test_moe_benchmark_compares_moe_with_dense_and_the_expert_kernels(tmp_path):
+    """benchmarks/moe.py at a tiny size: both models served on the same requests with equal
+    active parameters (within the router's), every expert path timed at both token counts."""
+    out = tmp_path / "moe.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks/moe.py"), "--out", str(out)]
+    cmd += ["--hidden", "128", "--layers", "2", "--experts", "8", "--top-k", "2"]
+    cmd += ["--expert-size", "64", "--batch", "4", "--prompt", "32", "--max-tokens", "8"]
+    cmd += ["--passes", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text(encoding="utf-8"))
+    moe, dense = report["active_params"]["moe"], report["active_params"]["dense"]
+    assert 0 < moe - dense <= 2 * 128 * 8  # the routers [L, H, E] are the only extra
+    for side in ("moe", "dense"):
+        assert report["served"][side]["decode_tok_s"] > 0 < report["served"][side]["prefill_tok_s"]
+    assert [k["tokens"] for k in report["expert_kernels"]] == [4, 16]
+    assert all(
+        k[f"{i}_ms"] > 0 for k in report["expert_kernels"] for i in ("auto", "ragged", "reference")
+    )
+    assert "MoE / dense time per decode step" in proc.stdout

@@ -72,3 +72,13 @@ def test_one_export_carries_the_loop_for_cpu_and_ragged_dot_for_tpu():
         rtol=2e-5,
         atol=2e-5,
     )
+
+
+@pytest.mark.parametrize("impl", ["blocked", "ragged", "auto", "reference"])
+def test_stacked_layers_with_an_index_equal_the_layers_slice(impl):
+    x, wg, wu, wd, expert, weight = _case(16, 2, 8)
+    stack = [jnp.stack([w * 0.5, w, w * 2.0]) for w in (wg, wu, wd)]
+    fn = jax.jit(lambda layer: grouped_mlp(x, *stack, expert, weight, layer, impl=impl))
+    for layer in range(3):
+        ref = grouped_mlp(x, *(w[layer] for w in stack), expert, weight, impl="reference")
+        np.testing.assert_allclose(np.asarray(fn(layer)), np.asarray(ref), rtol=2e-5, atol=2e-5)

@@ -267,3 +267,32 @@ def test_paged_attention_ref_matches_dense_attention() -> None:
             s = keys[:, h // group] @ q[t, h] * d**-0.5
             w = np.exp(s - s.max()) / np.exp(s - s.max()).sum()
             np.testing.assert_allclose(out[t, h], w @ vals[:, h // group], rtol=1e-5, atol=1e-5)
+
+
+def test_gemma3_multimodal_checkpoint_serves_its_language_model(tmp_path: Path) -> None:
+    """Gemma3ForConditionalGeneration: config from text_config, the language model's tensors
+    under its prefix, the vision tower and projector left unread; text logits as transformers'."""
+    import transformers
+
+    text = transformers.Gemma3TextConfig(
+        vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, initializer_range=0.2,
+        sliding_window=4,
+    )  # fmt: skip
+    vision = transformers.SiglipVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        image_size=28, patch_size=14,
+    )  # fmt: skip
+    config = transformers.Gemma3Config(
+        text_config=text.to_dict(), vision_config=vision.to_dict(), mm_tokens_per_image=4,
+        image_token_index=299, boi_token_index=297, eoi_token_index=298,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    transformers.Gemma3ForConditionalGeneration(config).save_pretrained(tmp_path)
+    hf = transformers.Gemma3ForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.float32)
+    runner = PagedRunner(tmp_path)
+    assert runner.cfg.architecture == "Gemma3ForConditionalGeneration"
+    prompt = _prompt(9, seed=9)
+    with torch.no_grad():
+        ref = hf.eval()(input_ids=torch.tensor([prompt])).logits[0, -1].numpy()
+    _assert_close(runner.step([(0, 0, prompt)], 16)[0], ref, 1e-4)

@@ -9,9 +9,10 @@ what an old bundle lacks.
 from __future__ import annotations
 
 FORMAT_NAME = "aotlm-bundle"
-FORMAT_VERSION = 8
-# Older versions still read: 7 lacks sample_masked, so it serves every request but grammars.
-READABLE = (7, 8)
+FORMAT_VERSION = 9
+# Older versions still read: 7 lacks sample_masked, so it serves every request but grammars;
+# 8 differs only in what 9 adds (new families' config fields, mesh.ep).
+READABLE = (7, 8, 9)
 
 # version -> (date, what changed). Add a line for every change a reader can observe.
 CHANGELOG: dict[int, tuple[str, str]] = {
@@ -86,6 +87,19 @@ CHANGELOG: dict[int, tuple[str, str]] = {
         "penalties and before temperature / top-k / top-p / min-p; for structured output. "
         "Version 7 bundles still load and serve every request without a grammar; requests with "
         "response_format, structured_outputs or forced tool calls get a 400 that says to rebuild.",
+    ),
+    9: (
+        "2026-12-07",
+        "New decoder families: Gemma 3 (Gemma3ForCausalLM, Gemma3ForConditionalGeneration's "
+        "text model) and mixtures of experts (Qwen2MoeForCausalLM, Qwen3MoeForCausalLM, "
+        "MixtralForCausalLM). A decoder's model.config gains num_experts, experts_per_token, "
+        "norm_topk_prob, shared_expert_intermediate_size, layer_types, rope_local_theta, "
+        "query_pre_attn_scalar and final_logit_softcapping (absent in 7-8: a dense Llama-family "
+        "model); rope_scaling may be {rope_type: linear, factor}. MoE params hold stacked "
+        "experts layers.we_gate/we_up [L, E, H, I], we_down [L, E, I, H], layers.router "
+        "[L, H, E] (Qwen2-MoE also ws_gate/ws_up/ws_down/ws_router); Gemma 3 adds "
+        "layers.post_attn_norm and layers.post_mlp_norm. `serving.mesh` may hold `ep` (experts "
+        "split over it; the mesh has tp * ep devices), as do compiled fingerprints' `mesh`.",
     ),
 }
 

@@ -24,7 +24,7 @@ from aotlm.kernels.attention import paged_attention
 from aotlm.kernels.attention_reference import write_kv
 from aotlm.kernels.paged_attention_pallas import BlockSizes
 from aotlm.models.config import ModelConfig
-from aotlm.models.moe import dense_mlp, moe_mlp
+from aotlm.models.moe import dense_mlp, moe_mlp, split_experts
 from aotlm.models.sharding import (
     EP,
     REPLICATED,
@@ -216,14 +216,13 @@ def forward(
         x = x + attn.reshape(attn.shape[0], -1) @ lp["wo"]
         h = rms_norm(x, lp["mlp_norm"], eps)
         if cfg.is_moe:
-            x = x + moe_mlp(cfg, lp, h, valid, experts)
+            x = x + moe_mlp(cfg, lp, stacked, index, h, valid, experts)
         else:
             x = x + dense_mlp(h, lp["w_gate"], lp["w_up"], lp["w_down"])
         return (x, k_pages, v_pages), None
 
     x = params["embed"][tokens]
     layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
-    (x, k_pages, v_pages), _ = jax.lax.scan(
-        layer, (x, k_pages, v_pages), (params["layers"], layer_ids)
-    )
+    per_layer, stacked = split_experts(params["layers"])
+    (x, k_pages, v_pages), _ = jax.lax.scan(layer, (x, k_pages, v_pages), (per_layer, layer_ids))
     return rms_norm(x, params["final_norm"], eps), k_pages, v_pages

@@ -5,8 +5,9 @@ to sum to 1 when ``norm_topk_prob`` (always for Mixtral, where that equals a sof
 chosen logits). Padding tokens (slot 0, the trash page) route nowhere, so the grouped matmul
 spends nothing on them. Qwen2-MoE adds a shared expert gated by sigmoid(h @ w).
 
-Expert weights are stacked [L, E, ...] in the params pytree (aotlm/models/llama.py's layout);
-the experts themselves run in aotlm/kernels/grouped_mlp.py.
+Expert weights are stacked [L, E, ...] in the params pytree (aotlm/models/llama.py's layout) and
+reach the experts (aotlm/kernels/grouped_mlp.py) whole, with the layer index: the scan over
+layers does not slice them (``split_experts``).
 """
 
 from __future__ import annotations
@@ -37,18 +38,27 @@ def dense_mlp(h: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array) -> 
     return (jax.nn.silu(h @ gate) * (h @ up)) @ down
 
 
+def split_experts(layers: dict[str, jax.Array]) -> tuple[dict, dict]:
+    """(the per-layer tensors a scan slices, the stacked expert tensors it must not)."""
+    rest = {k: v for k, v in layers.items() if k not in EXPERT_KEYS}
+    return rest, {k: layers[k] for k in EXPERT_KEYS if k in layers}
+
+
 def moe_mlp(
     cfg: ModelConfig,
     lp: dict[str, jax.Array],
+    stacked: dict[str, jax.Array],
+    layer: jax.Array,
     h: jax.Array,
     valid: jax.Array,
     experts: Callable | None = None,
 ) -> jax.Array:
-    """The MoE block on h [T, H]. ``experts(h, we_gate, we_up, we_down, expert, weight)``
-    defaults to the grouped MLP on one device (aotlm/models/sharding.py passes the
-    expert-parallel one)."""
+    """The MoE block on h [T, H]; ``stacked``: every layer's experts, ``layer`` this one.
+    ``experts(h, we_gate, we_up, we_down, expert, weight, layer)`` defaults to the grouped MLP
+    on one device (aotlm/models/sharding.py passes the expert-parallel one)."""
     expert, weight = route(cfg, lp["router"], h, valid)
-    out = (experts or grouped_mlp)(h, *(lp[k] for k in EXPERT_KEYS), expert, weight)
+    ws = (stacked[k] for k in EXPERT_KEYS)
+    out = (experts or grouped_mlp)(h, *ws, expert, weight, layer)
     if cfg.shared_expert_intermediate_size:
         gate = jax.nn.sigmoid(h @ lp["ws_router"])
         out = out + gate * dense_mlp(h, lp["ws_gate"], lp["ws_up"], lp["ws_down"])

@@ -158,17 +158,17 @@ def shard_experts(cfg: ModelConfig, mesh: AbstractMesh | Mesh) -> Callable:
     ep = EP if EP in axes else None
     local = cfg.num_experts // (mesh.shape[EP] if ep else 1)
 
-    def on_device(h, w_gate, w_up, w_down, expert, weight):
+    def on_device(h, w_gate, w_up, w_down, expert, weight, layer):
         if ep is not None:
             expert = expert - jax.lax.axis_index(EP) * local
-        out = grouped_mlp(h, w_gate, w_up, w_down, expert, weight)
+        out = grouped_mlp(h, w_gate, w_up, w_down, expert, weight, layer)
         return jax.lax.psum(out, axes)
 
-    up = P(ep, None, TP)
+    up = P(None, ep, None, TP)  # every layer's experts [L, E, H, I]
     return jax.shard_map(
         on_device,
         mesh=mesh,
-        in_specs=(REPLICATED, up, up, P(ep, TP, None), REPLICATED, REPLICATED),
+        in_specs=(REPLICATED, up, up, P(None, ep, TP, None)) + (REPLICATED,) * 3,
         out_specs=REPLICATED,
         check_vma=False,
     )
