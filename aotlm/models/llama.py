@@ -1,4 +1,5 @@
-"""Llama-family decoder (Llama, Mistral, Qwen2, Qwen3) as pure functions over a params pytree.
+"""Llama-family decoder (Llama, Mistral, Qwen2, Qwen3 and their MoE kin) as pure functions over a
+params pytree.
 
 Params layout (docs/internals.md): layers stacked on a leading L axis, weights stored [in, out].
 The per-family differences are switches on ``ModelConfig``: ``attention_bias`` (Qwen2 q/k/v
