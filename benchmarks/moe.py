@@ -212,28 +212,31 @@ def main() -> None:
     print(f"wrote {args.out}")
 
 
-def _active_params(engine) -> int:
-    """Weights one token touches: all but the unchosen experts (the embedding row excluded)."""
+def _weights(engine, experts_share: float) -> int:
+    """Weights a step reads: every layer tensor but the experts, ``experts_share`` of those,
+    and the LM head (or the tied embedding)."""
     cfg, layers = engine.loaded.model, engine.loaded.params["layers"]
     total = sum(int(np.prod(v.shape)) for v in layers.values())
     if cfg.is_moe:
-        experts = sum(int(np.prod(layers[k].shape)) for k in ("we_gate", "we_up", "we_down"))
-        total -= experts - experts * cfg.experts_per_token // cfg.num_experts
-    return total + cfg.vocab_size * cfg.hidden_size  # lm_head (or the tied embedding)
+        experts = sum(int(np.prod(layers[n].shape)) for n in ("we_gate", "we_up", "we_down"))
+        total -= experts - int(experts * experts_share)
+    return total + cfg.vocab_size * cfg.hidden_size
+
+
+def _active_params(engine) -> int:
+    """Weights one token touches: its k experts of E."""
+    cfg = engine.loaded.model
+    return _weights(engine, cfg.experts_per_token / cfg.num_experts if cfg.is_moe else 1.0)
 
 
 def _decode_step_weights(engine, batch: int) -> int:
-    """Weights a decode step of ``batch`` rows reads: every layer tensor but the experts, the
-    LM head, and the experts at least one row chose (expected count under uniform routing:
-    E * (1 - (1 - k/E)^batch)). Memory-bound decode cannot beat this ratio."""
-    cfg, layers = engine.loaded.model, engine.loaded.params["layers"]
-    total = sum(int(np.prod(v.shape)) for v in layers.values())
-    if cfg.is_moe:
-        e, k = cfg.num_experts, cfg.experts_per_token
-        experts = sum(int(np.prod(layers[n].shape)) for n in ("we_gate", "we_up", "we_down"))
-        touched = e * (1 - (1 - k / e) ** batch)
-        total -= experts - int(experts * touched / e)
-    return total + cfg.vocab_size * cfg.hidden_size
+    """Weights a decode step of ``batch`` rows reads: the experts at least one row chose
+    (expected share under uniform routing: 1 - (1 - k/E)^batch). Memory-bound decode cannot
+    beat this ratio."""
+    cfg = engine.loaded.model
+    if not cfg.is_moe:
+        return _weights(engine, 1.0)
+    return _weights(engine, 1 - (1 - cfg.experts_per_token / cfg.num_experts) ** batch)
 
 
 if __name__ == "__main__":

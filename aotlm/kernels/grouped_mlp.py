@@ -63,8 +63,9 @@ def _combine(x, rows_out, order, weight, k):
     return out.astype(x.dtype)
 
 
-def _mlp(h, wg, wu, wd):
-    return (jax.nn.silu(h @ wg) * (h @ wu)) @ wd
+def swiglu(h, gate, up, down):
+    """The gated MLP of one expert (and of a dense Llama-family layer): (silu(h@g) * h@u) @ d."""
+    return (jax.nn.silu(h @ gate) * (h @ up)) @ down
 
 
 def _layer(layer, *ws):
@@ -75,7 +76,7 @@ def grouped_mlp_reference(x, w_gate, w_up, w_down, expert, weight, layer=None):
     """Every expert over every token, each token keeping its routed experts' outputs."""
     w_gate, w_up, w_down = _layer(layer, w_gate, w_up, w_down)
     num_experts = w_gate.shape[0]
-    y = jax.vmap(lambda wg, wu, wd: _mlp(x, wg, wu, wd))(w_gate, w_up, w_down)  # [E, T, H]
+    y = jax.vmap(lambda wg, wu, wd: swiglu(x, wg, wu, wd))(w_gate, w_up, w_down)  # [E, T, H]
     routed = jax.nn.one_hot(expert, num_experts, dtype=jnp.float32)  # nowhere: all zeros
     per_expert = jnp.einsum("tje,tj->te", routed, weight.astype(jnp.float32))
     return jnp.einsum("eth,te->th", y.astype(jnp.float32), per_expert).astype(x.dtype)
@@ -115,7 +116,7 @@ def grouped_mlp_blocked(x, w_gate, w_up, w_down, expert, weight, layer=None):
         xb = jax.lax.dynamic_slice_in_dim(xp, i * b, b)
         at = block_expert[i] if layer is None else (layer, block_expert[i])
         return jax.lax.dynamic_update_slice_in_dim(
-            yp, _mlp(xb, w_gate[at], w_up[at], w_down[at]), i * b, 0
+            yp, swiglu(xb, w_gate[at], w_up[at], w_down[at]), i * b, 0
         )
 
     # Only the blocks that hold rows run: a while loop with a data-dependent trip count.
@@ -163,4 +164,4 @@ def grouped_mlp(
     return _BY_NAME[impl](x, w_gate, w_up, w_down, expert, weight, layer)
 
 
-__all__ = ["IMPLS", "block_rows", "grouped_mlp", "grouped_mlp_reference"]
+__all__ = ["IMPLS", "block_rows", "grouped_mlp", "grouped_mlp_reference", "swiglu"]

@@ -24,12 +24,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AbstractMesh
 
-from aotlm.kernels.attention import paged_attention
 from aotlm.kernels.attention_reference import write_kv
 from aotlm.kernels.paged_attention_pallas import BlockSizes
 from aotlm.models.config import ModelConfig
-from aotlm.models.llama import Params, apply_rope, rope_inv_freq
-from aotlm.models.sharding import shard_attention
+from aotlm.models.llama import Params, apply_rope, layer_attention, rope, rope_inv_freq
 
 
 def gemma_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -37,12 +35,6 @@ def gemma_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     x32 = x.astype(jnp.float32)
     x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
     return (x32 * (1.0 + weight.astype(jnp.float32))).astype(x.dtype)
-
-
-def _rope(positions: jax.Array, inv_freq: np.ndarray):
-    freqs = positions.astype(jnp.float32)[:, None] * jnp.asarray(inv_freq)[None, :]
-    emb = jnp.concatenate([freqs, freqs], axis=-1)
-    return jnp.cos(emb), jnp.sin(emb)
 
 
 def forward(
@@ -64,22 +56,13 @@ def forward(
     """Same contract as ``aotlm.models.llama.forward``: returns (hidden [T, H] after the final
     norm, k_pages, v_pages)."""
     eps, d, t = cfg.rms_norm_eps, cfg.head_dim, tokens.shape[0]
-    global_rope = _rope(positions, rope_inv_freq(cfg))
+    global_rope = rope(positions, rope_inv_freq(cfg))
     local_freq = 1.0 / (cfg.rope_local_theta ** (np.arange(0, d, 2, dtype=np.float32) / d))
-    local_rope = _rope(positions, local_freq.astype(np.float32))
-
-    def attention(window):
-        def attend(q, k_pages, v_pages, positions, token_req, block_tables, index, slots,
-                   impl=attention_impl):  # fmt: skip
-            return paged_attention(
-                q, k_pages, v_pages, positions, token_req, block_tables, cfg.attention_scale,
-                layer=index, window=window, impl=impl,
-                block_sizes=block_sizes or BlockSizes(), slots=slots, cpu=cpu_attention,
-            )  # fmt: skip
-
-        return attend if mesh is None else shard_attention(attend, cfg, mesh)
-
-    attend_local, attend_global = attention(cfg.sliding_window), attention(None)
+    local_rope = rope(positions, local_freq.astype(np.float32))
+    kinds = dict(attention_impl=attention_impl, block_sizes=block_sizes,
+                 cpu_attention=cpu_attention, mesh=mesh)  # fmt: skip
+    attend_local = layer_attention(cfg, cfg.sliding_window, **kinds)
+    attend_global = layer_attention(cfg, None, **kinds)
 
     def layer(carry, xs):
         x, k_pages, v_pages = carry

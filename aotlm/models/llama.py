@@ -13,6 +13,7 @@ implementation.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -23,9 +24,10 @@ from jax.sharding import PartitionSpec as P
 
 from aotlm.kernels.attention import paged_attention
 from aotlm.kernels.attention_reference import write_kv
+from aotlm.kernels.grouped_mlp import swiglu
 from aotlm.kernels.paged_attention_pallas import BlockSizes
 from aotlm.models.config import ModelConfig
-from aotlm.models.moe import dense_mlp, moe_mlp, split_experts
+from aotlm.models.moe import moe_mlp, split_experts
 from aotlm.models.sharding import (
     EP,
     REPLICATED,
@@ -139,6 +141,38 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return (x32 * cos[:, None, :] + rotated * sin[:, None, :]).astype(x.dtype)
 
 
+def rope(positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:
+    """float32 cos, sin [T, D] at ``positions`` for the host-computed inverse frequencies."""
+    freqs = positions.astype(jnp.float32)[:, None] * jnp.asarray(inv_freq)[None, :]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def layer_attention(
+    cfg: ModelConfig,
+    window: int | None,
+    *,
+    attention_impl: str,
+    block_sizes: BlockSizes | None,
+    cpu_attention: str,
+    mesh: AbstractMesh | None,
+) -> Callable:
+    """``attend(q, k_pages, v_pages, positions, token_req, block_tables, layer, slots)``: paged
+    attention over the whole cache at ``layer`` (slicing a layer out first would copy it for
+    the TPU custom call), with ``window``, split over ``mesh`` when there is one."""
+
+    def attend(
+        q, k_pages, v_pages, positions, token_req, block_tables, index, slots, impl=attention_impl
+    ):  # fmt: skip
+        return paged_attention(
+            q, k_pages, v_pages, positions, token_req, block_tables, cfg.attention_scale,
+            layer=index, window=window, impl=impl,
+            block_sizes=block_sizes or BlockSizes(), slots=slots, cpu=cpu_attention,
+        )  # fmt: skip
+
+    return attend if mesh is None else shard_attention(attend, cfg, mesh)
+
+
 def _attention_block(cfg: ModelConfig, lp: Params, h: jax.Array, cos: jax.Array, sin: jax.Array):
     """Project h [T,H] to RoPE'd q [T,NH,D] and k, v [T,KV,D]."""
     t, d = h.shape[0], cfg.head_dim
@@ -184,26 +218,13 @@ def forward(
     tensor-parallel mesh the arguments are sharded over (aotlm/models/sharding.py), which
     decides how attention is split; None: one device.
     """
-    inv_freq = jnp.asarray(rope_inv_freq(cfg))
-    freqs = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]
-    emb = jnp.concatenate([freqs, freqs], axis=-1)  # [T, D]
-    cos, sin = jnp.cos(emb), jnp.sin(emb)
-    scale = cfg.head_dim**-0.5
+    cos, sin = rope(positions, rope_inv_freq(cfg))
     eps = cfg.rms_norm_eps
-
-    def attend(
-        q, k_pages, v_pages, positions, token_req, block_tables, index, slots, impl=attention_impl
-    ):  # fmt: skip
-        return paged_attention(
-            q, k_pages, v_pages, positions, token_req, block_tables, scale,
-            layer=index, window=cfg.sliding_window, impl=impl,
-            block_sizes=block_sizes or BlockSizes(), slots=slots, cpu=cpu_attention,
-        )  # fmt: skip
-
-    experts = None
-    if mesh is not None:
-        attend = shard_attention(attend, cfg, mesh)
-        experts = shard_experts(cfg, mesh) if cfg.is_moe else None
+    attend = layer_attention(
+        cfg, cfg.sliding_window, attention_impl=attention_impl, block_sizes=block_sizes,
+        cpu_attention=cpu_attention, mesh=mesh,
+    )  # fmt: skip
+    experts = shard_experts(cfg, mesh) if mesh is not None and cfg.is_moe else None
     valid = slots >= k_pages.shape[2]  # padding writes the trash page 0: routed nowhere
 
     def layer(carry, xs):
@@ -211,15 +232,13 @@ def forward(
         lp, index = xs
         q, k, v = _attention_block(cfg, lp, rms_norm(x, lp["attn_norm"], eps), cos, sin)
         k_pages, v_pages = write_kv(k_pages, v_pages, index, k, v, slots)
-        # The whole cache plus the layer index: slicing a layer out first would copy it for the
-        # TPU custom call.
         attn = attend(q, k_pages, v_pages, positions, token_req, block_tables, index, slots)
         x = x + attn.reshape(attn.shape[0], -1) @ lp["wo"]
         h = rms_norm(x, lp["mlp_norm"], eps)
         if cfg.is_moe:
             x = x + moe_mlp(cfg, lp, stacked, index, h, valid, experts)
         else:
-            x = x + dense_mlp(h, lp["w_gate"], lp["w_up"], lp["w_down"])
+            x = x + swiglu(h, lp["w_gate"], lp["w_up"], lp["w_down"])
         return (x, k_pages, v_pages), None
 
     x = params["embed"][tokens]

@@ -17,7 +17,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from aotlm.kernels.grouped_mlp import grouped_mlp
+from aotlm.kernels.grouped_mlp import grouped_mlp, swiglu
 from aotlm.models.config import ModelConfig
 
 EXPERT_KEYS = ("we_gate", "we_up", "we_down")
@@ -32,10 +32,6 @@ def route(cfg: ModelConfig, router: jax.Array, h: jax.Array, valid: jax.Array):
         weight = weight / jnp.sum(weight, axis=-1, keepdims=True)
     expert = jnp.where(valid[:, None], expert, cfg.num_experts).astype(jnp.int32)
     return expert, weight
-
-
-def dense_mlp(h: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array) -> jax.Array:
-    return (jax.nn.silu(h @ gate) * (h @ up)) @ down
 
 
 def split_experts(layers: dict[str, jax.Array]) -> tuple[dict, dict]:
@@ -61,5 +57,5 @@ def moe_mlp(
     out = (experts or grouped_mlp)(h, *ws, expert, weight, layer)
     if cfg.shared_expert_intermediate_size:
         gate = jax.nn.sigmoid(h @ lp["ws_router"])
-        out = out + gate * dense_mlp(h, lp["ws_gate"], lp["ws_up"], lp["ws_down"])
+        out = out + gate * swiglu(h, lp["ws_gate"], lp["ws_up"], lp["ws_down"])
     return out
