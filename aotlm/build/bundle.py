@@ -12,12 +12,13 @@ import jax.numpy as jnp
 import jaxlib
 
 import aotlm
+from aotlm.build import quality
 from aotlm.build.cache import BuildCache
 from aotlm.build.export import aval_list, shardings_entry, target_platforms
 from aotlm.build.families import DECODER, ModelFamily, family_for_checkpoint
 from aotlm.build.memory_plan import check_plan, memory_plan, nbytes
 from aotlm.build.model_yaml import BuildConfig
-from aotlm.build.signatures import params_avals
+from aotlm.build.signatures import kv_dtype, params_avals
 from aotlm.build.step_builder import Progress, StepBuilder, build_steps, compiled_file
 from aotlm.build.steps import DONATE_ARGNUMS
 from aotlm.build.targets import COMPILED, STABLEHLO, Target, TargetPlan, plan_target
@@ -40,6 +41,7 @@ from aotlm.kernels.cpu_attention import TARGET as CPU_ATTENTION_TARGET
 from aotlm.kernels.paged_attention_pallas import BlockSizes
 from aotlm.models import ModelConfig
 from aotlm.models.checkpoint import flatten_params
+from aotlm.models.quantize import KEPT, quantize_params, weights_by_kind
 from aotlm.models.sharding import check_mesh
 from aotlm.safetensors_io import serialize_safetensors
 from aotlm.state_dir import default_cache_dir
@@ -135,6 +137,7 @@ def _serving(build: BuildConfig, cfg, family: ModelFamily, platforms: tuple[str,
         pages_per_seq=build.pages_per_seq,
         decode_steps=build.decode_steps,
         attention=_attention(build, cfg),
+        kv_cache_dtype=build.kv_cache_dtype,
     )
 
 
@@ -166,6 +169,27 @@ def _attention(build: BuildConfig, cfg) -> Attention:
         cpu=build.attention_cpu,
         custom_calls=(CPU_ATTENTION_TARGET,) if cpu_kernel else (),
     )
+
+
+def _weights(family: ModelFamily, cfg, build: BuildConfig, tokenizer_json: bytes):
+    """(the params to write, the manifest's quantization record or None): quantized as
+    model.yaml says, with the quality gate's figures (aotlm/build/quality.py)."""
+    params = family.load_checkpoint(build.model, cfg, build.dtype)
+    if not build.quantized:
+        return params, None
+    reference = params
+    params = quantize_params(params, build.weights_quant)
+    kv = (jnp.dtype(build.dtype), jnp.dtype(kv_dtype(build)))
+    figures = quality.measure(cfg, build, reference, params, tokenizer_json, kv)
+    quality.check(build, figures)
+    record = {
+        "weights": build.weights_quant,
+        "kv_cache_dtype": build.kv_cache_dtype,
+        "source": "aotlm build",
+        "kept": KEPT,
+        "quality": figures,
+    }
+    return params, {k: v for k, v in record.items() if v is not None}
 
 
 def _buckets(build: BuildConfig) -> Buckets:
@@ -211,10 +235,13 @@ def build_bundle(
         plans = [plan_target(t, build.tp, build.ep) for t in targets]
     else:
         plans = [TargetPlan(t, STABLEHLO, "compiled tier not requested") for t in targets]
+    files = tokenizer_files(build.model)
+    # Weights first: a quantized model that fails the quality gate fails before any export.
+    params, quantization = _weights(family, cfg, build, files["tokenizer/tokenizer.json"])
     specs = family.step_specs(cfg, build)
     params_per_device = params_avals(cfg, build) if build.tp * build.ep > 1 else None
     resident = (
-        nbytes(params_per_device or family.abstract_params(cfg, build.dtype)),
+        nbytes(params_per_device or family.abstract_params(cfg, build.dtype, build.weights_quant)),
         family.kv_pool_bytes(cfg, build),
     )
     for plan in plans:  # fail before compiling anything when weights + KV alone do not fit
@@ -222,9 +249,8 @@ def build_bundle(
     builder = StepBuilder(family, cfg, build, plans, BuildCache(cache_root) if use_cache else None)
     steps = build_steps(builder, specs, jobs, progress)
     compiled, target_entries = _target_entries(build, plans, steps, resident)
-    files = tokenizer_files(build.model)
-    params = family.load_checkpoint(build.model, cfg, build.dtype)
     files[WEIGHTS_FILE] = serialize_safetensors(flatten_params(params))
+    del params
     functions = []
     for s in steps:
         files[s.spec.file] = s.export
@@ -257,6 +283,8 @@ def build_bundle(
         aotlm_version=aotlm.__version__,
         jax_version=jax.__version__,
         jaxlib_version=jaxlib.__version__,
+        weights=weights_by_kind(family.abstract_params(cfg, build.dtype, build.weights_quant)),
+        quantization=quantization,
     )
     digest = write_bundle(out_dir, manifest, files)
     BuiltHere(cache_root).record(digest, Path(out_dir))

@@ -24,10 +24,10 @@ EMBED = "embed"
 
 
 def embed_step_specs(
-    abstract_params: Callable[[Any, str], dict], cfg: Any, build: BuildConfig
+    abstract_params: Callable[[Any, str, str | None], dict], cfg: Any, build: BuildConfig
 ) -> list[StepSpec]:
     """embed per (sequence-length bucket, batch bucket)."""
-    params = abstract_params(cfg, build.dtype)
+    params = abstract_params(cfg, build.dtype, build.weights_quant)
     specs = []
     for s in build.token_buckets:
         for b in build.request_buckets:

@@ -66,7 +66,8 @@ class ModelFamily:
     served: Served  # kind, architectures, config class: what serving knows of the family
     read_config: Callable[[Path], Any]  # checkpoint dir -> config
     load_checkpoint: Callable[[Path, Any, str], dict]  # (dir, config, dtype) -> numpy params
-    abstract_params: Callable[[Any, str], dict]  # (config, dtype) -> ShapeDtypeStructs
+    # (config, dtype, weight quantization scheme or None) -> ShapeDtypeStructs
+    abstract_params: Callable[[Any, str, str | None], dict]
     step_functions: Callable[[Any], dict[str, Callable]]  # config -> {name: pure function}
     step_specs: Callable[[Any, BuildConfig], list[StepSpec]]  # every (function, bucket)
     kv_pool_bytes: Callable[[Any, BuildConfig], int]  # device bytes of the KV cache

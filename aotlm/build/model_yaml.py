@@ -40,6 +40,8 @@ _TOP_KEYS = (
     "mesh",
     "attention",
     "decode_steps",
+    "quantization",
+    "quality",
 )
 _REQUIRED_TOP = ("model", "dtype", "max_seq_len", "buckets")
 _BUCKET_KEYS = ("tokens", "requests", "page_size")
@@ -90,6 +92,20 @@ class BuildConfig:
     # `decode_steps: K` (decoders): also build decode[R], which runs up to K decode steps in one
     # device call when every running sequence is decoding and none waits; 1: no such graphs.
     decode_steps: int = 1
+    # `quantization: {weights: int8 | fp8}`: weight-only quantization per output channel, done
+    # by the build (aotlm/models/quantize.py); None: weights in `dtype`.
+    weights_quant: str | None = None
+    # `quantization: {kv_cache_dtype: fp8}`: e4m3 KV pages with per-layer scales; None: `dtype`.
+    kv_cache_dtype: str | None = None
+    # `quality: {text, max_kl, max_tokens}`: the quantized model against the unquantized one on
+    # an evaluation text (None: the one shipped in aotlm/data), failing the build past max_kl.
+    quality_text: Path | None = None
+    quality_max_kl: float | None = None
+    quality_tokens: int = fields.DEFAULT_QUALITY_TOKENS
+
+    @property
+    def quantized(self) -> bool:
+        return self.weights_quant is not None or self.kv_cache_dtype is not None
 
     @property
     def pages_per_seq(self) -> int:
@@ -200,6 +216,12 @@ def parse_build_config(data: dict, source: Path) -> BuildConfig:
                 f"sequence fits (page 0 is reserved) (got {kv_pages})",
             )
 
+    weights_quant, kv_cache_dtype = fields.quantization(check, data.get("quantization"))
+    quality_text, max_kl, quality_tokens = fields.quality(check, data.get("quality"), source.parent)
+    if "quality" in data and weights_quant is None and kv_cache_dtype is None:
+        raise check.error(
+            "quality", "measures a quantized model against the unquantized one: set quantization"
+        )
     return BuildConfig(
         source=source,
         model=model,
@@ -218,6 +240,11 @@ def parse_build_config(data: dict, source: Path) -> BuildConfig:
         attention_blocks=fields.attention_blocks(check, data.get("attention")),
         attention_cpu=fields.attention_cpu(check, data.get("attention")),
         decode_steps=fields.decode_steps(check, data.get("decode_steps", 1)),
+        weights_quant=weights_quant,
+        kv_cache_dtype=kv_cache_dtype,
+        quality_text=quality_text,
+        quality_max_kl=max_kl,
+        quality_tokens=quality_tokens,
     )
 
 
@@ -246,6 +273,9 @@ def _encoder_config(
                 "the checkpoint is an encoder (embedding model): it keeps no KV cache and "
                 "generates no tokens, so this key does not apply; remove it",
             )
+    for key in ("quantization", "quality"):
+        if key in data:
+            raise check.error(key, "encoders (embedding models) are built unquantized")
     check.keys(buckets, "buckets", ("tokens", "requests"), ("tokens", "requests"))
     tokens = ladder_from_spec(buckets["tokens"], check.where("buckets.tokens"))
     fields.check_at_most(check, "buckets.tokens", tokens, max_seq_len, "max_seq_len")

@@ -12,6 +12,9 @@ from typing import Any
 from aotlm.errors import ConfigError
 
 MAX_DECODE_STEPS = 64
+WEIGHT_SCHEMES = ("int8", "fp8")
+KV_CACHE_DTYPES = ("fp8",)
+DEFAULT_QUALITY_TOKENS = 512
 CPU_ATTENTION = ("kernel", "jnp")
 # Topologies as jax's get_topology_desc names them: v5e:2x2, v6e:2x2, v5p:2x2x1, tpu7x:2x2x1.
 _TARGET_RE = re.compile(r"cpu|cuda|tpu:[a-z][a-z0-9]*:\d+(x\d+)+")
@@ -95,6 +98,54 @@ def decode_steps(check: Checker, value: Any) -> int:
     if steps > MAX_DECODE_STEPS:
         raise check.error("decode_steps", f"must be between 1 and {MAX_DECODE_STEPS} (got {steps})")
     return steps
+
+
+def quantization(check: Checker, value: Any) -> tuple[str | None, str | None]:
+    """`quantization: {weights: int8 | fp8, kv_cache_dtype: fp8}` -> (weights, kv_cache_dtype),
+    None where not quantized (aotlm/models/quantize.py says which tensors)."""
+    if value is None:
+        return None, None
+    check.keys(value, "quantization", ("weights", "kv_cache_dtype"), ())
+    weights = value.get("weights")
+    if weights is not None and weights not in WEIGHT_SCHEMES:
+        raise check.error(
+            "quantization.weights",
+            f"unknown scheme {weights!r}; supported: {', '.join(WEIGHT_SCHEMES)} (weight-only, "
+            "per output channel)",
+        )
+    kv = value.get("kv_cache_dtype")
+    if kv is not None and kv not in KV_CACHE_DTYPES:
+        raise check.error(
+            "quantization.kv_cache_dtype",
+            f"unknown KV cache dtype {kv!r}; supported: {', '.join(KV_CACHE_DTYPES)} (e4m3)",
+        )
+    return weights, kv
+
+
+def quality(check: Checker, value: Any, base: Path) -> tuple[Path | None, float | None, int]:
+    """`quality: {text: FILE, max_kl: X, max_tokens: N}` -> (text or None for the shipped one,
+    the KL bound or None, tokens evaluated)."""
+    if value is None:
+        return None, None, DEFAULT_QUALITY_TOKENS
+    check.keys(value, "quality", ("text", "max_kl", "max_tokens"), ())
+    text = None
+    if "text" in value:
+        text = (base / check.string(value["text"], "quality.text")).resolve()
+        if not text.is_file():
+            raise check.error("quality.text", f"{text} is not a file")
+    max_kl = value.get("max_kl")
+    if max_kl is not None:
+        if isinstance(max_kl, bool) or not isinstance(max_kl, int | float):
+            raise check.error("quality.max_kl", f"expected a number, got {max_kl!r}")
+        if not math.isfinite(max_kl) or max_kl < 0:
+            raise check.error("quality.max_kl", f"must be a non-negative number (got {max_kl})")
+        max_kl = float(max_kl)
+    tokens = check.positive_int(
+        value.get("max_tokens", DEFAULT_QUALITY_TOKENS), "quality.max_tokens"
+    )
+    if tokens < 2:
+        raise check.error("quality.max_tokens", f"must be at least 2 (got {tokens})")
+    return text, max_kl, tokens
 
 
 def memory_gib(check: Checker, value: Any) -> float | None:

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding
 
 from aotlm.build.model_yaml import BuildConfig
+from aotlm.bundle.manifest import kv_dtype_name
 from aotlm.kernels.sampling import bitmask_words
 from aotlm.kernels.step_inputs import DecodeRows, Penalties, Sampling, TokenMask
 from aotlm.models import ModelConfig, abstract_params
@@ -45,14 +46,18 @@ def kv_pages_aval(cfg: ModelConfig, build: BuildConfig) -> jax.ShapeDtypeStruct:
     sharding = None
     if build.tp * build.ep > 1:
         sharding = NamedSharding(abstract_mesh(build.tp, build.ep), kv_spec(cfg, build.tp))
-    return _s(shape, jnp.dtype(build.dtype), sharding)
+    return _s(shape, jnp.dtype(kv_dtype(build)), sharding)
+
+
+def kv_dtype(build: BuildConfig) -> str:
+    return kv_dtype_name(build.dtype, build.kv_cache_dtype)
 
 
 def params_avals(cfg: ModelConfig, build: BuildConfig) -> dict:
     """The abstract params; on a mesh each carries its sharding (Megatron layout)."""
-    params = abstract_params(cfg, build.dtype)
+    params = abstract_params(cfg, build.dtype, build.weights_quant)
     if build.tp * build.ep > 1:
-        specs = param_specs(cfg, build.tp, build.ep)
+        specs = param_specs(cfg, build.tp, build.ep, build.weights_quant)
         return with_shardings(params, specs, abstract_mesh(build.tp, build.ep))
     return params
 

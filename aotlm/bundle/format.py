@@ -9,10 +9,11 @@ what an old bundle lacks.
 from __future__ import annotations
 
 FORMAT_NAME = "aotlm-bundle"
-FORMAT_VERSION = 9
+FORMAT_VERSION = 10
 # Older versions still read: 7 lacks sample_masked, so it serves every request but grammars;
-# 8 differs only in what 9 adds (new families' config fields, mesh.ep).
-READABLE = (7, 8, 9)
+# 8 differs only in what 9 adds (new families' config fields, mesh.ep); 9 only in what 10 adds
+# (quantization, weights by kind).
+READABLE = (7, 8, 9, 10)
 
 # version -> (date, what changed). Add a line for every change a reader can observe.
 CHANGELOG: dict[int, tuple[str, str]] = {
@@ -100,6 +101,16 @@ CHANGELOG: dict[int, tuple[str, str]] = {
         "[L, H, E] (Qwen2-MoE also ws_gate/ws_up/ws_down/ws_router); Gemma 3 adds "
         "layers.post_attn_norm and layers.post_mlp_norm. `serving.mesh` may hold `ep` (experts "
         "split over it; the mesh has tp * ep devices), as do compiled fingerprints' `mesh`.",
+    ),
+    10: (
+        "2026-12-07",
+        "Quantization. `weights` records the weights' bytes and dtypes per kind (embedding, "
+        "attention, mlp, experts, scales, ...). A weight-quantized bundle (model.yaml "
+        "`quantization: {weights: int8 | fp8}`) stores each quantized layer tensor as "
+        "layers.<name>.weight (int8 or F8_E4M3, [L, ..., in, out]) and layers.<name>.scale (f32 "
+        "[L, ..., out], per output channel) and records `quantization` {weights, "
+        "kv_cache_dtype, source, kept, quality}; `serving.kv_cache_dtype: fp8` (absent: the "
+        "serving dtype) means e4m3 KV pages.",
     ),
 }
 

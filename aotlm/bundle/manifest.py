@@ -25,6 +25,11 @@ BucketKey = tuple[str, tuple[int, ...]]
 Aval = tuple[tuple[int, ...], str]  # (shape, dtype name)
 
 
+def kv_dtype_name(dtype: str, kv_cache_dtype: str | None) -> str:
+    """The KV pages' dtype: e4m3 for ``kv_cache_dtype: fp8``, else the model's ``dtype``."""
+    return "float8_e4m3fn" if kv_cache_dtype == "fp8" else dtype
+
+
 def bucket_key(name: str, bucket: Mapping[str, int]) -> BucketKey:
     """("forward", (T,)), ("logits", (T, R)), ("sample", (R,)): tokens before requests."""
     return name, tuple(bucket[k] for k in ("tokens", "requests") if k in bucket)
@@ -115,6 +120,12 @@ class Serving:
     pages_per_seq: int | None = None
     decode_steps: int = 1  # K of decode[R]; 1: the bundle has no decode graphs
     attention: Attention | None = None
+    kv_cache_dtype: str | None = None  # "fp8": e4m3 KV pages; None: pages in `dtype`
+
+    @property
+    def kv_dtype(self) -> str:
+        """The KV pages' dtype name (jnp.dtype takes it)."""
+        return kv_dtype_name(self.dtype, self.kv_cache_dtype)
 
 
 @dataclass(frozen=True)
@@ -147,6 +158,11 @@ class Manifest:
     jaxlib_version: str
     files: Mapping[str, FileEntry] = field(default_factory=dict)  # filled by the writer
     format_version: int = FORMAT_VERSION
+    # Bytes and dtypes of the weights per kind (aotlm/models/quantize.py weights_by_kind).
+    weights: Mapping[str, Any] = field(default_factory=dict)
+    # What was quantized and how, and the quality gate's figures (aotlm/build/quality.py);
+    # None: an unquantized bundle.
+    quantization: Mapping[str, Any] | None = None
 
     @property
     def kind(self) -> str:
@@ -184,7 +200,8 @@ class Manifest:
                 for t, e in self.targets.items()
             },
             "files": {p: {"sha256": e.sha256, "size": e.size} for p, e in self.files.items()},
-        }
+            "weights": dict(self.weights),
+        } | ({"quantization": dict(self.quantization)} if self.quantization is not None else {})
 
 
 def _model_dict(m: ModelInfo) -> dict:
@@ -208,6 +225,8 @@ def _serving_dict(s: Serving) -> dict:
             "pages_per_seq": s.pages_per_seq,
             "decode_steps": s.decode_steps,
         }
+        if s.kv_cache_dtype is not None:
+            out["kv_cache_dtype"] = s.kv_cache_dtype
     if s.attention is not None:
         a = s.attention
         out["attention"] = {

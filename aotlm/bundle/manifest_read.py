@@ -217,6 +217,8 @@ def _serving(m: dict, kind: str) -> Serving:
     if kind == DECODER:
         kv = {k: _positive(s, k, at) for k in ("page_size", "kv_pages", "pages_per_seq")}
         kv["decode_steps"] = _positive(s, "decode_steps", at)
+        kv["kv_cache_dtype"] = _field(s, "kv_cache_dtype", str, at, None)
+        _expect(kv["kv_cache_dtype"] in (None, "fp8"), f"{at}kv_cache_dtype", "expected fp8")
         a = _map(s, "attention", at)
         kv["attention"] = Attention(
             impl=_field(a, "impl", str, f"{at}attention."),
@@ -311,5 +313,7 @@ def unpack_manifest(data: bytes) -> Manifest:
         targets=_targets(m),
         files=files,
         format_version=m["format_version"],
+        weights=_field(m, "weights", dict, "", {}),
+        quantization=_field(m, "quantization", dict, "", None),
         **versions,
     )

@@ -36,6 +36,8 @@ def inspect(bundle_dir: Path, as_json: bool) -> None:
         "functions": dict(counts),
         "total_functions": sum(counts.values()),
         "targets": m.get("targets", {}),
+        "weights": m.get("weights", {}),
+        "quantization": m.get("quantization"),
         "fingerprints": {t: e["fingerprint"] for t, e in m["compiled"].items()},
         "files": {p: e["size"] for p, e in sorted(m["files"].items())},
         "total_bytes": sum(e["size"] for e in m["files"].values()),
@@ -78,6 +80,12 @@ def inspect(bundle_dir: Path, as_json: bool) -> None:
             )
     if "plan" in m["buckets"]:
         click.echo(plan_line(m["buckets"]["plan"]))
+    if "quantization" in m:
+        click.echo(_quantization_line(m["quantization"]))
+    if m.get("weights"):
+        rows = [[k, ",".join(v["dtypes"]), human(v["bytes"])] for k, v in m["weights"].items()]
+        rows.append(["total", "", human(sum(v["bytes"] for v in m["weights"].values()))])
+        click.echo("\n" + table(rows, ["weights", "dtype", "bytes"]))
     fn_rows = [[n, str(c)] for n, c in counts.items()] + [
         ["total", str(summary["total_functions"])]
     ]
@@ -100,6 +108,21 @@ def inspect(bundle_dir: Path, as_json: bool) -> None:
     file_rows = [[p, human(n)] for p, n in summary["files"].items()]
     file_rows.append(["total", human(summary["total_bytes"])])
     click.echo("\n" + table(file_rows, ["file", "size"]))
+
+
+def _quantization_line(q: dict) -> str:
+    parts = [f"weights {q['weights']}" if "weights" in q else "weights unquantized"]
+    if "kv_cache_dtype" in q:
+        parts.append(f"KV cache {q['kv_cache_dtype']}")
+    line = f"quantization: {', '.join(parts)} (by {q.get('source', '?')})"
+    f = q.get("quality")
+    if f:
+        line += (
+            f"\nquality   mean KL {f['mean_kl']:.5f} nats, top-1 agreement "
+            f"{f['top1_agreement']:.4f}, perplexity {f['perplexity']:.3f} vs "
+            f"{f['perplexity_unquantized']:.3f} unquantized ({f['tokens']} tokens of {f['text']})"
+        )
+    return line
 
 
 @click.command()

@@ -27,10 +27,14 @@ carries both.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax.extend.core import Primitive
 from jax.interpreters import mlir
+
+from aotlm.kernels.quant_matmul import is_quantized, linear, take
 
 IMPLS = ("auto", "blocked", "ragged", "reference")
 
@@ -64,18 +68,19 @@ def _combine(x, rows_out, order, weight, k):
 
 
 def swiglu(h, gate, up, down):
-    """The gated MLP of one expert (and of a dense Llama-family layer): (silu(h@g) * h@u) @ d."""
-    return (jax.nn.silu(h @ gate) * (h @ up)) @ down
+    """The gated MLP of one expert (and of a dense Llama-family layer): (silu(h@g) * h@u) @ d.
+    The weights may be quantized (aotlm/kernels/quant_matmul.py)."""
+    return linear(jax.nn.silu(linear(h, gate)) * linear(h, up), down)
 
 
 def _layer(layer, *ws):
-    return ws if layer is None else tuple(w[layer] for w in ws)
+    return ws if layer is None else tuple(take(w, layer) for w in ws)
 
 
 def grouped_mlp_reference(x, w_gate, w_up, w_down, expert, weight, layer=None):
     """Every expert over every token, each token keeping its routed experts' outputs."""
     w_gate, w_up, w_down = _layer(layer, w_gate, w_up, w_down)
-    num_experts = w_gate.shape[0]
+    num_experts = _leading(w_gate)
     y = jax.vmap(lambda wg, wu, wd: swiglu(x, wg, wu, wd))(w_gate, w_up, w_down)  # [E, T, H]
     routed = jax.nn.one_hot(expert, num_experts, dtype=jnp.float32)  # nowhere: all zeros
     per_expert = jnp.einsum("tje,tj->te", routed, weight.astype(jnp.float32))
@@ -84,19 +89,28 @@ def grouped_mlp_reference(x, w_gate, w_up, w_down, expert, weight, layer=None):
 
 def grouped_mlp_ragged(x, w_gate, w_up, w_down, expert, weight, layer=None):
     w_gate, w_up, w_down = _layer(layer, w_gate, w_up, w_down)
-    k, num_experts = expert.shape[1], w_gate.shape[0]
+    k, num_experts = expert.shape[1], _leading(w_gate)
     order, sorted_expert, sizes = _sorted(expert, num_experts)
     rows = jnp.take(x, order // k, axis=0)
-    h = jax.nn.silu(jax.lax.ragged_dot(rows, w_gate, sizes))
-    h = h * jax.lax.ragged_dot(rows, w_up, sizes)
-    y = jax.lax.ragged_dot(h, w_down, sizes)
+    e = jnp.minimum(sorted_expert, num_experts - 1)
+
+    def dot(a, w):  # a quantized expert's per-channel scale applies per row, after the dot
+        if not is_quantized(w):
+            return jax.lax.ragged_dot(a, w, sizes)
+        y = jax.lax.ragged_dot(
+            a, w["weight"].astype(a.dtype), sizes, preferred_element_type=jnp.float32
+        )
+        return (y * w["scale"][e]).astype(a.dtype)
+
+    h = jax.nn.silu(dot(rows, w_gate)) * dot(rows, w_up)
+    y = dot(h, w_down)
     y = jnp.where((sorted_expert < num_experts)[:, None], y, 0)  # rows past the groups
     return _combine(x, y, order, weight, k)
 
 
 def grouped_mlp_blocked(x, w_gate, w_up, w_down, expert, weight, layer=None):
     t, k = expert.shape
-    num_experts, hidden = w_gate.shape[-3], x.shape[1]
+    num_experts, hidden = _leading(w_gate, -3), x.shape[1]
     m = t * k
     b = block_rows(t, k, num_experts)
     order, sorted_expert, sizes = _sorted(expert, num_experts)
@@ -116,7 +130,7 @@ def grouped_mlp_blocked(x, w_gate, w_up, w_down, expert, weight, layer=None):
         xb = jax.lax.dynamic_slice_in_dim(xp, i * b, b)
         at = block_expert[i] if layer is None else (layer, block_expert[i])
         return jax.lax.dynamic_update_slice_in_dim(
-            yp, swiglu(xb, w_gate[at], w_up[at], w_down[at]), i * b, 0
+            yp, swiglu(xb, take(w_gate, at), take(w_up, at), take(w_down, at)), i * b, 0
         )
 
     # Only the blocks that hold rows run: a while loop with a data-dependent trip count.
@@ -125,13 +139,30 @@ def grouped_mlp_blocked(x, w_gate, w_up, w_down, expert, weight, layer=None):
     return _combine(x, y, order, weight, k)
 
 
+def _leading(w, axis: int = 0) -> int:
+    return (w["weight"] if is_quantized(w) else w).shape[axis]
+
+
 def _lowering(fn):
-    return lambda ctx, *args: mlir.lower_fun(fn, multiple_results=False)(ctx, *args)
+    # The primitive takes the weights' leaves (a quantized weight is two arrays): rebuild them.
+    def lower(ctx, *flat, tree):
+        def unflattened(x, *rest):
+            *leaves, expert, weight, layer = rest
+            w_gate, w_up, w_down = jax.tree.unflatten(tree, leaves)
+            return fn(x, w_gate, w_up, w_down, expert, weight, layer)
+
+        return mlir.lower_fun(unflattened, multiple_results=False)(ctx, *flat)
+
+    return lower
+
+
+def _bind_impl(*args, tree):
+    return jax.jit(functools.partial(_auto_p.bind, tree=tree))(*args)
 
 
 _auto_p = Primitive("aotlm_grouped_mlp")
-_auto_p.def_impl(lambda *args: jax.jit(_auto_p.bind)(*args))
-_auto_p.def_abstract_eval(lambda x, *_: jax.core.ShapedArray(x.shape, x.dtype))
+_auto_p.def_impl(_bind_impl)
+_auto_p.def_abstract_eval(lambda x, *_, tree: jax.core.ShapedArray(x.shape, x.dtype))
 # The primitive always takes a layer index (stacked [L, E, ...] weights).
 mlir.register_lowering(_auto_p, _lowering(grouped_mlp_ragged))
 mlir.register_lowering(_auto_p, _lowering(grouped_mlp_blocked), platform="cpu")
@@ -157,10 +188,13 @@ def grouped_mlp(
         raise ValueError(f"impl must be one of {', '.join(IMPLS)}, got {impl!r}")
     if impl == "auto":
         if layer is None:
-            w_gate, w_up, w_down = (w[None] for w in (w_gate, w_up, w_down))
+            w_gate, w_up, w_down = (
+                jax.tree.map(lambda a: a[None], w) for w in (w_gate, w_up, w_down)
+            )
             layer = 0
+        leaves, tree = jax.tree.flatten((w_gate, w_up, w_down))
         layer = jnp.asarray(layer, jnp.int32)
-        return _auto_p.bind(x, w_gate, w_up, w_down, expert, weight, layer)
+        return _auto_p.bind(x, *leaves, expert, weight, layer, tree=tree)
     return _BY_NAME[impl](x, w_gate, w_up, w_down, expert, weight, layer)
 
 

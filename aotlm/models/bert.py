@@ -19,6 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from aotlm.errors import CheckpointError
+from aotlm.kernels.quant_matmul import linear
+from aotlm.models.quantize import quantized_avals
 
 Params = dict[str, Any]
 POOLING_MODES = ("mean", "cls", "last")
@@ -117,20 +119,25 @@ def layer_shapes(cfg: EncoderConfig) -> dict[str, tuple[int, ...]]:
     }  # fmt: skip
 
 
-def abstract_params(cfg: EncoderConfig, dtype: str | np.dtype) -> Params:
+def abstract_params(
+    cfg: EncoderConfig, dtype: str | np.dtype, weights: str | None = None
+) -> Params:
     dt = jnp.dtype(dtype)
     H = cfg.hidden_size
     layers = {
         k: jax.ShapeDtypeStruct((cfg.num_layers, *s), dt) for k, s in layer_shapes(cfg).items()
     }
-    return {
-        "word_emb": jax.ShapeDtypeStruct((cfg.vocab_size, H), dt),
-        "pos_emb": jax.ShapeDtypeStruct((cfg.max_position_embeddings, H), dt),
-        "type_emb": jax.ShapeDtypeStruct((cfg.type_vocab_size, H), dt),
-        "emb_ln_w": jax.ShapeDtypeStruct((H,), dt),
-        "emb_ln_b": jax.ShapeDtypeStruct((H,), dt),
-        "layers": layers,
-    }
+    return quantized_avals(
+        {
+            "word_emb": jax.ShapeDtypeStruct((cfg.vocab_size, H), dt),
+            "pos_emb": jax.ShapeDtypeStruct((cfg.max_position_embeddings, H), dt),
+            "type_emb": jax.ShapeDtypeStruct((cfg.type_vocab_size, H), dt),
+            "emb_ln_w": jax.ShapeDtypeStruct((H,), dt),
+            "emb_ln_b": jax.ShapeDtypeStruct((H,), dt),
+            "layers": layers,
+        },
+        weights,
+    )
 
 
 def _layer_norm(x: jax.Array, w: jax.Array, b: jax.Array, eps: float) -> jax.Array:
@@ -154,7 +161,7 @@ def encode(cfg: EncoderConfig, params: Params, input_ids, attention_mask, token_
 
     def layer(h, lp):
         def heads(w, b):
-            return (h @ w + b).reshape(B, S, nh, hd)
+            return (linear(h, w) + b).reshape(B, S, nh, hd)
 
         q, k, v = heads(lp["wq"], lp["bq"]), heads(lp["wk"], lp["bk"]), heads(lp["wv"], lp["bv"])
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
@@ -164,11 +171,13 @@ def encode(cfg: EncoderConfig, params: Params, input_ids, attention_mask, token_
         attn = jnp.einsum("bhqk,bkhd->bhqd", probs, v).transpose(0, 2, 1, 3)
         attn = attn.reshape(B, S, nh * hd)
         h = _layer_norm(
-            attn @ lp["wo"] + lp["bo"] + h, lp["attn_ln_w"], lp["attn_ln_b"], cfg.layer_norm_eps
+            linear(attn, lp["wo"]) + lp["bo"] + h,
+            lp["attn_ln_w"],
+            lp["attn_ln_b"],
+            cfg.layer_norm_eps,
         )
-        mlp = (
-            jax.nn.gelu(h @ lp["w_in"] + lp["b_in"], approximate=False) @ lp["w_out"] + lp["b_out"]
-        )
+        mlp = jax.nn.gelu(linear(h, lp["w_in"]) + lp["b_in"], approximate=False)
+        mlp = linear(mlp, lp["w_out"]) + lp["b_out"]
         return _layer_norm(mlp + h, lp["mlp_ln_w"], lp["mlp_ln_b"], cfg.layer_norm_eps), None
 
     h, _ = jax.lax.scan(layer, h, params["layers"])

@@ -26,6 +26,7 @@ from jax.sharding import AbstractMesh
 
 from aotlm.kernels.attention_reference import write_kv
 from aotlm.kernels.paged_attention_pallas import BlockSizes
+from aotlm.kernels.quant_matmul import linear
 from aotlm.models.config import ModelConfig
 from aotlm.models.llama import Params, apply_rope, layer_attention, rope, rope_inv_freq
 
@@ -69,17 +70,18 @@ def forward(
         lp, index, local = xs
         cos, sin = (jnp.where(local, a, b) for a, b in zip(local_rope, global_rope, strict=True))
         h = gemma_norm(x, lp["attn_norm"], eps)
-        q = (h @ lp["wq"]).reshape(t, cfg.num_heads, d)
-        k = (h @ lp["wk"]).reshape(t, cfg.num_kv_heads, d)
-        v = (h @ lp["wv"]).reshape(t, cfg.num_kv_heads, d)
+        q = linear(h, lp["wq"]).reshape(t, cfg.num_heads, d)
+        k = linear(h, lp["wk"]).reshape(t, cfg.num_kv_heads, d)
+        v = linear(h, lp["wv"]).reshape(t, cfg.num_kv_heads, d)
         q = apply_rope(gemma_norm(q, lp["q_norm"], eps), cos, sin)
         k = apply_rope(gemma_norm(k, lp["k_norm"], eps), cos, sin)
         k_pages, v_pages = write_kv(k_pages, v_pages, index, k, v, slots)
         args = (q, k_pages, v_pages, positions, token_req, block_tables, index, slots)
         attn = jax.lax.cond(local, attend_local, attend_global, *args)
-        x = x + gemma_norm(attn.reshape(t, -1) @ lp["wo"], lp["post_attn_norm"], eps)
+        x = x + gemma_norm(linear(attn.reshape(t, -1), lp["wo"]), lp["post_attn_norm"], eps)
         h = gemma_norm(x, lp["mlp_norm"], eps)
-        mlp = (jax.nn.gelu(h @ lp["w_gate"], approximate=True) * (h @ lp["w_up"])) @ lp["w_down"]
+        gate = jax.nn.gelu(linear(h, lp["w_gate"]), approximate=True)
+        mlp = linear(gate * linear(h, lp["w_up"]), lp["w_down"])
         x = x + gemma_norm(mlp, lp["post_mlp_norm"], eps)
         return (x, k_pages, v_pages), None
 

@@ -26,8 +26,10 @@ from aotlm.kernels.attention import paged_attention
 from aotlm.kernels.attention_reference import write_kv
 from aotlm.kernels.grouped_mlp import swiglu
 from aotlm.kernels.paged_attention_pallas import BlockSizes
+from aotlm.kernels.quant_matmul import linear
 from aotlm.models.config import ModelConfig
 from aotlm.models.moe import moe_mlp, split_experts
+from aotlm.models.quantize import quantized_avals, quantized_specs
 from aotlm.models.sharding import (
     EP,
     REPLICATED,
@@ -63,9 +65,12 @@ def layer_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def param_specs(cfg: ModelConfig, tp: int, ep: int = 1) -> dict[str, Any]:
-    """PartitionSpecs with the structure of ``abstract_params(cfg, dtype)`` (layers stacked on
-    a leading L axis, weights [in, out]; experts [L, E, in, out] split over ``ep`` too)."""
+def param_specs(
+    cfg: ModelConfig, tp: int, ep: int = 1, weights: str | None = None
+) -> dict[str, Any]:
+    """PartitionSpecs with the structure of ``abstract_params(cfg, dtype, weights)`` (layers
+    stacked on a leading L axis, weights [in, out]; experts [L, E, in, out] split over ``ep``
+    too; a quantized weight's scales as the weight, less its input axis)."""
     col, row, vec = P(None, None, TP), P(None, TP, None), P(None, TP)
     experts = EP if ep > 1 else None
     kv_col, kv_vec = (col, vec) if kv_heads_sharded(cfg, tp) else (REPLICATED, REPLICATED)
@@ -83,11 +88,12 @@ def param_specs(cfg: ModelConfig, tp: int, ep: int = 1) -> dict[str, Any]:
     }
     if not cfg.tie_word_embeddings:
         specs["lm_head"] = REPLICATED
-    return specs
+    return quantized_specs(specs, weights)
 
 
-def abstract_params(cfg: ModelConfig, dtype: str | np.dtype) -> Params:
-    """The params pytree as ShapeDtypeStructs: everything tracing needs, no weights."""
+def abstract_params(cfg: ModelConfig, dtype: str | np.dtype, weights: str | None = None) -> Params:
+    """The params pytree as ShapeDtypeStructs: everything tracing needs, no weights.
+    ``weights``: a quantization scheme (aotlm/models/quantize.py) or None."""
     dt = jnp.dtype(dtype)
     vh = (cfg.vocab_size, cfg.hidden_size)
     params: Params = {
@@ -97,7 +103,7 @@ def abstract_params(cfg: ModelConfig, dtype: str | np.dtype) -> Params:
     }
     if not cfg.tie_word_embeddings:
         params["lm_head"] = jax.ShapeDtypeStruct(vh, dt)
-    return params
+    return quantized_avals(params, weights)
 
 
 def lm_head(cfg: ModelConfig, params: Params) -> jax.Array:
@@ -176,7 +182,7 @@ def layer_attention(
 def _attention_block(cfg: ModelConfig, lp: Params, h: jax.Array, cos: jax.Array, sin: jax.Array):
     """Project h [T,H] to RoPE'd q [T,NH,D] and k, v [T,KV,D]."""
     t, d = h.shape[0], cfg.head_dim
-    q, k, v = h @ lp["wq"], h @ lp["wk"], h @ lp["wv"]
+    q, k, v = linear(h, lp["wq"]), linear(h, lp["wk"]), linear(h, lp["wv"])
     if cfg.attention_bias:
         q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
     q = q.reshape(t, cfg.num_heads, d)
@@ -233,7 +239,7 @@ def forward(
         q, k, v = _attention_block(cfg, lp, rms_norm(x, lp["attn_norm"], eps), cos, sin)
         k_pages, v_pages = write_kv(k_pages, v_pages, index, k, v, slots)
         attn = attend(q, k_pages, v_pages, positions, token_req, block_tables, index, slots)
-        x = x + attn.reshape(attn.shape[0], -1) @ lp["wo"]
+        x = x + linear(attn.reshape(attn.shape[0], -1), lp["wo"])
         h = rms_norm(x, lp["mlp_norm"], eps)
         if cfg.is_moe:
             x = x + moe_mlp(cfg, lp, stacked, index, h, valid, experts)

@@ -40,7 +40,9 @@ from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from aotlm.errors import ConfigError
+from aotlm.kernels.quant_matmul import is_quantized
 from aotlm.models.config import ModelConfig
+from aotlm.models.quantize import scale_spec
 
 TP = "tp"
 EP = "ep"  # experts (mixture-of-experts models), model.yaml `mesh: {tp: N, ep: M}`
@@ -164,11 +166,23 @@ def shard_experts(cfg: ModelConfig, mesh: AbstractMesh | Mesh) -> Callable:
         out = grouped_mlp(h, w_gate, w_up, w_down, expert, weight, layer)
         return jax.lax.psum(out, axes)
 
-    up = P(None, ep, None, TP)  # every layer's experts [L, E, H, I]
-    return jax.shard_map(
-        on_device,
-        mesh=mesh,
-        in_specs=(REPLICATED, up, up, P(None, ep, TP, None)) + (REPLICATED,) * 3,
-        out_specs=REPLICATED,
-        check_vma=False,
-    )
+    up, down = P(None, ep, None, TP), P(None, ep, TP, None)  # every layer's [L, E, ...]
+
+    def spec(w, weight_spec):  # a quantized expert stack: its scales [L, E, out] split alike
+        return (
+            {"weight": weight_spec, "scale": scale_spec(weight_spec)}
+            if is_quantized(w)
+            else weight_spec
+        )
+
+    def experts(h, w_gate, w_up, w_down, expert, weight, layer):
+        return jax.shard_map(
+            on_device,
+            mesh=mesh,
+            in_specs=(REPLICATED, spec(w_gate, up), spec(w_up, up), spec(w_down, down))
+            + (REPLICATED,) * 3,
+            out_specs=REPLICATED,
+            check_vma=False,
+        )(h, w_gate, w_up, w_down, expert, weight, layer)
+
+    return experts

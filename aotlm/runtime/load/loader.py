@@ -255,7 +255,7 @@ def load_bundle(
             model.head_dim,
         )
         # device_put of host zeros: no compile (jnp.zeros would compile a broadcast)
-        dtype = jnp.dtype(serving.dtype)
+        dtype = jnp.dtype(serving.kv_dtype)
         if kv_sharding is None:
             k_pages = jax.device_put(np.zeros(shape, dtype))
             v_pages = jax.device_put(np.zeros(shape, dtype))
