@@ -64,7 +64,8 @@ def serve(bundle: Path, spec: dict, trust: TrustPolicy | None = None) -> dict:
     }
 
 
-def _shards(x: jax.Array) -> list[list[int]]:
+def _shards(x) -> list[list[int]]:
+    x = x["weight"] if isinstance(x, dict) else x  # a quantized weight: its values' shards
     return sorted({tuple(s.data.shape) for s in x.addressable_shards})
 
 
@@ -99,6 +100,8 @@ def main(spec_path: str) -> None:
         model |= {"buckets": BUCKETS, "targets": ["cpu"], "decode_steps": 4}
         if tp * ep > 1:
             model["mesh"] = {"tp": tp} | ({"ep": ep} if ep > 1 else {})
+        if spec.get("quantization"):
+            model["quantization"] = spec["quantization"]
         yaml_path.write_text(yaml.safe_dump(model))
         bundle = out / name
         result = build_bundle(load_build_config(yaml_path), bundle)

@@ -18,7 +18,7 @@ MOE_MESHES = [(1, 1), (2, 4), (1, 8), (8, 1)]
 GEMMA_MESHES = [(1, 1), (4, 1)]
 
 
-def _runs(family, meshes, tiny_checkpoint, tmp_path_factory, **kwargs) -> dict:
+def _runs(family, meshes, tiny_checkpoint, tmp_path_factory, quantization=None, **kwargs) -> dict:
     root = tmp_path_factory.mktemp(family)
     ckpt = make_hf_checkpoint(
         root / "ckpt", family, vocab_size=1000, num_heads=8, num_kv_heads=4, **kwargs
@@ -31,6 +31,7 @@ def _runs(family, meshes, tiny_checkpoint, tmp_path_factory, **kwargs) -> dict:
         "meshes": [list(m) for m in meshes],
         "prompts": [rng.integers(6, 1000, size=n).tolist() for n in PROMPT_LENGTHS],
         "max_tokens": 12,
+        "quantization": quantization,
     }
     return sharding_driver.run(spec, root)
 
@@ -39,6 +40,16 @@ def _runs(family, meshes, tiny_checkpoint, tmp_path_factory, **kwargs) -> dict:
 def moe_runs(tiny_checkpoint, tmp_path_factory) -> dict:
     return _runs(
         "qwen3_moe", MOE_MESHES, tiny_checkpoint, tmp_path_factory,
+        head_dim=32, num_experts=8, num_experts_per_tok=2, intermediate_size=64,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def quantized_moe_runs(tiny_checkpoint, tmp_path_factory) -> dict:
+    """int8 weights on a 2 x 4 mesh: the scales split with their weights' output channels."""
+    return _runs(
+        "qwen3_moe", [(1, 1), (2, 4)], tiny_checkpoint, tmp_path_factory,
+        quantization={"weights": "int8"},
         head_dim=32, num_experts=8, num_experts_per_tok=2, intermediate_size=64,
     )  # fmt: skip
 
@@ -87,6 +98,11 @@ def test_memory_plan_counts_the_experts_each_device_holds(moe_runs):
     ep8 = moe_runs[(1, 8, "compiled")]["memory_plan"]["weights_bytes"]
     experts = 3 * 2 * 8 * 128 * 64 * 4  # gate, up, down x layers x experts, float32
     assert ep8 == one - experts + experts // 8
+
+
+def test_quantized_experts_on_a_mesh_give_the_one_device_tokens(quantized_moe_runs):
+    _same_as_one_device(quantized_moe_runs, (2, 4))
+    assert quantized_moe_runs[(2, 4, "compiled")]["expert_shards"] == [[2, 2, 128, 32]]
 
 
 @pytest.mark.parametrize("mesh", GEMMA_MESHES[1:])

@@ -40,6 +40,7 @@ from aotlm.errors import CheckpointError, ConfigError
 from aotlm.kernels.cpu_attention import TARGET as CPU_ATTENTION_TARGET
 from aotlm.kernels.paged_attention_pallas import BlockSizes
 from aotlm.models import ModelConfig
+from aotlm.models import compressed_tensors as ct
 from aotlm.models.checkpoint import flatten_params
 from aotlm.models.quantize import KEPT, quantize_params, weights_by_kind
 from aotlm.models.sharding import check_mesh
@@ -177,11 +178,17 @@ def _weights(family: ModelFamily, cfg, build: BuildConfig, tokenizer_json: bytes
     params = family.load_checkpoint(build.model, cfg, build.dtype)
     if not build.quantized:
         return params, None
+    if build.prequantized is not None:  # read as stored: nothing to compare against
+        record = {"weights": build.weights_quant, "source": "checkpoint", "kept": KEPT}
+        return params, record | ct.summary(build.prequantized)
     reference = params
     params = quantize_params(params, build.weights_quant)
-    kv = (jnp.dtype(build.dtype), jnp.dtype(kv_dtype(build)))
-    figures = quality.measure(cfg, build, reference, params, tokenizer_json, kv)
-    quality.check(build, figures)
+    if family.kind == DECODER:
+        kv = (jnp.dtype(build.dtype), jnp.dtype(kv_dtype(build)))
+        figures = quality.measure(cfg, build, reference, params, tokenizer_json, kv)
+        quality.check(build, figures)
+    else:
+        figures = quality.measure_encoder(family, cfg, build, reference, params, tokenizer_json)
     record = {
         "weights": build.weights_quant,
         "kv_cache_dtype": build.kv_cache_dtype,

@@ -23,6 +23,7 @@ from aotlm.build.model_yaml_fields import Checker
 from aotlm.bundle.manifest import ENCODER
 from aotlm.errors import ConfigError
 from aotlm.models.catalog import checkpoint_kind
+from aotlm.models.compressed_tensors import PreQuantized, read_prequantized
 
 DTYPES = ("float32", "bfloat16")
 MAX_PAGE_SIZE = 1024
@@ -95,6 +96,8 @@ class BuildConfig:
     # `quantization: {weights: int8 | fp8}`: weight-only quantization per output channel, done
     # by the build (aotlm/models/quantize.py); None: weights in `dtype`.
     weights_quant: str | None = None
+    # The checkpoint's own quantization (compressed-tensors): its weights are read as they are.
+    prequantized: PreQuantized | None = None
     # `quantization: {kv_cache_dtype: fp8}`: e4m3 KV pages with per-layer scales; None: `dtype`.
     kv_cache_dtype: str | None = None
     # `quality: {text, max_kl, max_tokens}`: the quantized model against the unquantized one on
@@ -218,7 +221,23 @@ def parse_build_config(data: dict, source: Path) -> BuildConfig:
 
     weights_quant, kv_cache_dtype = fields.quantization(check, data.get("quantization"))
     quality_text, max_kl, quality_tokens = fields.quality(check, data.get("quality"), source.parent)
-    if "quality" in data and weights_quant is None and kv_cache_dtype is None:
+    prequantized = read_prequantized(model)
+    if prequantized is not None:
+        if weights_quant not in (None, prequantized.scheme):
+            raise check.error(
+                "quantization.weights",
+                f"the checkpoint is pre-quantized to {prequantized.scheme} (compressed-tensors, "
+                f"config.json quantization_config); got {weights_quant!r}: remove the key or "
+                "use an unquantized checkpoint",
+            )
+        if "quality" in data:
+            raise check.error(
+                "quality",
+                "the checkpoint is pre-quantized (compressed-tensors): there is no unquantized "
+                "model to measure it against; build from the unquantized checkpoint to gate it",
+            )
+        weights_quant = prequantized.scheme
+    elif "quality" in data and weights_quant is None and kv_cache_dtype is None:
         raise check.error(
             "quality", "measures a quantized model against the unquantized one: set quantization"
         )
@@ -241,6 +260,7 @@ def parse_build_config(data: dict, source: Path) -> BuildConfig:
         attention_cpu=fields.attention_cpu(check, data.get("attention")),
         decode_steps=fields.decode_steps(check, data.get("decode_steps", 1)),
         weights_quant=weights_quant,
+        prequantized=prequantized,
         kv_cache_dtype=kv_cache_dtype,
         quality_text=quality_text,
         quality_max_kl=max_kl,
@@ -273,9 +293,13 @@ def _encoder_config(
                 "the checkpoint is an encoder (embedding model): it keeps no KV cache and "
                 "generates no tokens, so this key does not apply; remove it",
             )
-    for key in ("quantization", "quality"):
-        if key in data:
-            raise check.error(key, "encoders (embedding models) are built unquantized")
+    if "quality" in data:
+        raise check.error(
+            "quality",
+            "the gate's KL is over next-token distributions; an encoder's quantization is "
+            "measured by its embeddings' cosine similarity (recorded, not gated)",
+        )
+    weights_quant, _ = fields.quantization(check, data.get("quantization"))
     check.keys(buckets, "buckets", ("tokens", "requests"), ("tokens", "requests"))
     tokens = ladder_from_spec(buckets["tokens"], check.where("buckets.tokens"))
     fields.check_at_most(check, "buckets.tokens", tokens, max_seq_len, "max_seq_len")
@@ -298,6 +322,7 @@ def _encoder_config(
         targets=fields.targets(check, data.get("targets", list(DEFAULT_TARGETS))),
         memory_gib=fields.memory_gib(check, data.get("memory_gib")),
         kind="encoder",
+        weights_quant=weights_quant,
     )
 
 

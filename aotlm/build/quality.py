@@ -10,6 +10,9 @@ distributions at every position:
 - ``perplexity`` / ``perplexity_unquantized``: exp of the mean negative log-likelihood of the
   text's own next tokens under each.
 
+An encoder (embedding model) is measured by the cosine similarity of its sentence embeddings
+(``mean_cosine``, ``min_cosine`` over the text's sentences), recorded and not gated.
+
 The figures go into the manifest's ``quantization.quality``; ``quality: {max_kl: X}`` fails the
 build with them when the KL is larger, before any graph is exported or a file written.
 """
@@ -105,6 +108,31 @@ def measure(
     ref = sequence_logits(cfg, build, reference, tokens, kv_dtypes[0])
     out = sequence_logits(cfg, build, quantized, tokens, kv_dtypes[1])
     return compare(ref, out, tokens) | {"text": source}
+
+
+def measure_encoder(family, cfg, build: BuildConfig, reference, quantized, tokenizer_json: bytes):
+    """An encoder's figures: the cosine similarity of each sentence's embedding (the evaluation
+    text split into sentences, one padded batch) between the unquantized and quantized model."""
+    text, source = evaluation_text(build)
+    tokenizer = Tokenizer.from_str(tokenizer_json.decode())
+    sentences = [s.strip() for s in text.replace("\n", " ").split(". ") if s.strip()]
+    ids = [tokenizer.encode(s).ids[: build.max_seq_len] for s in sentences]
+    width = max(len(i) for i in ids)
+    input_ids = np.zeros((len(ids), width), np.int32)
+    mask = np.zeros_like(input_ids)
+    for row, seq in enumerate(ids):
+        input_ids[row, : len(seq)], mask[row, : len(seq)] = seq, 1
+    embed = jax.jit(family.step_functions(cfg)["embed"])
+    a, b = (
+        np.asarray(embed(p, input_ids, mask, np.zeros_like(mask))) for p in (reference, quantized)
+    )
+    cos = np.sum(a * b, -1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+    return {
+        "mean_cosine": float(cos.mean()),
+        "min_cosine": float(cos.min()),
+        "sentences": len(ids),
+        "text": source,
+    }
 
 
 def check(build: BuildConfig, figures: dict) -> None:

@@ -116,7 +116,12 @@ def _quantization_line(q: dict) -> str:
         parts.append(f"KV cache {q['kv_cache_dtype']}")
     line = f"quantization: {', '.join(parts)} (by {q.get('source', '?')})"
     f = q.get("quality")
-    if f:
+    if f and "mean_cosine" in f:  # an encoder
+        line += (
+            f"\nquality   embeddings' cosine similarity mean {f['mean_cosine']:.5f}, min "
+            f"{f['min_cosine']:.5f} ({f['sentences']} sentences of {f['text']})"
+        )
+    elif f:
         line += (
             f"\nquality   mean KL {f['mean_kl']:.5f} nats, top-1 agreement "
             f"{f['top1_agreement']:.4f}, perplexity {f['perplexity']:.3f} vs "

@@ -14,9 +14,11 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+import aotlm.models.compressed_tensors as ct
 from aotlm.errors import CheckpointError, ConfigError
 from aotlm.models.config import ModelConfig
 from aotlm.models.llama import Params, layer_shapes
+from aotlm.models.quantize import QUANTIZED_KEYS, STORAGE, quantize_weight
 from aotlm.safetensors_io import SafetensorsFile
 
 SERVING_DTYPES: dict[str, np.dtype] = {
@@ -156,11 +158,17 @@ def expected_hf_shapes(cfg: ModelConfig, prefix: str = "model.") -> dict[str, tu
 
 
 def checked_tensor(
-    files: dict[str, SafetensorsFile], name: str, shape: tuple[int, ...]
+    files: dict[str, SafetensorsFile],
+    name: str,
+    shape: tuple[int, ...],
+    pq: ct.PreQuantized | None = None,
 ) -> np.ndarray:
+    """A float tensor; with ``pq``, a quantized one comes back dequantized (f32)."""
     f = files[name]
     if f.shape(name) != shape:
         raise CheckpointError(f"{f.path}: tensor {name!r} has shape {f.shape(name)}, want {shape}")
+    if pq is not None and f.dtype(name) not in _FLOAT_SOURCES:
+        return ct.dequantized(*ct.read_quantized(files, name, shape, pq))
     if f.dtype(name) not in _FLOAT_SOURCES:
         raise CheckpointError(f"{f.path}: tensor {name!r} has unsupported dtype {f.dtype(name)}")
     return f.get(name)
@@ -181,10 +189,13 @@ def load_checkpoint(checkpoint_dir: str | Path, cfg: ModelConfig, dtype: str) ->
     checkpoint_dir = Path(checkpoint_dir)
     dt = serving_dtype(dtype)
     files = open_checkpoint_files(checkpoint_dir)
+    pq = ct.read_prequantized(checkpoint_dir)
     prefix = _prefix(cfg, files)
     expected = expected_hf_shapes(cfg, prefix)
     for name, f in sorted(files.items()):
         tolerated = name.endswith(_IGNORED_SUFFIX) or (name == LM_HEAD and cfg.tie_word_embeddings)
+        if pq is not None and (ct.tolerated(name) or ct.is_scale(name)):
+            tolerated = True  # a scale is read with its weight, or refused there as missing
         if prefix != "model." and not name.startswith(prefix) and name != LM_HEAD:
             continue  # a multimodal checkpoint's vision tower and projector
         if name not in expected and not tolerated:
@@ -199,17 +210,20 @@ def load_checkpoint(checkpoint_dir: str | Path, cfg: ModelConfig, dtype: str) ->
 
     def top(name: str) -> np.ndarray:
         out = np.empty(expected[name], dt)  # owned memory, not a view of the mapped file
-        out[...] = to_serving_dtype(checked_tensor(files, name, expected[name]), dt)
+        out[...] = to_serving_dtype(checked_tensor(files, name, expected[name], pq), dt)
         return out
 
     params: Params = {key: top(prefix + hf[len("model.") :]) for key, hf in TOP_TENSORS.items()}
     if not cfg.tie_word_embeddings:
         params["lm_head"] = top(LM_HEAD)
-    layers: dict[str, np.ndarray] = {}
+    layers: dict[str, Any] = {}
     for key, shape in layer_shapes(cfg).items():
+        if pq is not None and key in QUANTIZED_KEYS:
+            layers[key] = _prequantized_layers(files, cfg, key, shape, prefix, pq)
+            continue
         out = np.empty(shape, dt)
         for i, e, name, hf_shape, transposed in per_layer_tensors(cfg, key, shape, prefix):
-            x = checked_tensor(files, name, hf_shape)
+            x = checked_tensor(files, name, hf_shape, pq)
             x = to_serving_dtype(x.T if transposed else x, dt)
             if e is None:
                 out[i] = x
@@ -220,6 +234,23 @@ def load_checkpoint(checkpoint_dir: str | Path, cfg: ModelConfig, dtype: str) ->
     for f in set(files.values()):
         f.close()
     return params
+
+
+def _prequantized_layers(files, cfg, key, shape, prefix, pq: ct.PreQuantized) -> dict:
+    """One stacked projection of a compressed-tensors checkpoint as aotlm's {"weight",
+    "scale"}, read as stored; a layer the checkpoint left unquantized is quantized here with
+    its scheme, so every layer of the stack has one layout."""
+    weight = np.empty(shape, STORAGE[pq.scheme])
+    scale = np.empty((*shape[:-2], shape[-1]), np.float32)
+    for i, e, name, hf_shape, _ in per_layer_tensors(cfg, key, shape, prefix):
+        at = i if e is None else (i, e)
+        got = ct.read_quantized(files, name, hf_shape, pq)
+        if got is None:
+            w = quantize_weight(checked_tensor(files, name, hf_shape).T, pq.scheme)
+            weight[at], scale[at] = w["weight"], w["scale"]
+        else:
+            weight[at], scale[at] = ct.stored_bits(got[0]).T, got[1]
+    return {"weight": weight, "scale": scale}
 
 
 def flatten_params(params: dict[str, Any]) -> dict[str, Any]:
