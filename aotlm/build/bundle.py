@@ -173,11 +173,9 @@ def _attention(build: BuildConfig, cfg) -> Attention:
 
 
 def _weights(family: ModelFamily, cfg, build: BuildConfig, tokenizer_json: bytes):
-    """(the params to write, the manifest's quantization record or None): quantized as
-    model.yaml says, with the quality gate's figures (aotlm/build/quality.py)."""
+    """(the params to write, the manifest's quantization record) of a quantized build, with
+    the quality gate's figures (aotlm/build/quality.py)."""
     params = family.load_checkpoint(build.model, cfg, build.dtype)
-    if not build.quantized:
-        return params, None
     if build.prequantized is not None:  # read as stored: nothing to compare against
         record = {"weights": build.weights_quant, "source": "checkpoint", "kept": KEPT}
         return params, record | ct.summary(build.prequantized)
@@ -243,8 +241,6 @@ def build_bundle(
     else:
         plans = [TargetPlan(t, STABLEHLO, "compiled tier not requested") for t in targets]
     files = tokenizer_files(build.model)
-    # Weights first: a quantized model that fails the quality gate fails before any export.
-    params, quantization = _weights(family, cfg, build, files["tokenizer/tokenizer.json"])
     specs = family.step_specs(cfg, build)
     params_per_device = params_avals(cfg, build) if build.tp * build.ep > 1 else None
     resident = (
@@ -253,9 +249,14 @@ def build_bundle(
     )
     for plan in plans:  # fail before compiling anything when weights + KV alone do not fit
         check_plan(plan.target, build, memory_plan(plan.target, build, *resident, None))
+    params = quantization = None
+    if build.quantized:  # the quality gate fails the build before any export
+        params, quantization = _weights(family, cfg, build, files["tokenizer/tokenizer.json"])
     builder = StepBuilder(family, cfg, build, plans, BuildCache(cache_root) if use_cache else None)
     steps = build_steps(builder, specs, jobs, progress)
     compiled, target_entries = _target_entries(build, plans, steps, resident)
+    if params is None:  # unquantized: read the checkpoint only now, after the exports
+        params = family.load_checkpoint(build.model, cfg, build.dtype)
     files[WEIGHTS_FILE] = serialize_safetensors(flatten_params(params))
     del params
     functions = []
