@@ -82,3 +82,20 @@ def test_stacked_layers_with_an_index_equal_the_layers_slice(impl):
     for layer in range(3):
         ref = grouped_mlp(x, *(w[layer] for w in stack), expert, weight, impl="reference")
         np.testing.assert_allclose(np.asarray(fn(layer)), np.asarray(ref), rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "fp8"])
+@pytest.mark.parametrize("impl", ["blocked", "ragged", "auto"])
+def test_quantized_experts_equal_the_dense_twin_on_their_dequantized_weights(impl, scheme):
+    """Every path over {weight, scale} experts (ragged: the scale applied per row after the
+    dot, the TPU/GPU path) equals the reference on the dequantized weights."""
+    from aotlm.models.quantize import dequantize_weight, quantize_weight
+
+    x, *ws, expert, weight = _case(16, 4, 8, seed=3)
+    quantized = [quantize_weight(np.asarray(w), scheme) for w in ws]
+    ref = grouped_mlp(
+        x, *(jnp.asarray(dequantize_weight(q)) for q in quantized), expert, weight,
+        impl="reference",
+    )  # fmt: skip
+    out = jax.jit(lambda *a: grouped_mlp(*a, impl=impl))(x, *quantized, expert, weight)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=2e-5, atol=2e-5)

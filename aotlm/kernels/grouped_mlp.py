@@ -34,7 +34,7 @@ import jax.numpy as jnp
 from jax.extend.core import Primitive
 from jax.interpreters import mlir
 
-from aotlm.kernels.quant_matmul import is_quantized, linear, take
+from aotlm.kernels.quant_matmul import is_quantized, linear, take, values
 
 IMPLS = ("auto", "blocked", "ragged", "reference")
 
@@ -98,7 +98,7 @@ def grouped_mlp_ragged(x, w_gate, w_up, w_down, expert, weight, layer=None):
         if not is_quantized(w):
             return jax.lax.ragged_dot(a, w, sizes)
         y = jax.lax.ragged_dot(
-            a, w["weight"].astype(a.dtype), sizes, preferred_element_type=jnp.float32
+            a, values(w["weight"], a.dtype), sizes, preferred_element_type=jnp.float32
         )
         return (y * w["scale"][e]).astype(a.dtype)
 

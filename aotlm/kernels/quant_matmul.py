@@ -43,10 +43,15 @@ def dequantize(w: Any, dtype=jnp.float32) -> jax.Array:
     """The weight as ``dtype`` (the twin: q * scale, in f32 then cast)."""
     if not is_quantized(w):
         return w.astype(dtype)
-    q = w["weight"]
-    q = e4m3_from_bits(q) if q.dtype == E4M3_BITS else q
-    q = q.astype(jnp.float32)
+    q = values(w["weight"], jnp.float32)
     return (q * jnp.expand_dims(w["scale"], -2)).astype(dtype)
+
+
+def values(weight: jax.Array, dtype) -> jax.Array:
+    """A quantized weight's values (int8, or e4m3 from its bits) as ``dtype``, by a plain
+    convert: what TPU and GPU fuse into their matmuls (CPU: see ``_cpu``)."""
+    weight = e4m3_from_bits(weight) if weight.dtype == E4M3_BITS else weight
+    return weight.astype(dtype)
 
 
 def e4m3_from_bits(bits: jax.Array) -> jax.Array:
@@ -81,8 +86,7 @@ def _cpu(x, weight, scale):
 
 
 def _native(x, weight, scale):
-    weight = e4m3_from_bits(weight) if weight.dtype == E4M3_BITS else weight
-    return (_dot(x, weight.astype(x.dtype)) * scale.astype(jnp.float32)).astype(x.dtype)
+    return (_dot(x, values(weight, x.dtype)) * scale.astype(jnp.float32)).astype(x.dtype)
 
 
 def _lowering(fn):
@@ -130,5 +134,5 @@ def take(w: Any, index) -> Any:
 
 __all__ = [
     "E4M3_BITS", "dequantize", "e4m3_bits_to_f32", "e4m3_from_bits", "is_quantized", "linear",
-    "take",
+    "take", "values",
 ]  # fmt: skip

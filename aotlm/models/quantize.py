@@ -88,10 +88,12 @@ def quantized_avals(params: dict, scheme: str | None) -> dict:
     return {**params, "layers": layers}
 
 
-def scale_spec(spec: Any) -> Any:
-    """A weight's PartitionSpec -> its scale's: the input axis (second to last) dropped."""
+def quantized_spec(spec: Any) -> dict:
+    """A weight's PartitionSpec -> its quantized form's: the scale's is the weight's with the
+    input axis (second to last) dropped, so scales split with their output channels."""
     parts = tuple(spec)
-    return type(spec)(*parts[:-2], parts[-1]) if len(parts) >= 2 else spec
+    scale = type(spec)(*parts[:-2], parts[-1]) if len(parts) >= 2 else spec
+    return {"weight": spec, "scale": scale}
 
 
 def quantized_specs(specs: dict, scheme: str | None) -> dict:
@@ -99,8 +101,7 @@ def quantized_specs(specs: dict, scheme: str | None) -> dict:
     if scheme is None:
         return specs
     layers = {
-        k: {"weight": v, "scale": scale_spec(v)} if k in QUANTIZED_KEYS else v
-        for k, v in specs["layers"].items()
+        k: quantized_spec(v) if k in QUANTIZED_KEYS else v for k, v in specs["layers"].items()
     }
     return {**specs, "layers": layers}
 

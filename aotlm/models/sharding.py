@@ -42,7 +42,7 @@ from jax.sharding import PartitionSpec as P
 from aotlm.errors import ConfigError
 from aotlm.kernels.quant_matmul import is_quantized
 from aotlm.models.config import ModelConfig
-from aotlm.models.quantize import scale_spec
+from aotlm.models.quantize import quantized_spec
 
 TP = "tp"
 EP = "ep"  # experts (mixture-of-experts models), model.yaml `mesh: {tp: N, ep: M}`
@@ -169,11 +169,7 @@ def shard_experts(cfg: ModelConfig, mesh: AbstractMesh | Mesh) -> Callable:
     up, down = P(None, ep, None, TP), P(None, ep, TP, None)  # every layer's [L, E, ...]
 
     def spec(w, weight_spec):  # a quantized expert stack: its scales [L, E, out] split alike
-        return (
-            {"weight": weight_spec, "scale": scale_spec(weight_spec)}
-            if is_quantized(w)
-            else weight_spec
-        )
+        return quantized_spec(weight_spec) if is_quantized(w) else weight_spec
 
     def experts(h, w_gate, w_up, w_down, expert, weight, layer):
         return jax.shard_map(
