@@ -1,13 +1,13 @@
 """Quantized weights against unquantized ones on a memory-bound model, in one run.
 
     .venv/bin/python benchmarks/quant.py [--hidden 1024] [--layers 28] [--intermediate 3072]
-        [--vocab 151936] [--max-tokens 32] [--passes 3] [--variants bf16,int8,fp8,f32,int8-f32]
+        [--vocab 151936] [--max-tokens 32] [--passes 3] [--variants bf16,int8,fp8,bf16-kv8,int8-kv8,f32,int8-f32]
         [--out benchmarks/results/quant.json]
 
 One random-weight checkpoint (Qwen3-0.6B's shapes by default: 28 layers, hidden 1024, 16 heads
 of 128, 8 KV heads, MLP 3072, a tied 151,936-token embedding; 0.6B parameters) is built into a
 bundle per variant: ``bf16`` (serving dtype bfloat16), ``int8`` and ``fp8`` (bf16 with int8 /
-e4m3 weights), and, because XLA:CPU runs bf16 dots far below memory speed, ``f32`` and
+e4m3 weights), ``bf16-kv8`` and ``int8-kv8`` (the fp8 KV cache, bf16 or int8 weights), and, because XLA:CPU runs bf16 dots far below memory speed, ``f32`` and
 ``int8-f32`` (int8 weights, f32 serving dtype) as the CPU-honest pair. For each: bundle size,
 build time, the quality gate's figures (KL, top-1, perplexity against its unquantized twin),
 decode tok/s at batch 1 and 16 (8-token prompts, greedy, ignore_eos), time per decode step and
@@ -33,12 +33,14 @@ import numpy as np
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-VARIANTS = {  # name -> (serving dtype, weight scheme)
-    "bf16": ("bfloat16", None),
-    "int8": ("bfloat16", "int8"),
-    "fp8": ("bfloat16", "fp8"),
-    "f32": ("float32", None),
-    "int8-f32": ("float32", "int8"),
+VARIANTS = {  # name -> (serving dtype, weight scheme, kv_cache_dtype)
+    "bf16": ("bfloat16", None, None),
+    "int8": ("bfloat16", "int8", None),
+    "fp8": ("bfloat16", "fp8", None),
+    "bf16-kv8": ("bfloat16", None, "fp8"),
+    "int8-kv8": ("bfloat16", "int8", "fp8"),
+    "f32": ("float32", None, None),
+    "int8-f32": ("float32", "int8", None),
 }
 BATCHES = (1, 16)
 PROMPT = 8
@@ -67,15 +69,16 @@ def _bundle(root: Path, name: str, ckpt: Path, args) -> tuple[Path, float]:
     from aotlm.build.bundle import build_bundle
     from aotlm.build.model_yaml import load_build_config
 
-    dtype, scheme = VARIANTS[name]
+    dtype, scheme, kv = VARIANTS[name]
     spec = {
         "model": str(ckpt), "dtype": dtype, "max_seq_len": 128,
         "buckets": {"tokens": [16], "requests": list(BATCHES), "page_size": 16},
         "targets": ["cpu"], "decode_steps": 4,
     }  # fmt: skip
-    if scheme:
+    if scheme or kv:
+        quant = {"weights": scheme, "kv_cache_dtype": kv}
         spec |= {
-            "quantization": {"weights": scheme},
+            "quantization": {k: v for k, v in quant.items() if v},
             "quality": {"max_tokens": args.quality_tokens},
         }
     path = root / f"{name}.yaml"
@@ -210,7 +213,9 @@ def main() -> None:
         )  # fmt: skip
         print(f"{name:9} {r['bundle_bytes'] / 1e6:>9.1f} {cells} {quality}")
     ratios = {}
-    for quant, base in (("int8", "bf16"), ("fp8", "bf16"), ("int8-f32", "f32")):
+    pairs = (("int8", "bf16"), ("fp8", "bf16"), ("bf16-kv8", "bf16"), ("int8-kv8", "bf16"),
+             ("int8-f32", "f32"))  # fmt: skip
+    for quant, base in pairs:
         if quant in rows and base in rows:
             ratios[f"{quant}/{base}"] = {
                 f"batch{b}": rows[quant][f"batch{b}"]["tok_s"] / rows[base][f"batch{b}"]["tok_s"]

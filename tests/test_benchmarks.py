@@ -106,18 +106,19 @@ def test_moe_benchmark_compares_moe_with_dense_and_the_expert_kernels(tmp_path):
 
 
 def test_quant_benchmark_serves_every_variant_against_its_floor(tmp_path):
-    """benchmarks/quant.py at a tiny size: bf16, int8 and fp8 bundles of one checkpoint, each
-    served at batch 1 and 16 against the memory floor, the quantized ones with their quality."""
+    """benchmarks/quant.py at a tiny size: bf16, int8, fp8 and int8 + fp8 KV bundles of one
+    checkpoint, each served at batch 1 and 16 against the memory floor, the quantized ones with
+    their quality."""
     out = tmp_path / "quant.json"
     cmd = [sys.executable, str(ROOT / "benchmarks/quant.py"), "--out", str(out)]
     cmd += ["--hidden", "128", "--layers", "2", "--intermediate", "256", "--vocab", "1000"]
     cmd += ["--max-tokens", "6", "--passes", "1", "--quality-tokens", "32"]
-    cmd += ["--variants", "bf16,int8,fp8"]
+    cmd += ["--variants", "bf16,int8,fp8,int8-kv8"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text(encoding="utf-8"))
     rows = report["variants"]
-    assert sorted(rows) == ["bf16", "fp8", "int8"] and report["copy_bandwidth_gbs"] > 0
+    assert sorted(rows) == ["bf16", "fp8", "int8", "int8-kv8"] and report["copy_bandwidth_gbs"] > 0
     for name, row in rows.items():
         assert row["compiles_after_ready"] == 0
         for b in ("batch1", "batch16"):
@@ -125,5 +126,6 @@ def test_quant_benchmark_serves_every_variant_against_its_floor(tmp_path):
         assert (row["quality"] is None) == (name == "bf16")
     assert rows["int8"]["weights_bytes"] < rows["bf16"]["weights_bytes"]
     assert rows["int8"]["quality"]["tokens"] == 32
-    assert set(report["ratios"]) == {"int8/bf16", "fp8/bf16"}
+    assert set(report["ratios"]) == {"int8/bf16", "fp8/bf16", "int8-kv8/bf16"}
+    assert rows["int8-kv8"]["batch16"]["floor_ms"] < rows["int8"]["batch16"]["floor_ms"]
     assert "int8 / bf16 decode tok/s" in proc.stdout

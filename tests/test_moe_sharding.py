@@ -46,10 +46,11 @@ def moe_runs(tiny_checkpoint, tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module")
 def quantized_moe_runs(tiny_checkpoint, tmp_path_factory) -> dict:
-    """int8 weights on a 2 x 4 mesh: the scales split with their weights' output channels."""
+    """int8 weights and the fp8 KV cache on a 2 x 4 mesh: the scales split with their weights'
+    output channels, the uint8 pages over the KV heads, the cache's scales replicated."""
     return _runs(
         "qwen3_moe", [(1, 1), (2, 4)], tiny_checkpoint, tmp_path_factory,
-        quantization={"weights": "int8"},
+        quantization={"weights": "int8", "kv_cache_dtype": "fp8"},
         head_dim=32, num_experts=8, num_experts_per_tok=2, intermediate_size=64,
     )  # fmt: skip
 

@@ -228,7 +228,10 @@ def test_quality_text_from_model_yaml(checkpoints, tmp_path):
     ("overrides", "match"),
     [
         ({"quantization": {"weights": "int4"}}, r"quantization\.weights: unknown scheme 'int4'"),
-        ({"quantization": {"kv_cache_dtype": "fp8"}}, r"quantization\.kv_cache_dtype: unknown key"),
+        (
+            {"quantization": {"kv_cache_dtype": "int4"}},
+            r"quantization\.kv_cache_dtype: unknown KV cache dtype 'int4'",
+        ),
         ({"quantization": {"weight": "int8"}}, r"quantization\.weight: unknown key"),
         ({"quality": {"max_kl": 0.1}}, r"quality: measures a quantized model"),
         (
@@ -296,3 +299,102 @@ def test_real_minilm_encoder_quantized_to_int8_keeps_its_embeddings(minilm_bundl
     assert cos.min() > 0.99
     out = CliRunner().invoke(main, ["inspect", str(quant.out_dir)])
     assert "cosine similarity mean" in out.output
+
+
+# --- the fp8 KV cache (aotlm/kernels/kv_quant.py) ---------------------------------------------
+
+# (max |logit diff| / max |logit|, first greedy token equal) of the fp8 cache against the
+# unquantized bundle: e4m3 keys and values with per-layer scales keep 3 mantissa bits, as fp8
+# weights do, and bound alike (measured 27% Llama, 10% Qwen3, 28% with int8 weights; 1.0).
+KV_BOUNDS = (0.40, 0.5)
+
+
+@pytest.fixture(scope="module")
+def kv_bundles(checkpoints, tmp_path_factory):
+    """(family, weights scheme or None) -> bundle dir of an fp8-KV build."""
+    out = {}
+    for name, weights in (("llama", None), ("qwen3", None), ("llama", "int8")):
+        root = tmp_path_factory.mktemp(f"{name}-{weights}-kvfp8")
+        quant = {"kv_cache_dtype": "fp8"} | ({"weights": weights} if weights else {})
+        spec = write_model_yaml(root, checkpoints[name], quantization=quant)
+        out[name, weights] = build_from_yaml(spec, root / "bundle").out_dir
+    return out
+
+
+@pytest.mark.parametrize(
+    ("family", "weights"), [("llama", None), ("qwen3", None), ("llama", "int8")]
+)
+def test_fp8_kv_cache_bundle_against_the_unquantized_bundle(bundles, kv_bundles, family, weights):
+    """Served from e4m3 pages (the engine's pool is uint8), chunked prefill and decode included:
+    logits within KV_BOUNDS of the unquantized bundle (with int8 weights: within both bounds),
+    greedy first tokens agreeing, 0 compiles after ready."""
+    engine = Engine.from_bundle(kv_bundles[family, weights], strict=True)
+    base = Engine.from_bundle(bundles[family, None][0], strict=True)
+    assert engine.runner.k_pages.dtype == np.uint8
+    bound = KV_BOUNDS[0] + (BOUNDS[weights][0] if weights else 0.0)
+    worst = 0.0
+    for prompt in _prompts(len(family) + 1):
+        ours, ref = bundle_last_logits(engine, prompt), bundle_last_logits(base, prompt)
+        worst = max(worst, np.abs(ours - ref).max() / np.abs(ref).max())
+    print(f"{family} {weights} + fp8 KV: max |logit diff| {worst:.4f} of max |logit|")
+    assert 0 < worst <= bound
+    greedy = SamplingParams(max_tokens=12, temperature=0.0)
+    prompts = _prompts(11)
+    a = [r[0].token_ids for r in base.generate(prompts, greedy)]
+    b = [r[0].token_ids for r in engine.generate(prompts, greedy)]
+    assert np.mean([x[0] == y[0] for x, y in zip(a, b, strict=True)]) >= KV_BOUNDS[1]
+    assert engine.compiles_after_ready == 0 and base.compiles_after_ready == 0
+
+
+def test_fp8_kv_cache_on_gemma3_local_and_global_layers(tiny_checkpoint, tmp_path):
+    """Gemma 3's sliding-window and global layers both read the e4m3 pages with their own
+    layer's scales (prompts past the 16-token window; measured 2% of max |logit|)."""
+    ckpt = make_hf_checkpoint(
+        tmp_path / "ckpt", "gemma3", vocab_size=1000, head_dim=32, num_layers=3,
+        sliding_window=16, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+    )  # fmt: skip
+    for f in TOKENIZER:
+        shutil.copy(tiny_checkpoint / f, ckpt / f)
+    dirs = {}
+    for name, extra in (("base", {}), ("fp8", {"quantization": {"kv_cache_dtype": "fp8"}})):
+        spec = write_model_yaml(tmp_path / name, ckpt, **extra)
+        dirs[name] = build_from_yaml(spec, tmp_path / name / "bundle").out_dir
+    base, ours = (Engine.from_bundle(dirs[k], strict=True) for k in ("base", "fp8"))
+    worst = 0.0
+    for prompt in _prompts(3):
+        a, b = bundle_last_logits(ours, prompt), bundle_last_logits(base, prompt)
+        worst = max(worst, np.abs(a - b).max() / np.abs(b).max())
+    print(f"gemma3 + fp8 KV: max |logit diff| {worst:.4f} of max |logit|")
+    assert 0 < worst <= KV_BOUNDS[0]
+    assert ours.compiles_after_ready == 0
+
+
+def test_fp8_kv_cache_records_its_scales_quality_and_smaller_pool(bundles, kv_bundles):
+    m = open_bundle(kv_bundles["llama", None]).manifest
+    base = open_bundle(bundles["llama", None][0]).manifest
+    assert m.serving.kv_cache_dtype == "fp8" and m.serving.kv_dtype == "uint8"
+    q = m.quantization
+    assert q["kv_cache_dtype"] == "fp8" and "weights" not in q
+    assert q["kv_scales"]["text"] == "aotlm/data/eval_text.txt" and q["kv_scales"]["max"] > 0
+    layers = m.model.config["num_layers"]
+    assert m.weights["kv_scales"] == {"bytes": layers * 2 * 4, "dtypes": ["float32"]}
+    # measured 0.068 / 0.71 (Qwen3, whose QK-norm bounds the keys: 0.008 / 0.88)
+    assert 0 < q["quality"]["mean_kl"] < 0.2 and q["quality"]["top1_agreement"] >= 0.6
+    kv, base_kv = (x.targets["cpu"].memory_plan["kv_pool_bytes"] for x in (m, base))
+    assert kv * 4 == base_kv  # e4m3 against f32 pages
+    out = CliRunner().invoke(main, ["inspect", str(kv_bundles["llama", None])])
+    assert out.exit_code == 0, out.output
+    assert "KV cache fp8" in out.output and "kv_scales" in out.output
+
+
+def test_fp8_kv_cache_key_errors(checkpoints, tmp_path):
+    from test_bert import minilm_dir
+
+    from aotlm.build.model_yaml import load_build_config
+
+    spec = write_model_yaml(
+        tmp_path, minilm_dir(), buckets={"tokens": [16, 32], "requests": [1]},
+        quantization={"kv_cache_dtype": "fp8"},
+    )  # fmt: skip
+    with pytest.raises(ConfigError, match=r"quantization\.kv_cache_dtype: .*encoder.*no KV cache"):
+        load_build_config(spec)

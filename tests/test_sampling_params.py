@@ -33,6 +33,8 @@ def test_greedy_and_top_k_off():
     assert SamplingParams(top_k=-1).validate().effective_top_k == 0
     assert SamplingParams(top_k=0).effective_top_k == 0
     assert SamplingParams(top_k=40).effective_top_k == 40
+    # found by the API fuzzer: a top_k past int32 crashed the packing of the sampler's inputs
+    assert SamplingParams(top_k=82518851406576).validate().effective_top_k == 2**31 - 1
 
 
 @pytest.mark.parametrize(

@@ -175,26 +175,35 @@ def _attention(build: BuildConfig, cfg) -> Attention:
 def _weights(family: ModelFamily, cfg, build: BuildConfig, tokenizer_json: bytes):
     """(the params to write, the manifest's quantization record) of a quantized build, with
     the quality gate's figures (aotlm/build/quality.py)."""
-    params = family.load_checkpoint(build.model, cfg, build.dtype)
-    if build.prequantized is not None:  # read as stored: nothing to compare against
-        record = {"weights": build.weights_quant, "source": "checkpoint", "kept": KEPT}
-        return params, record | ct.summary(build.prequantized)
-    reference = params
-    params = quantize_params(params, build.weights_quant)
-    if family.kind == DECODER:
-        kv = (jnp.dtype(build.dtype), jnp.dtype(kv_dtype(build)))
-        figures = quality.measure(cfg, build, reference, params, tokenizer_json, kv)
-        quality.check(build, figures)
+    params = reference = family.load_checkpoint(build.model, cfg, build.dtype)
+    record = {"weights": build.weights_quant, "kv_cache_dtype": build.kv_cache_dtype}
+    if build.prequantized is not None:  # read as stored: only the fp8 cache to compare
+        record |= {"source": "checkpoint", "kept": KEPT} | ct.summary(build.prequantized)
     else:
+        params = quantize_params(params, build.weights_quant)
+        record |= {"source": "aotlm build", "kept": KEPT}
+    if family.kind != DECODER:
         figures = quality.measure_encoder(family, cfg, build, reference, params, tokenizer_json)
-    record = {
-        "weights": build.weights_quant,
-        "kv_cache_dtype": build.kv_cache_dtype,
-        "source": "aotlm build",
-        "kept": KEPT,
-        "quality": figures,
-    }
-    return params, {k: v for k, v in record.items() if v is not None}
+        return params, _present(record | {"quality": figures})
+    if build.kv_cache_dtype is not None:  # calibrated on the model as it will serve
+        tokens, source = quality.gate_tokens(build, tokenizer_json)
+        scales = quality.kv_scales(cfg, build, params, tokens)
+        params = {**params, "kv_scale": scales}
+        record["kv_scales"] = {"text": source, "tokens": len(tokens), "max": float(scales.max())}
+    elif build.prequantized is not None:
+        return params, _present(record)
+    kv = (jnp.dtype(build.dtype), jnp.dtype(kv_dtype(build)))
+    figures = quality.measure(cfg, build, reference, params, tokenizer_json, kv)
+    quality.check(build, figures)
+    return params, _present(record | {"quality": figures})
+
+
+def _present(record: dict) -> dict:
+    return {k: v for k, v in record.items() if v is not None}
+
+
+def _abstract_params(family: ModelFamily, cfg, build: BuildConfig) -> dict:
+    return family.abstract_params(cfg, build.dtype, build.weights_quant, build.kv_cache_dtype)
 
 
 def _buckets(build: BuildConfig) -> Buckets:
@@ -244,7 +253,10 @@ def build_bundle(
     specs = family.step_specs(cfg, build)
     params_per_device = params_avals(cfg, build) if build.tp * build.ep > 1 else None
     resident = (
-        nbytes(params_per_device or family.abstract_params(cfg, build.dtype, build.weights_quant)),
+        nbytes(
+            params_per_device
+            or family.abstract_params(cfg, build.dtype, build.weights_quant, build.kv_cache_dtype)
+        ),
         family.kv_pool_bytes(cfg, build),
     )
     for plan in plans:  # fail before compiling anything when weights + KV alone do not fit
@@ -291,7 +303,9 @@ def build_bundle(
         aotlm_version=aotlm.__version__,
         jax_version=jax.__version__,
         jaxlib_version=jaxlib.__version__,
-        weights=weights_by_kind(family.abstract_params(cfg, build.dtype, build.weights_quant)),
+        weights=weights_by_kind(
+            family.abstract_params(cfg, build.dtype, build.weights_quant, build.kv_cache_dtype)
+        ),
         quantization=quantization,
     )
     digest = write_bundle(out_dir, manifest, files)

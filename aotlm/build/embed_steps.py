@@ -24,7 +24,7 @@ EMBED = "embed"
 
 
 def embed_step_specs(
-    abstract_params: Callable[[Any, str, str | None], dict], cfg: Any, build: BuildConfig
+    abstract_params: Callable[..., dict], cfg: Any, build: BuildConfig
 ) -> list[StepSpec]:
     """embed per (sequence-length bucket, batch bucket)."""
     params = abstract_params(cfg, build.dtype, build.weights_quant)

@@ -66,8 +66,9 @@ class ModelFamily:
     served: Served  # kind, architectures, config class: what serving knows of the family
     read_config: Callable[[Path], Any]  # checkpoint dir -> config
     load_checkpoint: Callable[[Path, Any, str], dict]  # (dir, config, dtype) -> numpy params
-    # (config, dtype, weight quantization scheme or None) -> ShapeDtypeStructs
-    abstract_params: Callable[[Any, str, str | None], dict]
+    # (config, dtype, weight quantization scheme or None, kv_cache_dtype or None)
+    # -> ShapeDtypeStructs
+    abstract_params: Callable[[Any, str, str | None, str | None], dict]
     step_functions: Callable[[Any], dict[str, Callable]]  # config -> {name: pure function}
     step_specs: Callable[[Any, BuildConfig], list[StepSpec]]  # every (function, bucket)
     kv_pool_bytes: Callable[[Any, BuildConfig], int]  # device bytes of the KV cache

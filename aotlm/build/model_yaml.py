@@ -230,11 +230,12 @@ def parse_build_config(data: dict, source: Path) -> BuildConfig:
                 f"config.json quantization_config); got {weights_quant!r}: remove the key or "
                 "use an unquantized checkpoint",
             )
-        if "quality" in data:
+        if "quality" in data and kv_cache_dtype is None:
             raise check.error(
                 "quality",
                 "the checkpoint is pre-quantized (compressed-tensors): there is no unquantized "
-                "model to measure it against; build from the unquantized checkpoint to gate it",
+                "model to measure it against; build from the unquantized checkpoint to gate it "
+                "(with quantization.kv_cache_dtype the gate measures the fp8 cache alone)",
             )
         weights_quant = prequantized.scheme
     elif "quality" in data and weights_quant is None and kv_cache_dtype is None:
@@ -299,7 +300,12 @@ def _encoder_config(
             "the gate's KL is over next-token distributions; an encoder's quantization is "
             "measured by its embeddings' cosine similarity (recorded, not gated)",
         )
-    weights_quant, _ = fields.quantization(check, data.get("quantization"))
+    weights_quant, kv_cache_dtype = fields.quantization(check, data.get("quantization"))
+    if kv_cache_dtype is not None:
+        raise check.error(
+            "quantization.kv_cache_dtype",
+            "the checkpoint is an encoder (embedding model): it keeps no KV cache; remove it",
+        )
     check.keys(buckets, "buckets", ("tokens", "requests"), ("tokens", "requests"))
     tokens = ladder_from_spec(buckets["tokens"], check.where("buckets.tokens"))
     fields.check_at_most(check, "buckets.tokens", tokens, max_seq_len, "max_seq_len")

@@ -101,12 +101,12 @@ def decode_steps(check: Checker, value: Any) -> int:
 
 
 def quantization(check: Checker, value: Any) -> tuple[str | None, str | None]:
-    """`quantization: {weights: int8 | fp8}` -> (weights, kv_cache_dtype), None where not
-    quantized (aotlm/models/quantize.py says which tensors). The e4m3 KV cache (the manifest's
-    serving.kv_cache_dtype) is not accepted yet: its kernels are the next step."""
+    """`quantization: {weights: int8 | fp8, kv_cache_dtype: fp8}` -> (weights,
+    kv_cache_dtype), None where not quantized (aotlm/models/quantize.py says which tensors,
+    aotlm/kernels/kv_quant.py how the cache is)."""
     if value is None:
         return None, None
-    check.keys(value, "quantization", ("weights",), ())
+    check.keys(value, "quantization", ("weights", "kv_cache_dtype"), ())
     weights = value.get("weights")
     if weights is not None and weights not in WEIGHT_SCHEMES:
         raise check.error(

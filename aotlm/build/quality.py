@@ -30,6 +30,7 @@ from tokenizers import Tokenizer
 
 from aotlm.build.model_yaml import BuildConfig
 from aotlm.errors import ConfigError
+from aotlm.kernels import kv_quant
 from aotlm.models import ModelConfig, final_logits, forward, lm_head
 
 SHIPPED_TEXT = "eval_text.txt"
@@ -52,6 +53,22 @@ def sequence_logits(
     cfg: ModelConfig, build: BuildConfig, params, tokens: np.ndarray, kv_dtype
 ) -> np.ndarray:
     """f32 [T, V] logits of one sequence through the model's forward (one prefill)."""
+    return _sequence(cfg, build, params, tokens, kv_dtype)[0]
+
+
+def kv_scales(cfg: ModelConfig, build: BuildConfig, params, tokens: np.ndarray) -> np.ndarray:
+    """The fp8 cache's f32 [L, 2] scales (aotlm/kernels/kv_quant.py): each layer's largest
+    |key| and |value| over the evaluation text, as the model serves it (``params``, pages in
+    the serving dtype), over e4m3's largest value; 1 for a layer whose keys are all 0."""
+    _, k_pages, v_pages = _sequence(cfg, build, params, tokens, jnp.dtype(build.dtype))
+    amax = np.stack(
+        [np.abs(p.astype(np.float32)).max(axis=(1, 2, 3, 4)) for p in (k_pages, v_pages)], -1
+    )
+    return np.where(amax > 0, amax / kv_quant.E4M3_MAX, 1.0).astype(np.float32)
+
+
+def _sequence(cfg: ModelConfig, build: BuildConfig, params, tokens: np.ndarray, kv_dtype):
+    """(f32 [T, V] logits, k_pages, v_pages) of one sequence (one prefill) as numpy."""
     t, size = len(tokens), build.page_size
     pages = -(-t // size)
     shape = (cfg.num_layers, pages + 1, size, cfg.num_kv_heads, cfg.head_dim)
@@ -60,14 +77,14 @@ def sequence_logits(
     tables = np.arange(1, pages + 1, dtype=np.int32)[None]
 
     def run(params, k_pages, v_pages):
-        hidden, _, _ = forward(
+        hidden, k_pages, v_pages = forward(
             cfg, params, k_pages, v_pages, jnp.asarray(tokens), positions, slots,
             jnp.zeros(t, jnp.int32), tables, cpu_attention=build.attention_cpu,
         )  # fmt: skip
-        return final_logits(cfg, hidden, lm_head(cfg, params))
+        return final_logits(cfg, hidden, lm_head(cfg, params)), k_pages, v_pages
 
     zeros = np.zeros(shape, kv_dtype)
-    return np.asarray(jax.jit(run)(params, zeros, zeros))
+    return tuple(np.asarray(a) for a in jax.jit(run)(params, zeros, zeros))
 
 
 def compare(reference: np.ndarray, quantized: np.ndarray, tokens: np.ndarray) -> dict:
@@ -100,14 +117,20 @@ def measure(
     kv_dtypes: tuple,
 ) -> dict:
     """Run both models over the evaluation text; ``kv_dtypes``: (unquantized, quantized)."""
+    tokens, source = gate_tokens(build, tokenizer_json)
+    ref = sequence_logits(cfg, build, reference, tokens, kv_dtypes[0])
+    out = sequence_logits(cfg, build, quantized, tokens, kv_dtypes[1])
+    return compare(ref, out, tokens) | {"text": source}
+
+
+def gate_tokens(build: BuildConfig, tokenizer_json: bytes) -> tuple[np.ndarray, str]:
+    """(the evaluation text's first tokens, where the text came from)."""
     text, source = evaluation_text(build)
     max_tokens = min(build.quality_tokens, build.max_seq_len)
     tokens = evaluation_tokens(tokenizer_json, text, max_tokens)
     if len(tokens) < 2:
         raise ConfigError(f"{build.source.name}: quality.text: {source} has fewer than 2 tokens")
-    ref = sequence_logits(cfg, build, reference, tokens, kv_dtypes[0])
-    out = sequence_logits(cfg, build, quantized, tokens, kv_dtypes[1])
-    return compare(ref, out, tokens) | {"text": source}
+    return tokens, source
 
 
 def measure_encoder(family, cfg, build: BuildConfig, reference, quantized, tokenizer_json: bytes):

@@ -55,9 +55,10 @@ def kv_dtype(build: BuildConfig) -> str:
 
 def params_avals(cfg: ModelConfig, build: BuildConfig) -> dict:
     """The abstract params; on a mesh each carries its sharding (Megatron layout)."""
-    params = abstract_params(cfg, build.dtype, build.weights_quant)
+    quant = (build.weights_quant, build.kv_cache_dtype)
+    params = abstract_params(cfg, build.dtype, *quant)
     if build.tp * build.ep > 1:
-        specs = param_specs(cfg, build.tp, build.ep, build.weights_quant)
+        specs = param_specs(cfg, build.tp, build.ep, *quant)
         return with_shardings(params, specs, abstract_mesh(build.tp, build.ep))
     return params
 

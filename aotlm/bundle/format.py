@@ -9,11 +9,12 @@ what an old bundle lacks.
 from __future__ import annotations
 
 FORMAT_NAME = "aotlm-bundle"
-FORMAT_VERSION = 10
+FORMAT_VERSION = 11
 # Older versions still read: 7 lacks sample_masked, so it serves every request but grammars;
 # 8 differs only in what 9 adds (new families' config fields, mesh.ep); 9 only in what 10 adds
-# (quantization, weights by kind).
-READABLE = (7, 8, 9, 10)
+# (quantization, weights by kind); 10 only in what 11 adds (the fp8 KV cache, which no
+# format-10 bundle holds: its model.yaml refused it).
+READABLE = (7, 8, 9, 10, 11)
 
 # version -> (date, what changed). Add a line for every change a reader can observe.
 CHANGELOG: dict[int, tuple[str, str]] = {
@@ -111,6 +112,13 @@ CHANGELOG: dict[int, tuple[str, str]] = {
         "[L, ..., out], per output channel) and records `quantization` {weights, "
         "kv_cache_dtype, source, kept, quality}; `serving.kv_cache_dtype: fp8` (absent: the "
         "serving dtype) means e4m3 KV pages.",
+    ),
+    11: (
+        "2026-12-07",
+        "The fp8 KV cache (model.yaml `quantization: {kv_cache_dtype: fp8}`): "
+        "`serving.kv_cache_dtype: fp8` means KV pages of uint8 holding float8_e4m3fn bits, "
+        "with per-layer scales in the weights as kv_scale (f32 [L, 2]: keys, values), "
+        "calibrated by the build; `quantization.kv_scales` {text, tokens, max} says on what.",
     ),
 }
 

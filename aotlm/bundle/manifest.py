@@ -26,8 +26,9 @@ Aval = tuple[tuple[int, ...], str]  # (shape, dtype name)
 
 
 def kv_dtype_name(dtype: str, kv_cache_dtype: str | None) -> str:
-    """The KV pages' dtype: e4m3 for ``kv_cache_dtype: fp8``, else the model's ``dtype``."""
-    return "float8_e4m3fn" if kv_cache_dtype == "fp8" else dtype
+    """The KV pages' storage dtype: uint8 holding e4m3 bits for ``kv_cache_dtype: fp8``
+    (aotlm/kernels/kv_quant.py), else the model's ``dtype``."""
+    return "uint8" if kv_cache_dtype == "fp8" else dtype
 
 
 def bucket_key(name: str, bucket: Mapping[str, int]) -> BucketKey:

@@ -32,6 +32,7 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.extend.core import Primitive
 from jax.interpreters import mlir
 
+from aotlm.kernels import kv_quant
 from aotlm.kernels.attention_blocked import paged_attention_blocked
 from aotlm.kernels.attention_reference import paged_attention_ref
 from aotlm.kernels.cpu_attention import paged_attention_cpu
@@ -130,6 +131,7 @@ def paged_attention(
     block_sizes: BlockSizes = DEFAULT_BLOCK_SIZES,
     slots: jax.Array | None = None,
     cpu: CpuImpl = "kernel",
+    kv_scale: jax.Array | None = None,
 ) -> jax.Array:
     """Causal (optionally sliding-window) attention over the paged KV cache; see the reference.
 
@@ -143,8 +145,18 @@ def paged_attention(
     interpreter; tests on CPU) or "cpu" (the C++ kernel). ``block_sizes`` only affects the
     Pallas kernel. ``slots``: where this step wrote each token's k/v (0 for padding); the blocked
     path then attends to the step's own keys without walking the pages for them. The result is
-    the same with or without it.
+    the same with or without it. ``kv_scale``: the layer's f32 [2] (key, value) scales of an
+    fp8 cache (uint8 e4m3 pages, aotlm/kernels/kv_quant.py), folded into q and the output here
+    so that every implementation only decodes the bits.
     """
+    if kv_scale is not None:
+        return kv_quant.scaled(
+            lambda q: paged_attention(
+                q, k_pages, v_pages, positions, token_req, block_tables, scale, window=window,
+                layer=layer, impl=impl, block_sizes=block_sizes, slots=slots, cpu=cpu,
+            ),
+            q, kv_scale,
+        )  # fmt: skip
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS} (got {impl!r})")
     if cpu not in CPU_IMPLS:

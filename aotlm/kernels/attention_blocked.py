@@ -31,6 +31,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from aotlm.kernels import kv_quant
 from aotlm.kernels.attention_in_step import (
     DENSE_TILE,
     MASK,
@@ -107,7 +108,12 @@ def paged_attention_blocked(
         # The pages hold only what came before lo; padding (slot 0) sees nothing.
         paged_hi = jnp.where(valid, jnp.minimum(positions, lo - 1), -1)
         page, offset = slots // page_size, slots % page_size
-        keys = k_pages[layer, page, offset], v_pages[layer, page, offset]  # [T, KV, D]
+        keys = tuple(
+            kv_quant.decode(pages[layer, page, offset], q.dtype)
+            if kv_quant.is_e4m3(pages)
+            else pages[layer, page, offset]
+            for pages in (k_pages, v_pages)
+        )  # [T, KV, D]
         dense = in_step_attention(
             qg, *keys, positions, token_req, valid, lo, scale, window, dense_tile
         )
@@ -265,7 +271,9 @@ class _Walk:
             ids = jax.lax.dynamic_slice_in_dim(pages, c * chunk, chunk, axis=1)  # [W, chunk]
             keys = k_pages[layer, ids].reshape(items, chunk_keys, kv_heads, head_dim)
             values = v_pages[layer, ids].reshape(items, chunk_keys, kv_heads, head_dim)
-            keys = keys.astype(q.dtype).transpose(0, 2, 3, 1)  # [W, KV, D, keys]
+            if kv_quant.is_e4m3(values):  # the fp8 cache: e4m3 bits, scales applied outside
+                values = kv_quant.decode(values, q.dtype)
+            keys = kv_quant.decode(keys, q.dtype).transpose(0, 2, 3, 1)  # [W, KV, D, keys]
             s = jax.lax.dot_general(
                 q, keys, (((3,), (2,)), batch), preferred_element_type=jnp.float32
             )

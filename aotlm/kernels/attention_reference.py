@@ -10,6 +10,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from aotlm.kernels import kv_quant
+
 
 def write_kv(
     k_pages: jax.Array,
@@ -18,15 +20,21 @@ def write_kv(
     k: jax.Array,
     v: jax.Array,
     slots: jax.Array,
+    kv_scale: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Scatter one layer's new keys/values into the cache.
 
     k_pages, v_pages: [L, num_pages, S, KV, D]; k, v: [T, KV, D]; slots: i32[T] with
     ``slot = page * S + offset``. Padding tokens all point into page 0 (duplicate slots there are
-    allowed; which write wins is unspecified, and nothing reads page 0 unmasked).
+    allowed; which write wins is unspecified, and nothing reads page 0 unmasked). An fp8 cache
+    (uint8 pages, aotlm/kernels/kv_quant.py) needs the layer's ``kv_scale``, f32 [2].
     """
     page_size = k_pages.shape[2]
     page, offset = slots // page_size, slots % page_size
+    if kv_quant.is_e4m3(k_pages):
+        if kv_scale is None:
+            raise ValueError("an fp8 (uint8 e4m3) KV cache needs the layer's kv_scale")
+        k, v = kv_quant.encode(k, kv_scale[0]), kv_quant.encode(v, kv_scale[1])
     k_pages = k_pages.at[layer, page, offset].set(k.astype(k_pages.dtype))
     v_pages = v_pages.at[layer, page, offset].set(v.astype(v_pages.dtype))
     return k_pages, v_pages
@@ -48,6 +56,8 @@ def paged_attention_ref(
       q: [T, NH, D] queries (RoPE already applied), any float dtype.
       k_pages, v_pages: [num_pages, S, KV, D], one layer of the cache; must already hold the keys
         and values of every position each token attends to, including the tokens of this call.
+        uint8 pages hold e4m3 bits (the fp8 cache), read as their values: the scales are
+        applied by ``paged_attention`` (aotlm/kernels/kv_quant.py).
       positions: i32[T], the sequence position of each query token (>= 0).
       token_req: i32[T], the row of ``block_tables`` each token belongs to.
       block_tables: i32[R, P], page ids of each request; entries past a request's length may hold
@@ -71,6 +81,8 @@ def paged_attention_ref(
     pages = block_tables[token_req]  # [T, P]
     keys = k_pages[pages].reshape(num_tokens, -1, kv_heads, head_dim)  # [T, P*S, KV, D]
     values = v_pages[pages].reshape(num_tokens, -1, kv_heads, head_dim)
+    if kv_quant.is_e4m3(values):
+        keys, values = kv_quant.decode(keys, q.dtype), kv_quant.decode(values, q.dtype)
     qg = q.reshape(num_tokens, kv_heads, group, head_dim)
     scores = jnp.einsum(
         "tkgd,tskd->tkgs", qg, keys.astype(q.dtype), preferred_element_type=jnp.float32

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from aotlm.kernels import kv_quant
 from aotlm.kernels.work_items import BLOCK, HI, KV_HI, KV_LO, LO, MAX_POS, REQ, cdiv, work_items
 
 MASK = float(jnp.finfo(jnp.float32).min)  # as the reference: a fully masked row stays finite
@@ -147,6 +148,8 @@ def _kernel(
         for h in range(num_kv):
             k = _head_rows(k_buf.at[slot], h)
             v = _head_rows(v_buf.at[slot], h)
+            if kv_quant.is_e4m3(v):  # the fp8 cache: bits in VMEM, decoded here, scaled outside
+                k, v = kv_quant.decode(k, q_ref.dtype), kv_quant.decode(v, q_ref.dtype)
             v = jnp.where(key_col <= max_pos, v, jnp.zeros_like(v))  # never 0 * garbage
             s = jax.lax.dot_general(
                 q_ref[h], k.astype(q_ref.dtype), (((1,), (1,)), ((), ())),

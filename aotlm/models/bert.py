@@ -120,8 +120,13 @@ def layer_shapes(cfg: EncoderConfig) -> dict[str, tuple[int, ...]]:
 
 
 def abstract_params(
-    cfg: EncoderConfig, dtype: str | np.dtype, weights: str | None = None
+    cfg: EncoderConfig,
+    dtype: str | np.dtype,
+    weights: str | None = None,
+    kv_cache_dtype: None = None,
 ) -> Params:
+    if kv_cache_dtype is not None:
+        raise ValueError("an encoder has no KV cache to quantize")
     dt = jnp.dtype(dtype)
     H = cfg.hidden_size
     layers = {

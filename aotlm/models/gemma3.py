@@ -67,7 +67,7 @@ def forward(
 
     def layer(carry, xs):
         x, k_pages, v_pages = carry
-        lp, index, local = xs
+        lp, index, local, kv_scale = xs
         cos, sin = (jnp.where(local, a, b) for a, b in zip(local_rope, global_rope, strict=True))
         h = gemma_norm(x, lp["attn_norm"], eps)
         q = linear(h, lp["wq"]).reshape(t, cfg.num_heads, d)
@@ -75,9 +75,14 @@ def forward(
         v = linear(h, lp["wv"]).reshape(t, cfg.num_kv_heads, d)
         q = apply_rope(gemma_norm(q, lp["q_norm"], eps), cos, sin)
         k = apply_rope(gemma_norm(k, lp["k_norm"], eps), cos, sin)
-        k_pages, v_pages = write_kv(k_pages, v_pages, index, k, v, slots)
+        k_pages, v_pages = write_kv(k_pages, v_pages, index, k, v, slots, kv_scale)
         args = (q, k_pages, v_pages, positions, token_req, block_tables, index, slots)
-        attn = jax.lax.cond(local, attend_local, attend_global, *args)
+        attn = jax.lax.cond(
+            local,
+            lambda *a: attend_local(*a, kv_scale=kv_scale),
+            lambda *a: attend_global(*a, kv_scale=kv_scale),
+            *args,
+        )
         x = x + gemma_norm(linear(attn.reshape(t, -1), lp["wo"]), lp["post_attn_norm"], eps)
         h = gemma_norm(x, lp["mlp_norm"], eps)
         gate = jax.nn.gelu(linear(h, lp["w_gate"]), approximate=True)
@@ -90,6 +95,6 @@ def forward(
     layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
     local = jnp.asarray([cfg.sliding_layer(i) for i in range(cfg.num_layers)])
     (x, k_pages, v_pages), _ = jax.lax.scan(
-        layer, (x, k_pages, v_pages), (params["layers"], layer_ids, local)
+        layer, (x, k_pages, v_pages), (params["layers"], layer_ids, local, params.get("kv_scale"))
     )
     return gemma_norm(x, params["final_norm"], eps), k_pages, v_pages

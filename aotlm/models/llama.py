@@ -22,6 +22,7 @@ import numpy as np
 from jax.sharding import AbstractMesh
 from jax.sharding import PartitionSpec as P
 
+from aotlm.kernels import kv_quant
 from aotlm.kernels.attention import paged_attention
 from aotlm.kernels.attention_reference import write_kv
 from aotlm.kernels.grouped_mlp import swiglu
@@ -66,11 +67,16 @@ def layer_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 
 def param_specs(
-    cfg: ModelConfig, tp: int, ep: int = 1, weights: str | None = None
+    cfg: ModelConfig,
+    tp: int,
+    ep: int = 1,
+    weights: str | None = None,
+    kv_cache_dtype: str | None = None,
 ) -> dict[str, Any]:
-    """PartitionSpecs with the structure of ``abstract_params(cfg, dtype, weights)`` (layers
-    stacked on a leading L axis, weights [in, out]; experts [L, E, in, out] split over ``ep``
-    too; a quantized weight's scales as the weight, less its input axis)."""
+    """PartitionSpecs with the structure of ``abstract_params(cfg, dtype, weights,
+    kv_cache_dtype)`` (layers stacked on a leading L axis, weights [in, out]; experts [L, E, in,
+    out] split over ``ep`` too; a quantized weight's scales as the weight, less its input axis;
+    the fp8 cache's scales replicated)."""
     col, row, vec = P(None, None, TP), P(None, TP, None), P(None, TP)
     experts = EP if ep > 1 else None
     kv_col, kv_vec = (col, vec) if kv_heads_sharded(cfg, tp) else (REPLICATED, REPLICATED)
@@ -88,12 +94,20 @@ def param_specs(
     }
     if not cfg.tie_word_embeddings:
         specs["lm_head"] = REPLICATED
+    if kv_cache_dtype is not None:
+        specs["kv_scale"] = REPLICATED
     return quantized_specs(specs, weights)
 
 
-def abstract_params(cfg: ModelConfig, dtype: str | np.dtype, weights: str | None = None) -> Params:
+def abstract_params(
+    cfg: ModelConfig,
+    dtype: str | np.dtype,
+    weights: str | None = None,
+    kv_cache_dtype: str | None = None,
+) -> Params:
     """The params pytree as ShapeDtypeStructs: everything tracing needs, no weights.
-    ``weights``: a quantization scheme (aotlm/models/quantize.py) or None."""
+    ``weights``: a quantization scheme (aotlm/models/quantize.py) or None; ``kv_cache_dtype``
+    "fp8": the cache's per-layer scales ``kv_scale`` f32 [L, 2] too (aotlm/kernels/kv_quant.py)."""
     dt = jnp.dtype(dtype)
     vh = (cfg.vocab_size, cfg.hidden_size)
     params: Params = {
@@ -103,6 +117,8 @@ def abstract_params(cfg: ModelConfig, dtype: str | np.dtype, weights: str | None
     }
     if not cfg.tie_word_embeddings:
         params["lm_head"] = jax.ShapeDtypeStruct(vh, dt)
+    if kv_cache_dtype is not None:
+        params["kv_scale"] = jax.ShapeDtypeStruct((cfg.num_layers, 2), jnp.float32)
     return quantized_avals(params, weights)
 
 
@@ -163,9 +179,10 @@ def layer_attention(
     cpu_attention: str,
     mesh: AbstractMesh | None,
 ) -> Callable:
-    """``attend(q, k_pages, v_pages, positions, token_req, block_tables, layer, slots)``: paged
-    attention over the whole cache at ``layer`` (slicing a layer out first would copy it for
-    the TPU custom call), with ``window``, split over ``mesh`` when there is one."""
+    """``attend(q, k_pages, v_pages, positions, token_req, block_tables, layer, slots,
+    kv_scale)``: paged attention over the whole cache at ``layer`` (slicing a layer out first
+    would copy it for the TPU custom call), with ``window``, split over ``mesh`` when there is
+    one; ``kv_scale``: the layer's fp8-cache scales or None (aotlm/kernels/kv_quant.py)."""
 
     def attend(
         q, k_pages, v_pages, positions, token_req, block_tables, index, slots, impl=attention_impl
@@ -176,7 +193,12 @@ def layer_attention(
             block_sizes=block_sizes or BlockSizes(), slots=slots, cpu=cpu_attention,
         )  # fmt: skip
 
-    return attend if mesh is None else shard_attention(attend, cfg, mesh)
+    split = attend if mesh is None else shard_attention(attend, cfg, mesh)
+
+    def scaled(q, *args, kv_scale=None):
+        return kv_quant.scaled(lambda q: split(q, *args), q, kv_scale)
+
+    return scaled
 
 
 def _attention_block(cfg: ModelConfig, lp: Params, h: jax.Array, cos: jax.Array, sin: jax.Array):
@@ -235,10 +257,13 @@ def forward(
 
     def layer(carry, xs):
         x, k_pages, v_pages = carry
-        lp, index = xs
+        lp, index, kv_scale = xs
         q, k, v = _attention_block(cfg, lp, rms_norm(x, lp["attn_norm"], eps), cos, sin)
-        k_pages, v_pages = write_kv(k_pages, v_pages, index, k, v, slots)
-        attn = attend(q, k_pages, v_pages, positions, token_req, block_tables, index, slots)
+        k_pages, v_pages = write_kv(k_pages, v_pages, index, k, v, slots, kv_scale)
+        attn = attend(
+            q, k_pages, v_pages, positions, token_req, block_tables, index, slots,
+            kv_scale=kv_scale,
+        )  # fmt: skip
         x = x + linear(attn.reshape(attn.shape[0], -1), lp["wo"])
         h = rms_norm(x, lp["mlp_norm"], eps)
         if cfg.is_moe:
@@ -250,5 +275,6 @@ def forward(
     x = params["embed"][tokens]
     layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
     per_layer, stacked = split_experts(params["layers"])
-    (x, k_pages, v_pages), _ = jax.lax.scan(layer, (x, k_pages, v_pages), (per_layer, layer_ids))
+    xs = (per_layer, layer_ids, params.get("kv_scale"))
+    (x, k_pages, v_pages), _ = jax.lax.scan(layer, (x, k_pages, v_pages), xs)
     return rms_norm(x, params["final_norm"], eps), k_pages, v_pages

@@ -115,7 +115,7 @@ _KINDS = {
     "word_emb": "embedding", "pos_emb": "embedding", "type_emb": "embedding",
     "we_gate": "experts", "we_up": "experts", "we_down": "experts",
     "ws_gate": "shared_expert", "ws_up": "shared_expert", "ws_down": "shared_expert",
-    "router": "router", "ws_router": "router",
+    "router": "router", "ws_router": "router", "kv_scale": "kv_scales",
 }  # fmt: skip
 
 

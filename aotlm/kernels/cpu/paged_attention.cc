@@ -8,7 +8,8 @@
 // Token t attends to key positions [max(0, pos - window + 1), pos] of request token_req[t]
 // (window 0: no window); scores and softmax in float32; output in q's dtype. Page ids and
 // positions past a request's block table are clamped, as XLA's gather clamps them.
-// Bump the target's version when this contract changes: bundles name the version they need.
+// Bump the target's version when this contract changes: bundles name the version they need
+// (u8 e4m3 pages are an extension: a library without them refuses u8 rather than misreading it).
 
 #include <algorithm>
 #include <atomic>
@@ -47,7 +48,35 @@ inline uint16_t F32ToBf16(float f) {  // round to nearest even, NaN stays NaN
   return static_cast<uint16_t>(u >> 16);
 }
 
-enum class Kind { kF32, kBf16, kF16 };
+// kE4m3: the fp8 KV cache, uint8 holding float8_e4m3fn bits (KV pages only; the per-layer scales
+// are folded into q and the output by the caller, aotlm/kernels/kv_quant.py).
+enum class Kind { kF32, kBf16, kF16, kE4m3 };
+
+// Every e4m3fn bit pattern's value (0x7f / 0xff are NaN; there is no infinity).
+struct E4m3Table {
+  float value[256];
+  E4m3Table() {
+    for (int b = 0; b < 256; ++b) {
+      const int exponent = (b >> 3) & 0xf, mantissa = b & 0x7;
+      float v = exponent == 0 ? std::ldexp(mantissa / 8.0f, -6)
+                              : std::ldexp(1.0f + mantissa / 8.0f, exponent - 7);
+      if ((b & 0x7f) == 0x7f) v = std::numeric_limits<float>::quiet_NaN();
+      value[b] = (b & 0x80) ? -v : v;
+    }
+  }
+};
+const E4m3Table kE4m3Values;
+
+int64_t ElementBytes(Kind kind) {
+  switch (kind) {
+    case Kind::kF32:
+      return 4;
+    case Kind::kE4m3:
+      return 1;
+    default:
+      return 2;
+  }
+}
 
 // x[offset, offset + n) * scale as float32 into dst; one loop per dtype so each vectorises.
 void ToF32(const void* x, int64_t offset, int64_t n, Kind kind, float scale, float* dst) {
@@ -65,6 +94,11 @@ void ToF32(const void* x, int64_t offset, int64_t n, Kind kind, float scale, flo
     case Kind::kF16: {
       const _Float16* src = static_cast<const _Float16*>(x) + offset;
       for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]) * scale;
+      break;
+    }
+    case Kind::kE4m3: {
+      const uint8_t* src = static_cast<const uint8_t*>(x) + offset;
+      for (int64_t i = 0; i < n; ++i) dst[i] = kE4m3Values.value[src[i]] * scale;
       break;
     }
   }
@@ -88,6 +122,8 @@ void FromF32(const float* src, int64_t n, float scale, Kind kind, void* x, int64
       for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<_Float16>(src[i] * scale);
       break;
     }
+    case Kind::kE4m3:  // never an output (KindOf does not give it)
+      break;
   }
 }
 
@@ -105,6 +141,14 @@ bool KindOf(ffi::DataType t, Kind* kind) {
     default:
       return false;
   }
+}
+
+bool KvKindOf(ffi::DataType t, Kind* kind) {
+  if (t == ffi::DataType::U8) {
+    *kind = Kind::kE4m3;
+    return true;
+  }
+  return KindOf(t, kind);
 }
 
 // One unit of work: up to kBlockQueries consecutive tokens of one request, every KV head (a
@@ -319,7 +363,7 @@ void RunItem(const Problem& p, const Item& it, Scratch& w) {
     }
   const int32_t* table = p.block_tables + static_cast<int64_t>(it.req) * p.pages_per_seq;
   const int64_t page_elems = page_size * p.kv_heads * dim;
-  const int64_t page_bytes = page_elems * (p.kv_kind == Kind::kF32 ? 4 : 2);
+  const int64_t page_bytes = page_elems * ElementBytes(p.kv_kind);
   // Whole pages from the one holding it.lo: a key's place in a page row (its softmax lane)
   // never depends on where the block's window starts; keys before a row's window are masked.
   for (int64_t start = it.lo / page_size * page_size; start < it.hi;) {
@@ -398,8 +442,9 @@ ffi::Error Impl(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k_pages,
       out->element_type() != q.element_type())
     return ffi::Error::InvalidArgument("aotlm paged attention: mismatched cache or output types");
   Problem p;
-  if (!KindOf(q.element_type(), &p.q_kind) || !KindOf(k_pages.element_type(), &p.kv_kind))
-    return ffi::Error::InvalidArgument("aotlm paged attention: dtypes f32, bf16 or f16 only");
+  if (!KindOf(q.element_type(), &p.q_kind) || !KvKindOf(k_pages.element_type(), &p.kv_kind))
+    return ffi::Error::InvalidArgument(
+        "aotlm paged attention: q f32, bf16 or f16; pages those or u8 (e4m3 bits) only");
   const int64_t tokens = qd[0];
   p.heads = qd[1];
   p.dim = qd[2];

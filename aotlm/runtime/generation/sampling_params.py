@@ -11,6 +11,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from aotlm.errors import RequestError
 
 if TYPE_CHECKING:  # the grammar engine loads only where grammars are compiled (the engine)
@@ -75,8 +77,9 @@ class SamplingParams:
 
     @property
     def effective_top_k(self) -> int:
-        """top_k as the device sampler wants it: 0 means off (so -1 becomes 0)."""
-        return 0 if self.top_k < 0 else self.top_k
+        """top_k as the device sampler wants it: 0 means off (so -1 becomes 0); a top_k past
+        int32 (any top_k >= the vocabulary keeps every token) is clamped to fit its column."""
+        return 0 if self.top_k < 0 else min(self.top_k, np.iinfo(np.int32).max)
 
     def validate(self) -> SamplingParams:
         """Raise `RequestError` naming the first bad parameter and its allowed range.
