@@ -214,7 +214,7 @@ def main() -> None:
         print(f"{name:9} {r['bundle_bytes'] / 1e6:>9.1f} {cells} {quality}")
     ratios = {}
     pairs = (("int8", "bf16"), ("fp8", "bf16"), ("bf16-kv8", "bf16"), ("int8-kv8", "bf16"),
-             ("int8-f32", "f32"))  # fmt: skip
+             ("int8-kv8", "bf16-kv8"), ("int8-f32", "f32"))  # fmt: skip
     for quant, base in pairs:
         if quant in rows and base in rows:
             ratios[f"{quant}/{base}"] = {

@@ -23,6 +23,7 @@ from hf_factory import make_hf_checkpoint
 from aotlm.bundle import open_bundle
 from aotlm.errors import CheckpointError, ConfigError
 from aotlm.runtime.generation.engine import Engine
+from aotlm.runtime.generation.sampling_params import SamplingParams
 from aotlm.safetensors_io import read_safetensors, serialize_safetensors
 
 TOKENIZER = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
@@ -214,3 +215,27 @@ def test_model_yaml_cannot_requantize_or_gate_a_pre_quantized_checkpoint(int8_ch
                 quality={"max_kl": 1.0},
             )
         )
+
+
+def test_a_pre_quantized_checkpoint_takes_the_fp8_kv_cache_gated_alone(int8_checkpoint, tmp_path):
+    """`kv_cache_dtype: fp8` on a compressed-tensors checkpoint: its weights read as stored, the
+    cache calibrated on them, and the quality gate measuring the fp8 cache alone (against the
+    same weights over a cache in the serving dtype) — a gate below it fails the build."""
+    spec = write_model_yaml(
+        tmp_path / "q", int8_checkpoint, quantization={"kv_cache_dtype": "fp8"},
+        quality={"max_tokens": 64},
+    )  # fmt: skip
+    result = build_from_yaml(spec, tmp_path / "bundle")
+    q = open_bundle(result.out_dir).manifest.quantization
+    assert q["source"] == "checkpoint" and q["weights"] == "int8" and q["kv_cache_dtype"] == "fp8"
+    assert q["quality"]["mean_kl"] > 0 and q["quality"]["tokens"] == 64
+    engine = Engine.from_bundle(result.out_dir, strict=True)
+    assert engine.runner.k_pages.dtype == np.uint8
+    out = engine.generate([[5, 6, 7, 8]], SamplingParams(max_tokens=4, temperature=0.0))
+    assert len(out[0][0].token_ids) == 4 and engine.compiles_after_ready == 0
+    spec = write_model_yaml(
+        tmp_path / "gated", int8_checkpoint, quantization={"kv_cache_dtype": "fp8"},
+        quality={"max_tokens": 64, "max_kl": q["quality"]["mean_kl"] / 2},
+    )  # fmt: skip
+    with pytest.raises(ConfigError, match=r"quality\.max_kl"):
+        build_from_yaml(spec, tmp_path / "gated-out")

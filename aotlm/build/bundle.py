@@ -158,7 +158,7 @@ def _attention(build: BuildConfig, cfg) -> Attention:
             group=cfg.num_heads // cfg.num_kv_heads,
             page_size=build.page_size,
             pages_per_seq=build.pages_per_seq,
-            kv_row_bytes=cfg.num_kv_heads * cfg.head_dim * jnp.dtype(build.dtype).itemsize,
+            kv_row_bytes=cfg.num_kv_heads * cfg.head_dim * jnp.dtype(kv_dtype(build)).itemsize,
             q_dtype=build.dtype,
         )
     except ValueError as e:
