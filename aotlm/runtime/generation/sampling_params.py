@@ -11,8 +11,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 from aotlm.errors import RequestError
 
 if TYPE_CHECKING:  # the grammar engine loads only where grammars are compiled (the engine)
@@ -25,6 +23,7 @@ MAX_LOGPROBS = 20
 MAX_STOP = 16  # OpenAI takes 4
 MAX_STOP_CHARS = 1024
 MAX_STOP_TOKEN_IDS = 1024
+_INT32_MAX = 2**31 - 1  # the sampler's top_k input is int32
 
 
 @dataclass(frozen=True)
@@ -79,7 +78,7 @@ class SamplingParams:
     def effective_top_k(self) -> int:
         """top_k as the device sampler wants it: 0 means off (so -1 becomes 0); a top_k past
         int32 (any top_k >= the vocabulary keeps every token) is clamped to fit its column."""
-        return 0 if self.top_k < 0 else min(self.top_k, np.iinfo(np.int32).max)
+        return 0 if self.top_k < 0 else min(self.top_k, _INT32_MAX)
 
     def validate(self) -> SamplingParams:
         """Raise `RequestError` naming the first bad parameter and its allowed range.
