@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -129,3 +131,56 @@ def test_quant_benchmark_serves_every_variant_against_its_floor(tmp_path):
     assert set(report["ratios"]) == {"int8/bf16", "fp8/bf16", "int8-kv8/bf16"}
     assert rows["int8-kv8"]["batch16"]["floor_ms"] < rows["int8"]["batch16"]["floor_ms"]
     assert "int8 / bf16 decode tok/s" in proc.stdout
+
+
+def test_buckets_benchmark_plans_seen_and_unseen_traffic(tmp_path):
+    """benchmarks/buckets.py at a small size: every synthetic case planned against pow2, and the
+    unseen mixture planned on one sample and scored on another, with the optimum's bound."""
+    out = tmp_path / "buckets.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks/buckets.py"), "--out", str(out)]
+    cmd += ["--requests", "200", "--unseen-requests", "300"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text(encoding="utf-8"))
+    assert len(report["cases"]) == 6
+    for case in report["unseen"]:
+        for key in ("graphs8", "rungs8"):
+            for where in ("in_sample", "held_out"):
+                r = case[f"{key}_{where}"]
+                assert r["planned"] >= 0 and r["pow2"] > 0
+            # in sample the planner is the optimum: never more padding than pow2's rungs
+            assert case[f"{key}_in_sample"]["ratio"] <= 1.0
+        assert len(case["rungs8_ladders"]["planned"]) == 8
+        curve = list(case["optimal_padding_by_rungs"].values())
+        assert curve == sorted(curve, reverse=True)  # more rungs never pad more
+    assert "unseen traffic" in proc.stdout
+
+
+def test_peers_benchmark_serves_aotlm_and_vllm_on_the_same_requests(tmp_path):
+    """benchmarks/peers.py --sizes tiny: both servers started cold and warm and driven by the same
+    load; vLLM CPU is installed into its own venv on first use (skipped only when that install
+    fails, with its reason)."""
+    out = tmp_path / "peers.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks/peers.py"), "--out", str(out)]
+    cmd += ["--sizes", "tiny", "--concurrency", "1,2", "--requests", "4"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    tiny = json.loads(out.read_text(encoding="utf-8"))["sizes"]["tiny"]
+    a = tiny["aotlm"]
+    assert a["compiles_after_ready"] == 0
+    assert set(a["ready_s"]) == {"stablehlo", "compiled", "compiled#2"}
+    names = {"mixed@1", "mixed@2", "prefix-shared@16"}
+    for name in names:
+        assert a[name]["exact_lengths"] == a[name]["requests"] > 0
+    why = tiny.get("vllm_unavailable") or ""
+    if "pip" in why and "install" in why:
+        pytest.skip(f"vLLM CPU could not be installed here: {why[:500]}")
+    assert "vllm" in tiny, why  # installed but failed to serve: a real failure
+    v = tiny["vllm"]
+    assert set(v["ready_s"]) == {"cold", "warm"}
+    for name in names:
+        assert v[name]["exact_lengths"] == v[name]["requests"] == a[name]["requests"]
+        agreed, total = tiny["greedy_agreement"][name].split("/")
+        assert int(total) == a[name]["requests"] and 0 <= int(agreed) <= int(total)
+    assert set(tiny["ratios"]) >= {"tok_s mixed@2", "ready vs vllm cold"}
+    assert "first completion after start" in proc.stdout

@@ -173,7 +173,8 @@ def encode(cfg: EncoderConfig, params: Params, input_ids, attention_mask, token_
         probs = jax.nn.softmax(scores / np.sqrt(hd) + bias, axis=-1).astype(v.dtype)
         # heads-major output, then one transpose: XLA:CPU runs this 2-3x faster than a
         # bqhd-shaped dot (measured at B=32, S=256)
-        attn = jnp.einsum("bhqk,bkhd->bhqd", probs, v).transpose(0, 2, 1, 3)
+        attn = jnp.einsum("bhqk,bkhd->bhqd", probs, v, preferred_element_type=jnp.float32)
+        attn = attn.astype(v.dtype).transpose(0, 2, 1, 3)
         attn = attn.reshape(B, S, nh * hd)
         h = _layer_norm(
             linear(attn, lp["wo"]) + lp["bo"] + h,
@@ -185,7 +186,10 @@ def encode(cfg: EncoderConfig, params: Params, input_ids, attention_mask, token_
         mlp = linear(mlp, lp["w_out"]) + lp["b_out"]
         return _layer_norm(mlp + h, lp["mlp_ln_w"], lp["mlp_ln_b"], cfg.layer_norm_eps), None
 
-    h, _ = jax.lax.scan(layer, h, params["layers"])
+    # Unrolled in bf16: XLA:CPU then keeps every dot on its fast bf16 path (2.2x the scan at
+    # B=1, S=64); in f32 the scan is the faster one (13 vs 22 ms). Measured, jax 0.10.2.
+    unroll = jnp.dtype(h.dtype) == jnp.bfloat16
+    h, _ = jax.lax.scan(layer, h, params["layers"], unroll=unroll)
     return h
 
 
