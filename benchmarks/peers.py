@@ -16,9 +16,9 @@ For each model size, one random-weight HF checkpoint made here, served by both s
      workload at each --concurrency, and on the shared-prefix workload at 16;
   3. greedy agreement: the two servers' texts for the same requests, counted.
 
-Sizes: ``tiny`` (aotlm's 2-layer tiny Llama, f32) and ``large`` (Qwen3-0.6B's shapes: 28
+Sizes: ``tiny`` (aotlm's 2-layer tiny Llama) and ``large`` (Qwen3-0.6B's shapes: 28
 layers, hidden 1024, 16 heads of 128, 8 KV heads, MLP 3072, a tied 151,936-token embedding;
-0.6B parameters, f32: XLA:CPU runs bf16 dots far below memory speed, see docs/performance.md;
+0.6B parameters; --dtype float32 or bfloat16 on both servers, see docs/performance.md;
 the tokenizer is padded with added tokens to the model's vocabulary so that every id decodes).
 For ``large``, time per decode step at batch 1 (TPOT p50 at concurrency 1) against the memory
 floor: bytes one step reads (the weights, the tied LM head, the KV of the mean context) / copy
@@ -89,6 +89,7 @@ BUCKETS = {
     "large": {"tokens": [16, 64, 256, 512], "requests": [1, 4, 16, 64]},
 }
 DECODE_STEPS = {"tiny": 32, "large": 8}
+DTYPE_BYTES = {"float32": "float32", "bfloat16": "float16"}  # numpy has no bf16; same size
 
 
 class Unavailable(RuntimeError):
@@ -120,12 +121,12 @@ def pad_tokenizer(path: Path, vocab: int) -> None:
     tok.save(str(path))
 
 
-def build(root: Path, size: str, ckpt: Path) -> tuple[Path, float]:
+def build(root: Path, size: str, ckpt: Path, dtype: str) -> tuple[Path, float]:
     from aotlm.build.bundle import build_bundle
     from aotlm.build.model_yaml import load_build_config
 
     spec = {
-        "model": str(ckpt), "dtype": "float32", "max_seq_len": MAX_SEQ,
+        "model": str(ckpt), "dtype": dtype, "max_seq_len": MAX_SEQ,
         "buckets": BUCKETS[size] | {"page_size": 16}, "targets": ["cpu"],
         "name": f"peers-{size}", "decode_steps": DECODE_STEPS[size],
     }  # fmt: skip
@@ -208,11 +209,11 @@ def aotlm_cmd(bundle: Path, port: int, allow_pickle: str, model: str) -> list[st
     ]  # fmt: skip
 
 
-def vllm_cmd(python: Path, ckpt: Path, port: int, model: str) -> list[str]:
+def vllm_cmd(python: Path, ckpt: Path, port: int, model: str, dtype: str) -> list[str]:
     return [
         str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(ckpt),
         "--served-model-name", model, "--host", "127.0.0.1", "--port", str(port),
-        "--dtype", "float32", "--max-model-len", str(MAX_SEQ), "--seed", "0",
+        "--dtype", dtype, "--max-model-len", str(MAX_SEQ), "--seed", "0",
     ]  # fmt: skip
 
 
@@ -274,17 +275,17 @@ def run_aotlm(bundle: Path, work: dict, warm: list, log: Path, model: str) -> di
     return out
 
 
-def run_vllm(python: Path, ckpt: Path, work: dict, warm: list, log: Path, model: str) -> dict:
+def run_vllm(
+    python: Path, ckpt: Path, work: dict, warm: list, log: Path, model: str, dtype: str
+) -> dict:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     out: dict = {"ready_s": {}}
     with tempfile.TemporaryDirectory() as cache:
         env = vllm_env(Path(cache))
         for start in ("cold", "warm"):
-            with launched(vllm_cmd(python, ckpt, port, model), base, model, log, env) as (
-                ready,
-                pid,
-            ):
+            cmd = vllm_cmd(python, ckpt, port, model, dtype)
+            with launched(cmd, base, model, log, env) as (ready, pid):
                 out["ready_s"][start] = ready
                 note(f"  vllm serve ({start}): first completion {ready:.1f} s after start")
                 if start == "warm":
@@ -292,11 +293,15 @@ def run_vllm(python: Path, ckpt: Path, work: dict, warm: list, log: Path, model:
     return out
 
 
-def floor(ckpt: Path, work: dict, bandwidth: float) -> dict:
-    """Memory floor of one batch-1 decode step at the c=1 mixed workload's mean context."""
+def floor(ckpt: Path, work: dict, bandwidth: float, dtype: str) -> dict:
+    """Memory floor of one batch-1 decode step at the c=1 mixed workload's mean context, the
+    weights and KV in `dtype` (both servers keep both in the model's dtype)."""
     cfg = json.loads((ckpt / "config.json").read_text())
-    weights = (ckpt / "model.safetensors").stat().st_size  # f32, the LM head tied: read once
-    kv_per_token = 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * cfg["head_dim"] * 4
+    item = np.dtype(DTYPE_BYTES[dtype]).itemsize
+    weights = (ckpt / "model.safetensors").stat().st_size * item // 4  # f32 file; head tied
+    kv_per_token = (
+        2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * cfg["head_dim"] * item
+    )
     reqs = work["mixed@1"]
     context = float(np.mean([len(r.prompt) + r.max_tokens / 2 for r in reqs]))
     step = weights + context * kv_per_token
@@ -318,17 +323,19 @@ def agreement(a: dict, b: dict, work: dict) -> dict:
 def run_size(size: str, root: Path, args, python: Path | None, why: str | None) -> dict:
     note(f"[{size}] checkpoint and bundle")
     ckpt = make_checkpoint(root, size)
-    bundle, build_s = build(root, size, ckpt)
+    bundle, build_s = build(root, size, ckpt, args.dtype)
     work, warm = workloads(bundle, args, size)
     model = f"peers-{size}"
     result: dict = {"checkpoint": json.loads((ckpt / "config.json").read_text())}
+    result["dtype"] = args.dtype
     result["build_s"] = build_s
     note(f"[{size}] aotlm")
     result["aotlm"] = run_aotlm(bundle, work, warm, root / f"{size}-aotlm.log", model)
     if python is not None:
         note(f"[{size}] vLLM {VLLM_VERSION} (CPU)")
         try:
-            result["vllm"] = run_vllm(python, ckpt, work, warm, root / f"{size}-vllm.log", model)
+            log = root / f"{size}-vllm.log"
+            result["vllm"] = run_vllm(python, ckpt, work, warm, log, model, args.dtype)
         except Unavailable as e:
             why = str(e)
     if "vllm" in result:
@@ -336,7 +343,7 @@ def run_size(size: str, root: Path, args, python: Path | None, why: str | None) 
     else:
         result["vllm_unavailable"] = why
     if size == "large":
-        result["floor"] = floor(ckpt, work, copy_bandwidth())
+        result["floor"] = floor(ckpt, work, copy_bandwidth(), args.dtype)
     for side in ("aotlm", "vllm"):
         for name in work:
             result.get(side, {}).get(name, {}).pop("texts", None)
@@ -368,7 +375,7 @@ def print_size(size: str, result: dict) -> None:
     a, v = result["aotlm"], result.get("vllm")
     print(f"\n== {size}: {result['checkpoint']['model_type']} "
           f"hidden {result['checkpoint']['hidden_size']} x {result['checkpoint']['num_hidden_layers']} "
-          f"layers, vocab {result['checkpoint']['vocab_size']}, f32   (aotlm build {result['build_s']:.0f} s)")  # fmt: skip
+          f"layers, vocab {result['checkpoint']['vocab_size']}, {result['dtype']}   (aotlm build {result['build_s']:.0f} s)")  # fmt: skip
     ready = "  ".join(f"aotlm {k} {s:.1f} s" for k, s in a["ready_s"].items())
     if v:
         ready += "  " + "  ".join(f"vllm {k} {s:.1f} s" for k, s in v["ready_s"].items())
@@ -412,6 +419,12 @@ def main() -> None:
         type=int,
         default=8,
         help="Requests per large workload (at least 2 x concurrency, 32 with a shared prefix).",
+    )
+    ap.add_argument(
+        "--dtype",
+        choices=sorted(DTYPE_BYTES),
+        default="float32",
+        help="Weights, activations and KV on both servers.",
     )
     ap.add_argument("--vllm-venv", type=Path, default=VLLM_VENV)
     ap.add_argument("--no-vllm", action="store_true", help="Measure aotlm alone.")

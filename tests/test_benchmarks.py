@@ -184,3 +184,29 @@ def test_peers_benchmark_serves_aotlm_and_vllm_on_the_same_requests(tmp_path):
         assert int(total) == a[name]["requests"] and 0 <= int(agreed) <= int(total)
     assert set(tiny["ratios"]) >= {"tok_s mixed@2", "ready vs vllm cold"}
     assert "first completion after start" in proc.stdout
+
+
+def test_embed_benchmark_compares_the_bundle_with_torch_f32_and_bf16(minilm_bundle, tmp_path):
+    """benchmarks/embed.py on the shared real all-MiniLM-L6-v2 bundle: every batch size runs the
+    bundle and both PyTorch baselines on the same sentences, and the f32 bundle's embeddings are
+    the f32 baseline's."""
+    from bundle_factory import write_model_yaml
+    from test_bert import minilm_dir
+
+    buckets = {"tokens": [16, 32, 64, 128], "requests": [1, 4]}  # the fixture's
+    spec = write_model_yaml(tmp_path / "spec", minilm_dir(), buckets=buckets)
+    out = tmp_path / "embed.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks/embed.py"), "--yaml", str(spec)]
+    cmd += ["--bundle", str(minilm_bundle[0]), "--sentences", "12", "--batch-sizes", "1,4"]
+    cmd += ["--repeats", "1", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text(encoding="utf-8"))
+    assert report["compiles_after_ready"] == 0 and report["sentences"] == 12
+    assert report["baselines"] == ["torch", "torch_bf16"]
+    assert [r["batch_size"] for r in report["rows"]] == [1, 4]
+    for row in report["rows"]:
+        assert row["max_cosine_distance"] < 1e-5  # f32 bundle vs f32 PyTorch
+        assert row["torch_bf16_max_cosine_distance"] < 1e-2  # bf16 rounding, not a wrong model
+        assert row["speedup_vs_torch"] > 0 and row["speedup_vs_torch_bf16"] > 0
+    assert "aot/torch_bf16" in proc.stdout

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import shutil
 
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
@@ -398,3 +399,20 @@ def test_fp8_kv_cache_key_errors(checkpoints, tmp_path):
     )  # fmt: skip
     with pytest.raises(ConfigError, match=r"quantization\.kv_cache_dtype: .*encoder.*no KV cache"):
         load_build_config(spec)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("lead", [(1,), (1, 1), (3,), (2, 4)])
+def test_dense_f32_equals_the_plain_dot_for_every_row_count(dtype, lead):
+    """dense_f32 runs a single bf16 row as two (XLA:CPU's slow matvec path): the result is the
+    plain f32-accumulated dot's, for W and for a transposed W (the LM head), every shape."""
+    from aotlm.kernels.quant_matmul import dense_f32
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((*lead, 48)), dtype)
+    w = jnp.asarray(rng.standard_normal((48, 40)), dtype)
+    want = np.asarray(jnp.dot(x, w, preferred_element_type=jnp.float32))
+    got = dense_f32(x, w)
+    assert got.dtype == jnp.float32 and got.shape == (*lead, 40)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(dense_f32(x, w.T, transposed=True)), want, atol=1e-5)

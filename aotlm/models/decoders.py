@@ -7,6 +7,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from aotlm.kernels.quant_matmul import dense_f32
 from aotlm.models.config import ModelConfig
 from aotlm.models.gemma3 import forward as gemma3_forward
 from aotlm.models.llama import forward as llama_forward
@@ -19,7 +20,7 @@ def forward(cfg: ModelConfig, *args, **kwargs):
 
 def final_logits(cfg: ModelConfig, hidden: jax.Array, head: jax.Array) -> jax.Array:
     """hidden [R, H], head [V, H] -> f32 [R, V]; soft-capped when the config says so."""
-    logits = jnp.einsum("rh,vh->rv", hidden, head, preferred_element_type=jnp.float32)
+    logits = dense_f32(hidden, head, transposed=True)
     if cfg.final_logit_softcapping is not None:
         cap = cfg.final_logit_softcapping
         logits = jnp.tanh(logits / cap) * cap
