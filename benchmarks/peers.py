@@ -89,7 +89,7 @@ BUCKETS = {
     "large": {"tokens": [16, 64, 256, 512], "requests": [1, 4, 16, 64]},
 }
 DECODE_STEPS = {"tiny": 32, "large": 8}
-DTYPE_BYTES = {"float32": "float32", "bfloat16": "float16"}  # numpy has no bf16; same size
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
 
 
 class Unavailable(RuntimeError):
@@ -297,7 +297,7 @@ def floor(ckpt: Path, work: dict, bandwidth: float, dtype: str) -> dict:
     """Memory floor of one batch-1 decode step at the c=1 mixed workload's mean context, the
     weights and KV in `dtype` (both servers keep both in the model's dtype)."""
     cfg = json.loads((ckpt / "config.json").read_text())
-    item = np.dtype(DTYPE_BYTES[dtype]).itemsize
+    item = DTYPE_BYTES[dtype]
     weights = (ckpt / "model.safetensors").stat().st_size * item // 4  # f32 file; head tied
     kv_per_token = (
         2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * cfg["head_dim"] * item

@@ -122,8 +122,8 @@ def dense_f32(x: jax.Array, w: jax.Array, *, transposed: bool = False) -> jax.Ar
     [..., N]. The f32 result keeps XLA:CPU's bf16 dot on its fast matmul path (4x a bf16-result
     one at 2k rows; TPU and GPU accumulate in f32 anyway). A single bf16 row runs as two (the
     second a copy): XLA:CPU takes a one-row bf16 dot down a path ~8x slower than a two-row one
-    (a 151,936 x 1024 LM head: 199 ms vs 20 ms; a 1024 x 3072 layer 0.61 vs 0.22 ms); the copy
-    costs nothing measurable where matvecs are fast."""
+    (a 151,936 x 1024 LM head: 199 ms vs 20 ms; a 1024 x 3072 layer 0.61 vs 0.22 ms); elsewhere
+    the copy costs one more row of a memory-bound dot."""
     lead, k = x.shape[:-1], x.shape[-1]
     rows = x.reshape(-1, k)
     single = rows.shape[0] == 1 and x.dtype == jnp.bfloat16
@@ -150,6 +150,6 @@ def take(w: Any, index) -> Any:
 
 
 __all__ = [
-    "E4M3_BITS", "dense_f32", "dequantize", "e4m3_bits_to_f32", "e4m3_from_bits", "is_quantized", "linear",
-    "take", "values",
+    "E4M3_BITS", "dense_f32", "dequantize", "e4m3_bits_to_f32", "e4m3_from_bits", "is_quantized",
+    "linear", "take", "values",
 ]  # fmt: skip
