@@ -95,7 +95,7 @@ def test_an_older_format_version_says_rebuild(tiny_bundle, tmp_path, version):
         open_bundle(b)
     message = str(e.value)
     assert f"format_version {version}" in message and "written by aotlm 0.0.9" in message
-    assert f"reads formats 7, 8, 9, 10, {FORMAT_VERSION}: rebuild the bundle" in message
+    assert f"reads formats 7, 8, 9, 10, 11, {FORMAT_VERSION}: rebuild the bundle" in message
     assert "manifest.msgpack" in message
 
 

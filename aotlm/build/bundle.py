@@ -139,6 +139,7 @@ def _serving(build: BuildConfig, cfg, family: ModelFamily, platforms: tuple[str,
         decode_steps=build.decode_steps,
         attention=_attention(build, cfg),
         kv_cache_dtype=build.kv_cache_dtype,
+        kv_pages_dtype=kv_dtype(build),
     )
 
 

@@ -9,12 +9,13 @@ what an old bundle lacks.
 from __future__ import annotations
 
 FORMAT_NAME = "aotlm-bundle"
-FORMAT_VERSION = 11
+FORMAT_VERSION = 12
 # Older versions still read: 7 lacks sample_masked, so it serves every request but grammars;
 # 8 differs only in what 9 adds (new families' config fields, mesh.ep); 9 only in what 10 adds
 # (quantization, weights by kind); 10 only in what 11 adds (the fp8 KV cache, which no
-# format-10 bundle holds: its model.yaml refused it).
-READABLE = (7, 8, 9, 10, 11)
+# format-10 bundle holds: its model.yaml refused it); 11 only in what 12 adds (the pages' dtype
+# recorded; an 11 without it has pages in the serving dtype, bfloat16 included).
+READABLE = (7, 8, 9, 10, 11, 12)
 
 # version -> (date, what changed). Add a line for every change a reader can observe.
 CHANGELOG: dict[int, tuple[str, str]] = {
@@ -119,6 +120,12 @@ CHANGELOG: dict[int, tuple[str, str]] = {
         "`serving.kv_cache_dtype: fp8` means KV pages of uint8 holding float8_e4m3fn bits, "
         "with per-layer scales in the weights as kv_scale (f32 [L, 2]: keys, values), "
         "calibrated by the build; `quantization.kv_scales` {text, tokens, max} says on what.",
+    ),
+    12: (
+        "2026-12-08",
+        "`serving.kv_dtype` records the KV pages' storage dtype: uint8 (e4m3 bits) for the fp8 "
+        "cache, uint16 holding bfloat16 bits for a bfloat16 model (XLA:CPU does not scatter "
+        "into a bf16 pool in place), else the serving dtype.",
     ),
 }
 

@@ -26,8 +26,17 @@ Aval = tuple[tuple[int, ...], str]  # (shape, dtype name)
 
 
 def kv_dtype_name(dtype: str, kv_cache_dtype: str | None) -> str:
-    """The KV pages' storage dtype: uint8 holding e4m3 bits for ``kv_cache_dtype: fp8``
-    (aotlm/kernels/kv_quant.py), else the model's ``dtype``."""
+    """The KV pages' storage dtype: uint8 holding e4m3 bits for ``kv_cache_dtype: fp8``,
+    uint16 holding bfloat16 bits for a bfloat16 model (aotlm/kernels/kv_quant.py says why),
+    else the model's ``dtype``."""
+    if kv_cache_dtype == "fp8":
+        return "uint8"
+    return "uint16" if dtype == "bfloat16" else dtype
+
+
+def legacy_kv_dtype_name(dtype: str, kv_cache_dtype: str | None) -> str:
+    """The KV pages' dtype in bundles of format 11 and older, which do not record it: bfloat16
+    pages were stored as bfloat16."""
     return "uint8" if kv_cache_dtype == "fp8" else dtype
 
 
@@ -122,11 +131,15 @@ class Serving:
     decode_steps: int = 1  # K of decode[R]; 1: the bundle has no decode graphs
     attention: Attention | None = None
     kv_cache_dtype: str | None = None  # "fp8": e4m3 KV pages; None: pages in `dtype`
+    # The pages' storage dtype (kv_dtype_name); None in bundles of format 11 and older.
+    kv_pages_dtype: str | None = None
 
     @property
     def kv_dtype(self) -> str:
         """The KV pages' dtype name (jnp.dtype takes it)."""
-        return kv_dtype_name(self.dtype, self.kv_cache_dtype)
+        if self.kv_pages_dtype is not None:
+            return self.kv_pages_dtype
+        return legacy_kv_dtype_name(self.dtype, self.kv_cache_dtype)
 
 
 @dataclass(frozen=True)
@@ -228,6 +241,8 @@ def _serving_dict(s: Serving) -> dict:
         }
         if s.kv_cache_dtype is not None:
             out["kv_cache_dtype"] = s.kv_cache_dtype
+        if s.kv_pages_dtype is not None:
+            out["kv_dtype"] = s.kv_pages_dtype
     if s.attention is not None:
         a = s.attention
         out["attention"] = {

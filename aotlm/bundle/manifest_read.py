@@ -34,6 +34,7 @@ from aotlm.bundle.manifest import (
     ModelInfo,
     Serving,
     TargetEntry,
+    kv_dtype_name,
 )
 from aotlm.errors import BundleError
 
@@ -219,6 +220,10 @@ def _serving(m: dict, kind: str) -> Serving:
         kv["decode_steps"] = _positive(s, "decode_steps", at)
         kv["kv_cache_dtype"] = _field(s, "kv_cache_dtype", str, at, None)
         _expect(kv["kv_cache_dtype"] in (None, "fp8"), f"{at}kv_cache_dtype", "expected fp8")
+        kv["kv_pages_dtype"] = _field(s, "kv_dtype", str, at, None)
+        if kv["kv_pages_dtype"] is not None:  # format 12 on: as the graphs were built
+            want = kv_dtype_name(_field(s, "dtype", str, at), kv["kv_cache_dtype"])
+            _expect(kv["kv_pages_dtype"] == want, f"{at}kv_dtype", f"expected {want}")
         a = _map(s, "attention", at)
         kv["attention"] = Attention(
             impl=_field(a, "impl", str, f"{at}attention."),

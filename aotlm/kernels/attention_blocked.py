@@ -110,7 +110,7 @@ def paged_attention_blocked(
         page, offset = slots // page_size, slots % page_size
         keys = tuple(
             kv_quant.decode(pages[layer, page, offset], q.dtype)
-            if kv_quant.is_e4m3(pages)
+            if kv_quant.is_bits(pages)
             else pages[layer, page, offset]
             for pages in (k_pages, v_pages)
         )  # [T, KV, D]
@@ -271,7 +271,7 @@ class _Walk:
             ids = jax.lax.dynamic_slice_in_dim(pages, c * chunk, chunk, axis=1)  # [W, chunk]
             keys = k_pages[layer, ids].reshape(items, chunk_keys, kv_heads, head_dim)
             values = v_pages[layer, ids].reshape(items, chunk_keys, kv_heads, head_dim)
-            if kv_quant.is_e4m3(values):  # the fp8 cache: e4m3 bits, scales applied outside
+            if kv_quant.is_bits(values):  # e4m3 (scales applied outside) or bf16 bits
                 values = kv_quant.decode(values, q.dtype)
             keys = kv_quant.decode(keys, q.dtype).transpose(0, 2, 3, 1)  # [W, KV, D, keys]
             s = jax.lax.dot_general(

@@ -35,8 +35,8 @@ def write_kv(
         if kv_scale is None:
             raise ValueError("an fp8 (uint8 e4m3) KV cache needs the layer's kv_scale")
         k, v = kv_quant.encode(k, kv_scale[0]), kv_quant.encode(v, kv_scale[1])
-    k_pages = k_pages.at[layer, page, offset].set(k.astype(k_pages.dtype))
-    v_pages = v_pages.at[layer, page, offset].set(v.astype(v_pages.dtype))
+    k_pages = k_pages.at[layer, page, offset].set(kv_quant.store(k, k_pages))
+    v_pages = v_pages.at[layer, page, offset].set(kv_quant.store(v, v_pages))
     return k_pages, v_pages
 
 
@@ -57,7 +57,7 @@ def paged_attention_ref(
       k_pages, v_pages: [num_pages, S, KV, D], one layer of the cache; must already hold the keys
         and values of every position each token attends to, including the tokens of this call.
         uint8 pages hold e4m3 bits (the fp8 cache), read as their values: the scales are
-        applied by ``paged_attention`` (aotlm/kernels/kv_quant.py).
+        applied by ``paged_attention``; uint16 pages hold bf16 bits (aotlm/kernels/kv_quant.py).
       positions: i32[T], the sequence position of each query token (>= 0).
       token_req: i32[T], the row of ``block_tables`` each token belongs to.
       block_tables: i32[R, P], page ids of each request; entries past a request's length may hold
@@ -81,7 +81,7 @@ def paged_attention_ref(
     pages = block_tables[token_req]  # [T, P]
     keys = k_pages[pages].reshape(num_tokens, -1, kv_heads, head_dim)  # [T, P*S, KV, D]
     values = v_pages[pages].reshape(num_tokens, -1, kv_heads, head_dim)
-    if kv_quant.is_e4m3(values):
+    if kv_quant.is_bits(values):
         keys, values = kv_quant.decode(keys, q.dtype), kv_quant.decode(values, q.dtype)
     qg = q.reshape(num_tokens, kv_heads, group, head_dim)
     scores = jnp.einsum(

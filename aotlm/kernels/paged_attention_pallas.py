@@ -148,7 +148,7 @@ def _kernel(
         for h in range(num_kv):
             k = _head_rows(k_buf.at[slot], h)
             v = _head_rows(v_buf.at[slot], h)
-            if kv_quant.is_e4m3(v):  # the fp8 cache: bits in VMEM, decoded here, scaled outside
+            if kv_quant.is_bits(v):  # e4m3 or bf16 bits in VMEM, decoded here (fp8: scaled outside)
                 k, v = kv_quant.decode(k, q_ref.dtype), kv_quant.decode(v, q_ref.dtype)
             v = jnp.where(key_col <= max_pos, v, jnp.zeros_like(v))  # never 0 * garbage
             s = jax.lax.dot_general(

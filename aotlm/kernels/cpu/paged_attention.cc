@@ -9,7 +9,8 @@
 // (window 0: no window); scores and softmax in float32; output in q's dtype. Page ids and
 // positions past a request's block table are clamped, as XLA's gather clamps them.
 // Bump the target's version when this contract changes: bundles name the version they need
-// (u8 e4m3 pages are an extension: a library without them refuses u8 rather than misreading it).
+// (u8 e4m3 and u16 bf16-bits pages are extensions: a library without them refuses the dtype
+// rather than misreading it).
 
 #include <algorithm>
 #include <atomic>
@@ -146,6 +147,10 @@ bool KindOf(ffi::DataType t, Kind* kind) {
 bool KvKindOf(ffi::DataType t, Kind* kind) {
   if (t == ffi::DataType::U8) {
     *kind = Kind::kE4m3;
+    return true;
+  }
+  if (t == ffi::DataType::U16) {  // bfloat16 bits (aotlm/kernels/kv_quant.py)
+    *kind = Kind::kBf16;
     return true;
   }
   return KindOf(t, kind);
