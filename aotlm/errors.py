@@ -19,6 +19,11 @@ class BundleError(AotlmError):
     """A bundle is corrupt, incomplete or incompatible; the message names the file and what to do."""
 
 
+class AdapterError(AotlmError):
+    """A LoRA adapter is missing, malformed or does not fit the bundle; the message names the file
+    and the field."""
+
+
 class NoBucketError(AotlmError):
     """No bucket in a ladder is large enough for the requested size."""
 

@@ -123,6 +123,36 @@ def quantization(check: Checker, value: Any) -> tuple[str | None, str | None]:
     return weights, kv
 
 
+def lora(check: Checker, value: Any):
+    """`lora: {max_loras: N, max_rank: R, targets: [q_proj, ...]}` -> LoraConfig or None
+    (aotlm/models/lora.py). targets default to every projection of a decoder layer."""
+    from aotlm.models.lora import MAX_SLOT_COLUMNS, TARGETS, LoraConfig
+
+    if value is None:
+        return None
+    check.keys(value, "lora", ("max_loras", "max_rank", "targets"), ("max_loras", "max_rank"))
+    slots = check.positive_int(value["max_loras"], "lora.max_loras")
+    rank = check.positive_int(value["max_rank"], "lora.max_rank")
+    if slots * rank > MAX_SLOT_COLUMNS:
+        raise check.error(
+            "lora",
+            f"max_loras * max_rank = {slots * rank} exceeds {MAX_SLOT_COLUMNS}: every token "
+            "computes every slot's columns (aotlm/models/lora.py), so fewer slots or a lower "
+            "rank",
+        )
+    targets = value.get("targets", list(TARGETS))
+    if not isinstance(targets, list) or not targets:
+        raise check.error("lora.targets", f"expected a list of module names, got {targets!r}")
+    for i, t in enumerate(targets):
+        if t not in TARGETS:
+            raise check.error(
+                f"lora.targets[{i}]", f"unknown module {t!r}; supported: {', '.join(TARGETS)}"
+            )
+    if len(set(targets)) != len(targets):
+        raise check.error("lora.targets", "lists a module twice")
+    return LoraConfig(slots, rank, tuple(t for t in TARGETS if t in targets))
+
+
 def quality(check: Checker, value: Any, base: Path) -> tuple[Path | None, float | None, int]:
     """`quality: {text: FILE, max_kl: X, max_tokens: N}` -> (text or None for the shipped one,
     the KL bound or None, tokens evaluated)."""

@@ -29,6 +29,8 @@ from aotlm.kernels.grouped_mlp import swiglu
 from aotlm.kernels.paged_attention_pallas import BlockSizes
 from aotlm.kernels.quant_matmul import linear
 from aotlm.models.config import ModelConfig
+from aotlm.models.lora import delta as lora_delta
+from aotlm.models.lora import keep_mask
 from aotlm.models.moe import moe_mlp, split_experts
 from aotlm.models.quantize import quantized_avals, quantized_specs
 from aotlm.models.sharding import (
@@ -201,10 +203,30 @@ def layer_attention(
     return scaled
 
 
-def _attention_block(cfg: ModelConfig, lp: Params, h: jax.Array, cos: jax.Array, sin: jax.Array):
+def project(x: jax.Array, lp: Params, name: str, adapted: Params | None, keep) -> jax.Array:
+    """x @ the layer's weight ``name``, plus each token's LoRA update where the bundle adapts it
+    (``adapted``: the layer's slots, aotlm/models/lora.py; ``keep``: the tokens' slot mask)."""
+    y = linear(x, lp[name])
+    if adapted is not None and name in adapted:
+        y = y + lora_delta(x, adapted[name], keep)
+    return y
+
+
+def mlp(lp: Params, h: jax.Array, adapted: Params | None = None, keep=None) -> jax.Array:
+    """The dense gated MLP, with LoRA updates on its projections when there are slots."""
+    if adapted is None or not any(n in adapted for n in ("w_gate", "w_up", "w_down")):
+        return swiglu(h, lp["w_gate"], lp["w_up"], lp["w_down"])
+    gate, up = project(h, lp, "w_gate", adapted, keep), project(h, lp, "w_up", adapted, keep)
+    return project(jax.nn.silu(gate) * up, lp, "w_down", adapted, keep)
+
+
+def _attention_block(
+    cfg: ModelConfig, lp: Params, h: jax.Array, cos: jax.Array, sin: jax.Array,
+    adapted: Params | None = None, keep=None,
+):  # fmt: skip
     """Project h [T,H] to RoPE'd q [T,NH,D] and k, v [T,KV,D]."""
     t, d = h.shape[0], cfg.head_dim
-    q, k, v = linear(h, lp["wq"]), linear(h, lp["wk"]), linear(h, lp["wv"])
+    q, k, v = (project(h, lp, n, adapted, keep) for n in ("wq", "wk", "wv"))
     if cfg.attention_bias:
         q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
     q = q.reshape(t, cfg.num_heads, d)
@@ -216,6 +238,17 @@ def _attention_block(cfg: ModelConfig, lp: Params, h: jax.Array, cos: jax.Array,
             rms_norm(k, lp["k_norm"], cfg.rms_norm_eps),
         )
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+
+def lora_inputs(params: Params, adapters: jax.Array | None, rank: int | None, dtype):
+    """(the scan's per-layer LoRA slots or None, the tokens' slot mask or None)."""
+    slots = params.get("lora")
+    if (slots is None) != (adapters is None) or (slots is None) != (rank is None):
+        raise ValueError("LoRA needs params['lora'], the tokens' adapters and lora_rank together")
+    if slots is None:
+        return None, None
+    width = next(iter(slots.values()))["a"].shape[-1]
+    return slots, keep_mask(adapters, width, rank, dtype)
 
 
 def forward(
@@ -233,6 +266,8 @@ def forward(
     block_sizes: BlockSizes | None = None,
     cpu_attention: str = "kernel",
     mesh: AbstractMesh | None = None,
+    adapters: jax.Array | None = None,
+    lora_rank: int | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """One step over a flat, padded batch of T tokens from up to R requests (internals.md).
 
@@ -244,7 +279,9 @@ def forward(
     the blocked jnp path) and the blocked jnp path on GPU, chosen inside the graph
     (``attention_impl="auto"``), so one multi-platform export carries them all. ``mesh``: the
     tensor-parallel mesh the arguments are sharded over (aotlm/models/sharding.py), which
-    decides how attention is split; None: one device.
+    decides how attention is split; None: one device. ``adapters``: i32[T], each token's LoRA
+    slot (0: none) over ``params["lora"]``, slots of ``lora_rank`` columns (static;
+    aotlm/models/lora.py); None: no adapters.
     """
     cos, sin = rope(positions, rope_inv_freq(cfg))
     eps = cfg.rms_norm_eps
@@ -255,26 +292,29 @@ def forward(
     experts = shard_experts(cfg, mesh) if mesh is not None and cfg.is_moe else None
     valid = slots >= k_pages.shape[2]  # padding writes the trash page 0: routed nowhere
 
+    slots_of, keep = lora_inputs(params, adapters, lora_rank, params["embed"].dtype)
+
     def layer(carry, xs):
         x, k_pages, v_pages = carry
-        lp, index, kv_scale = xs
-        q, k, v = _attention_block(cfg, lp, rms_norm(x, lp["attn_norm"], eps), cos, sin)
+        lp, index, kv_scale, adapted = xs
+        h = rms_norm(x, lp["attn_norm"], eps)
+        q, k, v = _attention_block(cfg, lp, h, cos, sin, adapted, keep)
         k_pages, v_pages = write_kv(k_pages, v_pages, index, k, v, slots, kv_scale)
         attn = attend(
             q, k_pages, v_pages, positions, token_req, block_tables, index, slots,
             kv_scale=kv_scale,
         )  # fmt: skip
-        x = x + linear(attn.reshape(attn.shape[0], -1), lp["wo"])
+        x = x + project(attn.reshape(attn.shape[0], -1), lp, "wo", adapted, keep)
         h = rms_norm(x, lp["mlp_norm"], eps)
         if cfg.is_moe:
             x = x + moe_mlp(cfg, lp, stacked, index, h, valid, experts)
         else:
-            x = x + swiglu(h, lp["w_gate"], lp["w_up"], lp["w_down"])
+            x = x + mlp(lp, h, adapted, keep)
         return (x, k_pages, v_pages), None
 
     x = params["embed"][tokens]
     layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
     per_layer, stacked = split_experts(params["layers"])
-    xs = (per_layer, layer_ids, params.get("kv_scale"))
+    xs = (per_layer, layer_ids, params.get("kv_scale"), slots_of)
     (x, k_pages, v_pages), _ = jax.lax.scan(layer, (x, k_pages, v_pages), xs)
     return rms_norm(x, params["final_norm"], eps), k_pages, v_pages
