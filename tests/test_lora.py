@@ -199,3 +199,58 @@ def test_the_lora_field_of_model_yaml_names_what_is_wrong():
     ]:
         with pytest.raises(ConfigError, match=where):
             lora(check, bad)
+
+
+@pytest.fixture(scope="module")
+def lora_bundle(tiny_checkpoint, tmp_path_factory):
+    from bundle_factory import build_from_yaml, write_model_yaml
+
+    root = tmp_path_factory.mktemp("lora-bundle")
+    spec = write_model_yaml(
+        root, tiny_checkpoint, lora={"max_loras": 2, "max_rank": 8}, decode_steps=4
+    )
+    build_from_yaml(spec, root / "bundle")
+    adapter = make_adapter(tiny_checkpoint, root / "adapter", rank=4, seed=5)
+    return root / "bundle", adapter
+
+
+def test_a_bundle_takes_adapters_as_data_and_matches_peft(lora_bundle, tiny_checkpoint):
+    """The slots are graph inputs: loading an adapter is a transfer, the logits of a prompt and
+    the greedy tokens of multi-step decode under it are PEFT's, and nothing compiles."""
+    from bundle_factory import bundle_last_logits
+
+    from aotlm.bundle import read_manifest
+    from aotlm.runtime.generation.batch import ChunkInput
+    from aotlm.runtime.generation.engine import Engine
+
+    bundle, adapter = lora_bundle
+    lora = read_manifest(bundle)[0].serving.lora
+    assert lora == {"max_loras": 2, "max_rank": 8, "targets": list(ALL)}
+    engine = Engine.from_bundle(bundle)
+    runner = engine.runner
+    config = LoraConfig(2, 8, ALL)
+    shapes = layer_shapes(engine.loaded.model)
+    stacks = empty_lora(shapes, config, np.float32)
+    write_slot(stacks, 2, read_adapter(adapter, shapes, config).updates, config)
+    runner.set_lora_slots(stacks)
+    prompt = PROMPTS[0] * 3
+    base = bundle_last_logits(engine, prompt)
+    np.testing.assert_allclose(
+        base, peft_logits(tiny_checkpoint, None, prompt)[-1], atol=2e-4 * np.abs(base).max()
+    )
+    table = list(range(1, 1 + runner.pages_per_seq))
+    (ours,) = runner.compute_logits([ChunkInput(prompt, 0, table, samples=True, adapter=2)])
+    ref = peft_logits(tiny_checkpoint, adapter, prompt)[-1]
+    np.testing.assert_allclose(ours, ref, atol=2e-4 * np.abs(ref).max())
+    assert np.abs(ours - base).max() > 0.05 * np.abs(base).max(), "the adapter changed nothing"
+    # Greedy decode under the adapter, 4 steps per call, against PEFT's argmax continuation.
+    tokens = [*prompt, int(ours.argmax())]
+    for _ in range(2):
+        last = ChunkInput([tokens[-1]], len(tokens) - 1, table, samples=True, adapter=2)
+        out = runner.execute_decode([last], [len(tokens) + 3], 4)[0]
+        tokens += [s.token_id for s in out]
+    want = list(prompt)
+    for _ in range(len(tokens) - len(prompt)):
+        want.append(int(peft_logits(tiny_checkpoint, adapter, want)[-1].argmax()))
+    assert tokens == want
+    assert engine.compiles_after_ready == 0

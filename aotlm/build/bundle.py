@@ -42,6 +42,7 @@ from aotlm.kernels.paged_attention_pallas import BlockSizes
 from aotlm.models import ModelConfig
 from aotlm.models import compressed_tensors as ct
 from aotlm.models.checkpoint import flatten_params
+from aotlm.models.lora import MLP_TARGETS
 from aotlm.models.quantize import KEPT, quantize_params, weights_by_kind
 from aotlm.models.sharding import check_mesh
 from aotlm.safetensors_io import serialize_safetensors
@@ -76,6 +77,18 @@ def check_model_fits(build: BuildConfig, cfg: ModelConfig) -> None:
             f"{name}: max_seq_len: {build.max_seq_len} is longer than the checkpoint's "
             f"max_position_embeddings ({cfg.max_position_embeddings})"
         )
+    if build.lora is not None:
+        if cfg.is_gemma:
+            raise ConfigError(f"{name}: lora: not supported for Gemma 3 yet; remove lora")
+        if build.tp * build.ep > 1:
+            raise ConfigError(f"{name}: lora: not supported with a mesh yet; remove mesh or lora")
+        mlp = [t for t in build.lora.targets if t in MLP_TARGETS]
+        if cfg.is_moe and mlp:
+            raise ConfigError(
+                f"{name}: lora.targets: {', '.join(mlp)}: a mixture-of-experts layer has no "
+                "dense MLP to adapt (its experts are not LoRA targets); list attention "
+                "projections only"
+            )
 
 
 def tokenizer_files(checkpoint: Path) -> dict[str, bytes]:
@@ -140,6 +153,7 @@ def _serving(build: BuildConfig, cfg, family: ModelFamily, platforms: tuple[str,
         attention=_attention(build, cfg),
         kv_cache_dtype=build.kv_cache_dtype,
         kv_pages_dtype=kv_dtype(build),
+        lora=build.lora.to_dict() if build.lora is not None else None,
     )
 
 
@@ -252,7 +266,9 @@ def build_bundle(
         plans = [TargetPlan(t, STABLEHLO, "compiled tier not requested") for t in targets]
     files = tokenizer_files(build.model)
     specs = family.step_specs(cfg, build)
-    params_per_device = params_avals(cfg, build) if build.tp * build.ep > 1 else None
+    # On a mesh: each device's shards; with LoRA the slots too (params_avals adds them).
+    with_slots = build.tp * build.ep > 1 or build.lora is not None
+    params_per_device = params_avals(cfg, build) if with_slots else None
     resident = (
         nbytes(
             params_per_device

@@ -24,6 +24,7 @@ from aotlm.bundle.manifest import ENCODER
 from aotlm.errors import ConfigError
 from aotlm.models.catalog import checkpoint_kind
 from aotlm.models.compressed_tensors import PreQuantized, read_prequantized
+from aotlm.models.lora import LoraConfig
 
 DTYPES = ("float32", "bfloat16")
 MAX_PAGE_SIZE = 1024
@@ -43,6 +44,7 @@ _TOP_KEYS = (
     "decode_steps",
     "quantization",
     "quality",
+    "lora",
 )
 _REQUIRED_TOP = ("model", "dtype", "max_seq_len", "buckets")
 _BUCKET_KEYS = ("tokens", "requests", "page_size")
@@ -105,6 +107,9 @@ class BuildConfig:
     quality_text: Path | None = None
     quality_max_kl: float | None = None
     quality_tokens: int = fields.DEFAULT_QUALITY_TOKENS
+    # `lora: {max_loras, max_rank, targets}`: adapter slots the graphs take as data
+    # (aotlm/models/lora.py); None: no adapters.
+    lora: LoraConfig | None = None
 
     @property
     def quantized(self) -> bool:
@@ -266,6 +271,7 @@ def parse_build_config(data: dict, source: Path) -> BuildConfig:
         quality_text=quality_text,
         quality_max_kl=max_kl,
         quality_tokens=quality_tokens,
+        lora=fields.lora(check, data.get("lora")),
     )
 
 
@@ -294,6 +300,10 @@ def _encoder_config(
                 "the checkpoint is an encoder (embedding model): it keeps no KV cache and "
                 "generates no tokens, so this key does not apply; remove it",
             )
+    if "lora" in data:
+        raise check.error(
+            "lora", "the checkpoint is an encoder (embedding model): adapters serve decoders"
+        )
     if "quality" in data:
         raise check.error(
             "quality",

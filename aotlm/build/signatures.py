@@ -14,7 +14,8 @@ from aotlm.bundle.manifest import kv_dtype_name
 from aotlm.kernels.sampling import bitmask_words
 from aotlm.kernels.step_inputs import DecodeRows, Penalties, Sampling, TokenMask
 from aotlm.models import ModelConfig, abstract_params
-from aotlm.models.llama import param_specs
+from aotlm.models.llama import layer_shapes, param_specs
+from aotlm.models.lora import abstract_lora
 from aotlm.models.sharding import REPLICATED, abstract_mesh, kv_spec, with_shardings
 
 I32 = jnp.int32
@@ -57,6 +58,8 @@ def params_avals(cfg: ModelConfig, build: BuildConfig) -> dict:
     """The abstract params; on a mesh each carries its sharding (Megatron layout)."""
     quant = (build.weights_quant, build.kv_cache_dtype)
     params = abstract_params(cfg, build.dtype, *quant)
+    if build.lora is not None:  # the adapter slots, zeros until the server loads adapters
+        params["lora"] = abstract_lora(layer_shapes(cfg), build.lora, build.dtype)
     if build.tp * build.ep > 1:
         specs = param_specs(cfg, build.tp, build.ep, *quant)
         return with_shardings(params, specs, abstract_mesh(build.tp, build.ep))
@@ -80,6 +83,11 @@ def _on_mesh(spec: StepSpec, tp: int, ep: int) -> StepSpec:
     return StepSpec(spec.name, spec.bucket, args, out)
 
 
+def adapters(build: BuildConfig, n: int) -> tuple[jax.ShapeDtypeStruct, ...]:
+    """The LoRA slot per token (forward) or row (decode), i32[n], in a bundle with ``lora``."""
+    return (_s((n,), I32),) if build.lora is not None else ()
+
+
 def head_aval(cfg: ModelConfig, build: BuildConfig) -> jax.ShapeDtypeStruct:
     return _s((cfg.vocab_size, cfg.hidden_size), jnp.dtype(build.dtype))
 
@@ -97,9 +105,8 @@ def step_specs(cfg: ModelConfig, build: BuildConfig) -> list[StepSpec]:
     for t in build.token_buckets:
         tok = _s((t,), I32)
         tables = _s((r_max, build.pages_per_seq), I32)
-        specs.append(
-            StepSpec("forward", {"tokens": t}, (params, kv, kv, tok, tok, tok, tok, tables))
-        )
+        args = (params, kv, kv, tok, tok, tok, tok, tables)
+        specs.append(StepSpec("forward", {"tokens": t}, args + adapters(build, t)))
     head = head_aval(cfg, build)
     for t in build.token_buckets:
         for r in build.request_buckets:
@@ -119,7 +126,7 @@ def step_specs(cfg: ModelConfig, build: BuildConfig) -> list[StepSpec]:
         for r in build.request_buckets:
             rows = DecodeRows.avals(r, pages_per_seq=build.pages_per_seq)
             args = (params, kv, kv, rows, Sampling.avals(r), _s((), I32))
-            specs.append(StepSpec("decode", {"requests": r}, args))
+            specs.append(StepSpec("decode", {"requests": r}, args + adapters(build, r)))
     if build.tp * build.ep > 1:
         return [_on_mesh(spec, build.tp, build.ep) for spec in specs]
     return specs

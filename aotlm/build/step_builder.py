@@ -82,10 +82,11 @@ class StepBuilder:
     def __init__(
         self, family: ModelFamily, cfg, build: BuildConfig, plans, cache: BuildCache | None
     ):
+        lora = {"lora": True} if build.lora is not None else {}
         self.fns = (
-            family.sharded_step_functions(cfg, build.tp, build.ep)  # type: ignore[misc]
+            family.sharded_step_functions(cfg, build.tp, build.ep, **lora)  # type: ignore[misc]
             if build.tp * build.ep > 1
-            else family.step_functions(cfg)
+            else family.step_functions(cfg, **lora)
         )
         if "forward" in self.fns:
             # Static arguments of the traced forward (and of the forward inside decode): what a
@@ -93,6 +94,8 @@ class StepBuilder:
             static: dict = {"cpu_attention": build.attention_cpu}
             if build.attention_blocks != (None, None):
                 static["block_sizes"] = BlockSizes(*build.attention_blocks)
+            if build.lora is not None:
+                static["lora_rank"] = build.lora.max_rank
             for name in ("forward", "decode"):
                 if name in self.fns:
                     self.fns[name] = functools.partial(self.fns[name], **static)

@@ -40,6 +40,7 @@ def decode_steps(
     rows: DecodeRows,
     sampling: Sampling,
     num_steps: jax.Array,
+    adapters: jax.Array | None = None,
     *,
     max_steps: int,
     **forward_kwargs,
@@ -50,7 +51,8 @@ def decode_steps(
     last position it may write (its pages end there, or its max_tokens / max_seq_len does): past
     it the row writes the trash page and its tokens are junk the host drops. sampling: as
     sample[R] takes it; its ``step`` is the row's generated-token count, so a seeded row draws
-    exactly what single steps would. num_steps: i32 scalar <= max_steps.
+    exactly what single steps would. num_steps: i32 scalar <= max_steps. adapters: i32[R], each
+    row's LoRA slot, in a bundle with ``lora`` (aotlm/models/lora.py).
     Returns (tokens i32[K, R], logprobs f32[K, R], top ids i32[K, R, 20], top logprobs
     f32[K, R, 20], k_pages, v_pages); rows past ``num_steps`` are zeros.
     """
@@ -61,6 +63,8 @@ def decode_steps(
     req = jnp.arange(n, dtype=jnp.int32)
     head = lm_head(cfg, params)
     top = min(TOP_LOGPROBS, cfg.vocab_size)
+    if adapters is not None:  # one token per row: the rows' slots are the tokens'
+        forward_kwargs = forward_kwargs | {"adapters": adapters}
     outs = (
         jnp.zeros((max_steps, n), jnp.int32),
         jnp.zeros((max_steps, n), jnp.float32),
@@ -87,17 +91,33 @@ def decode_steps(
     return (*outs, k_pages, v_pages)
 
 
-def step_functions(cfg: ModelConfig, tp: int = 1, ep: int = 1) -> dict[str, Callable]:
+def forward_with_adapters(
+    fwd: Callable, params, k_pages, v_pages, tokens, positions, slots, token_req, block_tables,
+    adapters, **kwargs,
+):  # fmt: skip
+    """forward with each token's LoRA slot, i32[T], as its last positional argument (the
+    exported calling convention of a bundle with ``lora``)."""
+    return fwd(
+        params, k_pages, v_pages, tokens, positions, slots, token_req, block_tables,
+        adapters=adapters, **kwargs,
+    )  # fmt: skip
+
+
+def step_functions(
+    cfg: ModelConfig, tp: int = 1, ep: int = 1, lora: bool = False
+) -> dict[str, Callable]:
     """The step functions for one model config, keyed by the names the manifest uses.
 
     ``tp`` * ``ep`` > 1: for a tensor- (and expert-) parallel mesh (aotlm/models/sharding.py). The arguments' shardings
     come with the traced signatures; only forward's attention needs to know the mesh. decode
-    needs ``max_steps=`` bound by the builder (model.yaml's decode_steps).
+    needs ``max_steps=`` bound by the builder (model.yaml's decode_steps). ``lora``: forward and
+    decode take each token's (row's) adapter slot as a last argument, and both need
+    ``lora_rank=`` bound by the builder.
     """
     mesh = abstract_mesh(tp, ep) if tp * ep > 1 else None
     fwd = functools.partial(forward, cfg, mesh=mesh)
     return {
-        "forward": fwd,
+        "forward": functools.partial(forward_with_adapters, fwd) if lora else fwd,
         "logits": functools.partial(logits_step, cfg),
         "sample": sample,
         "sample_penalized": sample_penalized,

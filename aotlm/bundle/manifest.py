@@ -133,6 +133,9 @@ class Serving:
     kv_cache_dtype: str | None = None  # "fp8": e4m3 KV pages; None: pages in `dtype`
     # The pages' storage dtype (kv_dtype_name); None in bundles of format 11 and older.
     kv_pages_dtype: str | None = None
+    # model.yaml `lora:` as {max_loras, max_rank, targets} (aotlm/models/lora.py): forward and
+    # decode take adapter slots; None: no adapters.
+    lora: Mapping[str, Any] | None = None
 
     @property
     def kv_dtype(self) -> str:
@@ -243,6 +246,8 @@ def _serving_dict(s: Serving) -> dict:
             out["kv_cache_dtype"] = s.kv_cache_dtype
         if s.kv_pages_dtype is not None:
             out["kv_dtype"] = s.kv_pages_dtype
+        if s.lora is not None:
+            out["lora"] = dict(s.lora)
     if s.attention is not None:
         a = s.attention
         out["attention"] = {

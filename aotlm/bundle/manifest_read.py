@@ -224,6 +224,7 @@ def _serving(m: dict, kind: str) -> Serving:
         if kv["kv_pages_dtype"] is not None:  # format 12 on: as the graphs were built
             want = kv_dtype_name(_field(s, "dtype", str, at), kv["kv_cache_dtype"])
             _expect(kv["kv_pages_dtype"] == want, f"{at}kv_dtype", f"expected {want}")
+        kv["lora"] = _lora(s, at) if "lora" in s else None
         a = _map(s, "attention", at)
         kv["attention"] = Attention(
             impl=_field(a, "impl", str, f"{at}attention."),
@@ -247,6 +248,14 @@ def _serving(m: dict, kind: str) -> Serving:
         ep=ep,
         **kv,
     )
+
+
+def _lora(s: dict, at: str) -> dict:
+    lora = _map(s, "lora", at)
+    where = f"{at}lora."
+    out = {k: _field(lora, k, int, where) for k in ("max_loras", "max_rank")}
+    _expect(min(out.values()) >= 1, f"{at}lora", "expected positive max_loras and max_rank")
+    return out | {"targets": list(_strings(lora, "targets", where))}
 
 
 def _buckets(m: dict) -> Buckets:

@@ -12,8 +12,8 @@ of slot s adds ``((x @ a) * keep_s) @ b``, ``keep_s`` zeroing the other slots' c
 rather than gathering each token's A and B (``a[slot]``: ``[T, in, R]`` per target, then a batched
 matmul): two plain dots over all slots cost ``T * (in + out) * N * R`` multiply-adds, ~N*R / in of
 the base projection (8 slots of rank 16 on a 1024-wide model: 1/8 of it), with no gather of
-``T * in * R`` weights, and they shard like the base weight (a column-parallel W's ``b`` split on
-its output, a row-parallel W's ``a`` on its input). Past N*R ~ in / 2 a grouped (ragged) matmul
+``T * in * R`` weights (and they would shard like the base weight: a column-parallel W's ``b``
+split on its output, a row-parallel W's ``a`` on its input). Past N*R ~ in / 2 a grouped (ragged) matmul
 over slots is the better kernel; model.yaml bounds N*R (``MAX_SLOT_COLUMNS``) for that reason.
 """
 
@@ -62,6 +62,11 @@ class LoraConfig:
             "max_rank": self.max_rank,
             "targets": list(self.targets),
         }
+
+
+def lora_config(record: dict[str, Any]) -> LoraConfig:
+    """The manifest's ``serving.lora`` record as a LoraConfig."""
+    return LoraConfig(record["max_loras"], record["max_rank"], tuple(record["targets"]))
 
 
 def target_shapes(shapes: dict[str, tuple[int, ...]], lora: LoraConfig) -> dict[str, tuple]:
@@ -138,6 +143,7 @@ __all__ = [
     "delta",
     "empty_lora",
     "keep_mask",
+    "lora_config",
     "target_shapes",
     "write_slot",
 ]

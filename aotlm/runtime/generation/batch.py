@@ -40,6 +40,7 @@ class ChunkInput:
     want_logprobs: bool = False  # return the sampled token's logprob (and num_top alternatives)
     # Under a grammar: the tokens it allows next, a packed int32 row (see TokenMask); () is free.
     bitmask: Sequence[int] | np.ndarray = ()
+    adapter: int = 0  # the LoRA slot the sequence's adapter is in (0: the base model)
 
     @property
     def penalized(self) -> bool:
@@ -65,6 +66,9 @@ class StepArrays:
     penalties: Penalties | None = None
     # Only when some sampling row is under a grammar (then sample_masked runs).
     mask: TokenMask | None = None
+    # i32[T]: each token's LoRA slot (0 for padding and the base model); forward takes it in a
+    # bundle with lora.
+    adapters: np.ndarray | None = None
 
 
 def pack_step(
@@ -87,6 +91,7 @@ def pack_step(
     positions = np.zeros(t_bucket, np.int32)
     slots = np.zeros(t_bucket, np.int32)
     token_req = np.zeros(t_bucket, np.int32)
+    adapters = np.zeros(t_bucket, np.int32)
     tables = np.zeros((r_max, pages_per_seq), np.int32)
     rows, sample_chunks = [], []
     at = 0
@@ -98,6 +103,7 @@ def pack_step(
         positions[at : at + k] = pos
         slots[at : at + k] = table[pos // page_size] * page_size + pos % page_size
         token_req[at : at + k] = i
+        adapters[at : at + k] = c.adapter
         tables[i, : len(table)] = table
         at += k
         if c.samples:
@@ -121,4 +127,5 @@ def pack_step(
             else None
         ),
         mask=TokenMask.pack(picked, r_bucket, mask_words=mask_words) if masked else None,
+        adapters=adapters,
     )

@@ -19,6 +19,7 @@ from aotlm.buckets import pick_bucket
 from aotlm.kernels.sampling import bitmask_words
 from aotlm.kernels.step_inputs import DecodeRows, Sampling
 from aotlm.models import lm_head
+from aotlm.models.lora import lora_config
 from aotlm.runtime.generation.batch import ChunkInput, StepArrays, pack_step
 from aotlm.runtime.load.loader import LoadedBundle
 
@@ -55,6 +56,14 @@ class ModelRunner:
         # decode[R] runs up to this many steps per call (1: the bundle has no decode graphs).
         self.decode_steps = s.decode_steps
         self.mask_words = bitmask_words(loaded.model.vocab_size)
+        # A bundle with lora: forward and decode take each token's (row's) adapter slot.
+        lora = loaded.bundle.manifest.serving.lora
+        self.lora = lora_config(lora) if lora is not None else None
+
+    def set_lora_slots(self, stacks: dict) -> None:
+        """Replace every adapter slot with host ``stacks`` (aotlm/models/lora.py's layout): a
+        transfer between steps, never a compile."""
+        self.params = {**self.params, "lora": jax.device_put(stacks)}
 
     def pack(self, chunks: Sequence[ChunkInput]) -> StepArrays:
         return pack_step(
@@ -75,6 +84,7 @@ class ModelRunner:
         """forward over the packed tokens, then the LM head on the rows that sample."""
         self.real_tokens += step.real_tokens
         self.padded_tokens += step.tokens
+        adapters = (step.adapters,) if self.lora is not None else ()
         hidden, self.k_pages, self.v_pages = self._call(
             "forward",
             (step.tokens,),
@@ -82,6 +92,7 @@ class ModelRunner:
             self.k_pages,
             self.v_pages,
             *step.forward,
+            *adapters,
         )
         if not step.sample_chunks:
             return None
@@ -149,7 +160,7 @@ class ModelRunner:
         out = self._call(
             "decode", (rows,), self.params, self.k_pages, self.v_pages,
             DecodeRows.pack(where, rows, pages_per_seq=self.pages_per_seq),
-            Sampling.pack(chunks, rows), np.int32(num_steps),
+            Sampling.pack(chunks, rows), np.int32(num_steps), *self._row_adapters(chunks, rows),
         )  # fmt: skip
         *sampled, self.k_pages, self.v_pages = out
         outputs = [np.asarray(x) for x in sampled]  # each [K, R, ...]
@@ -157,6 +168,13 @@ class ModelRunner:
             i: [_sampled([x[j] for x in outputs], i, c.num_top) for j in range(kept[i])]
             for i, c in enumerate(chunks)
         }
+
+    def _row_adapters(self, chunks: Sequence[ChunkInput], rows: int) -> tuple[np.ndarray, ...]:
+        if self.lora is None:
+            return ()
+        slots = np.zeros(rows, np.int32)
+        slots[: len(chunks)] = [c.adapter for c in chunks]
+        return (slots,)
 
 
 def _sampled(outputs: Sequence[np.ndarray], row: int, num_top: int) -> Sampled:

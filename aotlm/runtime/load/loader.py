@@ -37,6 +37,8 @@ from aotlm.models import ModelConfig
 from aotlm.models.bert import EncoderConfig
 from aotlm.models.catalog import model_config
 from aotlm.models.checkpoint import unflatten_params
+from aotlm.models.llama import layer_shapes
+from aotlm.models.lora import empty_lora, lora_config
 from aotlm.runtime.load.compile_guard import CompileCounter
 from aotlm.runtime.load.placement import (
     forward_shardings,
@@ -222,7 +224,14 @@ def load_bundle(
     model = model_config(bundle.manifest.model, bundle.path)
     kv_sharding = None
     if mesh is None:
-        params = jax.device_put(unflatten_params(read_safetensors(bundle.file(WEIGHTS_FILE))))
+        params = unflatten_params(read_safetensors(bundle.file(WEIGHTS_FILE)))
+        if bundle.manifest.serving.lora is not None:  # the adapter slots start empty
+            params["lora"] = empty_lora(
+                layer_shapes(model),
+                lora_config(bundle.manifest.serving.lora),
+                params["embed"].dtype,
+            )
+        params = jax.device_put(params)
     else:  # each device gets its shards, as the forward export lays them out
         forward = _deserialize_export(bundle, bundle.manifest.function("forward"))
         shardings, kv_sharding = forward_shardings(forward, mesh)
