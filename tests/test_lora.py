@@ -214,6 +214,25 @@ def lora_bundle(tiny_checkpoint, tmp_path_factory):
     return root / "bundle", adapter
 
 
+@pytest.fixture(scope="module")
+def three_adapters(lora_bundle, tiny_checkpoint, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("three")
+    return {
+        "a": lora_bundle[1],
+        "b": make_adapter(
+            tiny_checkpoint, root / "b", rank=8, targets=("q_proj", "v_proj"), seed=6
+        ),
+        "c": make_adapter(tiny_checkpoint, root / "c", rank=2, seed=7, use_rslora=True),
+    }
+
+
+def peft_greedy(base: Path, adapter: Path | None, prompt: list[int], n: int) -> list[int]:
+    tokens = list(prompt)
+    for _ in range(n):
+        tokens.append(int(peft_logits(base, adapter, tokens)[-1].argmax()))
+    return tokens[len(prompt) :]
+
+
 def test_a_bundle_takes_adapters_as_data_and_matches_peft(lora_bundle, tiny_checkpoint):
     """The slots are graph inputs: loading an adapter is a transfer, the logits of a prompt and
     the greedy tokens of multi-step decode under it are PEFT's, and nothing compiles."""
@@ -253,4 +272,69 @@ def test_a_bundle_takes_adapters_as_data_and_matches_peft(lora_bundle, tiny_chec
     for _ in range(len(tokens) - len(prompt)):
         want.append(int(peft_logits(tiny_checkpoint, adapter, want)[-1].argmax()))
     assert tokens == want
+    assert engine.compiles_after_ready == 0
+
+
+def _engine(bundle: Path, adapters: dict[str, Path]):
+    from aotlm.runtime.generation.engine import Engine
+
+    engine = Engine.from_bundle(bundle)
+    for name, path in adapters.items():
+        engine.adapters.register(name, path)
+    return engine
+
+
+def test_more_adapters_than_slots_in_one_batch_each_get_peft_tokens(
+    lora_bundle, three_adapters, tiny_checkpoint
+):
+    """Three adapters and the base in one generate call on a 2-slot bundle: requests wait for a
+    slot instead of failing, and each gets exactly what PEFT gives it alone."""
+    from aotlm.runtime.generation.sampling_params import SamplingParams
+
+    engine = _engine(lora_bundle[0], three_adapters)
+    names = ["a", "b", None, "c", "a"]
+    prompts = [PROMPTS[i % 3] * 2 for i in range(len(names))]
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    results = engine.generate(prompts, params, adapters=names)
+    for prompt, name, (completion,) in zip(prompts, names, results, strict=True):
+        path = three_adapters[name] if name else None
+        assert list(completion.token_ids) == peft_greedy(tiny_checkpoint, path, prompt, 6), name
+    assert engine.adapters.swaps >= 3  # c had to wait for a slot a or b gave up
+    assert engine.compiles_after_ready == 0
+
+
+def test_the_prefix_cache_is_never_shared_across_adapters(lora_bundle, three_adapters):
+    from aotlm.runtime.generation.sampling_params import SamplingParams
+
+    engine = _engine(lora_bundle[0], three_adapters)
+    bm = engine.block_manager
+    prompt = list(range(5, 5 + 40))  # two full pages of 16
+    params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+    hits = []
+    for name in ("a", "b", None, "a"):
+        before = bm.prefix_hits
+        engine.generate([prompt], params, adapters=[name])
+        hits.append(bm.prefix_hits - before)
+    assert hits == [0, 0, 0, 32], hits  # only the same adapter's second request reuses KV
+
+
+def test_unloading_an_adapter_while_it_runs_loses_nothing(lora_bundle, three_adapters):
+    from aotlm.errors import RequestError
+    from aotlm.runtime.generation.sampling_params import SamplingParams
+
+    engine = _engine(lora_bundle[0], {"a": three_adapters["a"]})
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    (seq,) = engine.add_request(PROMPTS[0], params, "a")
+    engine.step()
+    engine.adapters.unregister("a")
+    with pytest.raises(RequestError, match="adapter 'a'"):
+        engine.add_request(PROMPTS[0], params, "a")
+    while engine.has_unfinished:
+        engine.step()
+    assert len(seq.output_token_ids) == 8 and engine.adapters.slot_of("a") is None
+    engine.adapters.register("a", three_adapters["a"])  # loads again under the same name
+    with pytest.raises(AdapterError, match="already loaded"):
+        engine.adapters.register("a", three_adapters["a"])
+    with pytest.raises(AdapterError, match=r"lora_name: '\.\./x'"):
+        engine.adapters.register("../x", three_adapters["a"])
     assert engine.compiles_after_ready == 0

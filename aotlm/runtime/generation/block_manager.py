@@ -149,7 +149,8 @@ class BlockManager:
         hashes, tokens, size = seq.page_hashes, seq.all_token_ids, self.page_size
         while len(hashes) < num_pages:
             i = len(hashes)
-            hashes.append(page_hash(hashes[-1] if i else b"", tokens[i * size : (i + 1) * size]))
+            parent = hashes[-1] if i else seq.cache_salt  # the first page's: the adapter's salt
+            hashes.append(page_hash(parent, tokens[i * size : (i + 1) * size]))
         return hashes[:num_pages]
 
     # ---- allocation -----------------------------------------------------------------------

@@ -22,6 +22,8 @@ from aotlm.bundle.manifest import Serving
 from aotlm.errors import AotlmError, BundleError, RequestError
 from aotlm.grammar.compiler import GrammarCompiler
 from aotlm.grammar.spec import GrammarError, GrammarSpec
+from aotlm.models.llama import layer_shapes
+from aotlm.runtime.generation.adapters import AdapterSlots
 from aotlm.runtime.generation.batch import ChunkInput
 from aotlm.runtime.generation.block_manager import BlockManager
 from aotlm.runtime.generation.runner import ModelRunner
@@ -100,6 +102,15 @@ class Engine:
         s = loaded.serving
         self.max_seq_len = s.max_seq_len
         self.block_manager = BlockManager(s.kv_pages, s.page_size)
+        # A bundle with lora: adapters by name in its slots; None: the base model only.
+        self.adapters = (
+            AdapterSlots(
+                self.runner.lora, layer_shapes(loaded.model), loaded.params["embed"].dtype,
+                self.runner.set_lora_slots,
+            )
+            if self.runner.lora is not None
+            else None
+        )  # fmt: skip
         self.scheduler = Scheduler(
             self.block_manager,
             max_tokens_per_step=max(loaded.token_buckets),
@@ -107,6 +118,7 @@ class Engine:
             max_seq_len=self.max_seq_len,
             max_waiting=max_waiting,
             eos_token_ids=self.tokenizer.eos_token_ids,
+            slots=self.adapters,
         )
         self._ids = itertools.count()
         self._texts: dict[int, Detokenizer] = {}
@@ -152,9 +164,15 @@ class Engine:
             )
         self.grammars.compile(spec)
 
-    def add_request(self, prompt: str | Seq[int], params: SamplingParams) -> list[Sequence]:
+    def add_request(
+        self, prompt: str | Seq[int], params: SamplingParams, adapter: str | None = None
+    ) -> list[Sequence]:
+        """Queue a request; ``adapter``: the name of a loaded LoRA adapter to run it under."""
         if params.grammar is not None:
             self.check_grammar(params.grammar)
+        if adapter is not None and (self.adapters is None or adapter not in self.adapters.paths):
+            have = "no LoRA slots" if self.adapters is None else "no adapter by that name loaded"
+            raise RequestError(f"adapter {adapter!r}: this bundle has {have}")
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if len(ids) >= self.max_seq_len:
             raise RequestError(
@@ -170,6 +188,9 @@ class Engine:
         if params.grammar is not None:
             for seq in seqs:
                 seq.grammar = self.grammars.matcher(params.grammar)
+        if adapter is not None:
+            for seq in seqs:
+                seq.adapter, seq.cache_salt = adapter, self.adapters.salt(adapter)
         self.scheduler.add(*seqs)
         return seqs
 
@@ -189,6 +210,7 @@ class Engine:
             num_top=p.logprobs or 0,
             want_logprobs=p.logprobs is not None,
             bitmask=self._bitmask(c),
+            adapter=c.seq.lora_slot,
             **self._penalties(c),
         )
 
@@ -242,6 +264,8 @@ class Engine:
     def _run(self, out: SchedulerOutput, call):
         """The device call for `out`'s chunks, sealed: no tracing, compiles checked if strict."""
         try:
+            if self.adapters is not None:
+                self.adapters.flush()  # slots swapped in by this step's admissions
             with jax.no_tracing(True):
                 result = call([self._chunk_input(c) for c in out.chunks])
         except Exception as e:  # only these requests ran: the caller fails them, not all
@@ -316,10 +340,17 @@ class Engine:
         self._texts.pop(seq.seq_id, None)
 
     def generate(
-        self, prompts: Seq[str | Seq[int]], params: SamplingParams
+        self,
+        prompts: Seq[str | Seq[int]],
+        params: SamplingParams,
+        adapters: Seq[str | None] | None = None,
     ) -> list[list[Completion]]:
-        """Offline generation of many prompts at once (continuous batching); one list per prompt."""
-        requests = [self.add_request(p, params) for p in prompts]
+        """Offline generation of many prompts at once (continuous batching); one list per prompt.
+        ``adapters``: the LoRA adapter of each prompt (None: the base model)."""
+        names = [None] * len(prompts) if adapters is None else list(adapters)
+        requests = [
+            self.add_request(p, params, a) for p, a in zip(prompts, names, strict=True)
+        ]
         while self.has_unfinished:
             self.step()
         return [[self._completion(s) for s in seqs] for seqs in requests]

@@ -35,6 +35,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from aotlm.errors import AotlmError, ConfigError, RequestError
 from aotlm.runtime.generation.block_manager import BlockManager
@@ -108,6 +109,16 @@ class _Budget:
         return self.tokens <= 0 or self.seqs <= 0
 
 
+class SlotPolicy(Protocol):
+    """Where a running sequence's LoRA adapter lives (aotlm/runtime/generation/adapters.py)."""
+
+    def acquire(self, seq: Sequence) -> bool:
+        """Give ``seq`` its adapter's slot for as long as it runs; False: none free now."""
+
+    def release(self, seq: Sequence) -> None:
+        """``seq`` stopped running (finished or preempted)."""
+
+
 class Scheduler:
     """Owns the waiting queue and the running set; drives the block manager."""
 
@@ -120,6 +131,7 @@ class Scheduler:
         max_seq_len: int,
         max_waiting: int | None = None,
         eos_token_ids: Iterable[int] = (),
+        slots: SlotPolicy | None = None,
     ) -> None:
         if max_tokens_per_step < 1 or max_seqs_per_step < 1 or max_seq_len < 2:
             raise ConfigError(
@@ -141,6 +153,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # admission order: the tail is preempted first
         self.num_preemptions = 0
+        self.slots = slots
 
     @property
     def has_unfinished(self) -> bool:
@@ -190,6 +203,7 @@ class Scheduler:
         status = SequenceStatus.finished(reason)
         if seq.status is SequenceStatus.RUNNING:
             self.running.remove(seq)
+            self._release(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self.bm.free(seq)
@@ -294,6 +308,8 @@ class Scheduler:
             num_tokens = min(seq.num_tokens - len(prefix) * self.bm.page_size, budget.tokens)
             if not self.bm.can_allocate(seq, num_tokens, prefix):
                 return  # FCFS: nobody overtakes the head of the queue
+            if self.slots is not None and not self.slots.acquire(seq):
+                return  # its adapter waits for a slot, and everyone behind it too (FCFS)
             self.waiting.popleft()
             self.bm.match_prefix(seq)
             self.bm.allocate_for(seq, num_tokens)
@@ -332,8 +348,13 @@ class Scheduler:
                 return candidate
         return None
 
+    def _release(self, seq: Sequence) -> None:
+        if self.slots is not None:
+            self.slots.release(seq)
+
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
         self.running.remove(seq)
+        self._release(seq)
         self.bm.free(seq)  # also resets num_computed_tokens: prompt + output are recomputed
         seq.status = SequenceStatus.PREEMPTED
         seq.num_preemptions += 1

@@ -124,6 +124,12 @@ class Sequence:
     # Where the output stands in `params.grammar` (set by the engine; kept across preemption,
     # like the output tokens it has accepted).
     grammar: RowGrammar | None = field(default=None, repr=False)
+    # The LoRA adapter it runs under (None: the base model), the bundle slot that holds it
+    # while it runs (0: none), and the prefix cache's salt for it: KV computed under one
+    # adapter is never shared with another or with the base (adapters.py).
+    adapter: str | None = None
+    lora_slot: int = 0
+    cache_salt: bytes = field(default=b"", repr=False)
 
     def __post_init__(self) -> None:
         self.prompt_token_ids = tuple(self.prompt_token_ids)
