@@ -348,9 +348,7 @@ class Engine:
         """Offline generation of many prompts at once (continuous batching); one list per prompt.
         ``adapters``: the LoRA adapter of each prompt (None: the base model)."""
         names = [None] * len(prompts) if adapters is None else list(adapters)
-        requests = [
-            self.add_request(p, params, a) for p, a in zip(prompts, names, strict=True)
-        ]
+        requests = [self.add_request(p, params, a) for p, a in zip(prompts, names, strict=True)]
         while self.has_unfinished:
             self.step()
         return [[self._completion(s) for s in seqs] for seqs in requests]
