@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from jax import export as jax_export
 from jax.experimental import serialize_executable
 from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
@@ -18,14 +19,15 @@ from jax.sharding import PartitionSpec as P
 
 from aotlm.models.sharding import device_mesh
 
-# XLA:CPU's bf16 float normalization widens a bf16 scatter, dynamic-slice or
-# dynamic-update-slice to f32 by converting its whole operand, and loop-invariant code motion
-# then hoists that convert out of the layer scan: every step converted every stacked bf16 weight
-# and the whole KV pool (measured, jax 0.10.2, a 0.6B model's pool of 0.94 GB: one token's KV
-# write 1.7 s vs 0.08 ms without the pass; 28 layers' q projections at 16 tokens 105 vs 16 ms,
-# f32 26 ms). Every op of the step graphs runs in bf16 on XLA:CPU without it (the dots go to
-# its bf16 kernels), so the pass is off for CPU compiles; other platforms keep their defaults.
-CPU_COMPILER_OPTIONS = {"xla_disable_hlo_passes": "float-normalization-bf16"}
+# XLA:CPU's bf16 float normalization widens a bf16 dynamic-slice to f32 by converting its whole
+# operand, and loop-invariant code motion then hoists that convert out of the layer scan: every
+# call converted every stacked bf16 weight (measured, jax 0.10.2: 28 layers' q projections at 16
+# tokens 105 ms, f32 weights 26 ms). Without the hoist the convert stays per layer slice and the
+# dot runs in f32 (12 ms); without the normalization pass instead, the dots run XLA:CPU's bf16
+# kernels (16 ms; a 0.6B decode step 157 vs 141 ms). So graphs with bf16 inputs compile without
+# the hoist on CPU; f32 graphs keep it (they lose ~15% without it). (bf16 KV pages are uint16
+# bits for the same normalization: aotlm/kernels/kv_quant.py.)
+BF16_CPU_COMPILER_OPTIONS = {"xla_disable_hlo_passes": "while-loop-invariant-code-motion"}
 
 MEMORY_FIELDS = {
     "argument": "argument_size_in_bytes",
@@ -56,12 +58,13 @@ def compile_exported(
     ]
     args, kwargs = jax.tree.unflatten(exp.in_tree, structs)
     lowered = jax.jit(exp.call, donate_argnums=donate).lower(*args, **kwargs)
-    return lowered.compile(compiler_options=compiler_options((devices or jax.devices())[0]))
+    return lowered.compile(compiler_options=compiler_options(exp, (devices or jax.devices())[0]))
 
 
-def compiler_options(device: Any) -> dict[str, str]:
-    """The XLA options every compile of a bundle's graph for ``device``'s platform gets."""
-    return dict(CPU_COMPILER_OPTIONS) if device.platform == "cpu" else {}
+def compiler_options(exp: jax_export.Exported, device: Any) -> dict[str, str]:
+    """The XLA options a compile of ``exp`` for ``device``'s platform gets."""
+    bf16 = any(a.dtype == jnp.bfloat16 for a in exp.in_avals)
+    return dict(BF16_CPU_COMPILER_OPTIONS) if device.platform == "cpu" and bf16 else {}
 
 
 def mesh_in_shardings(exp: jax_export.Exported, mesh: Mesh) -> list[NamedSharding]:
