@@ -318,7 +318,9 @@ def test_the_prefix_cache_is_never_shared_across_adapters(lora_bundle, three_ada
     assert hits == [0, 0, 0, 32], hits  # only the same adapter's second request reuses KV
 
 
-def test_unloading_an_adapter_while_it_runs_loses_nothing(lora_bundle, three_adapters):
+def test_unloading_an_adapter_while_it_runs_loses_nothing(
+    lora_bundle, three_adapters, tiny_checkpoint
+):
     from aotlm.errors import RequestError
     from aotlm.runtime.generation.sampling_params import SamplingParams
 
@@ -332,6 +334,21 @@ def test_unloading_an_adapter_while_it_runs_loses_nothing(lora_bundle, three_ada
     while engine.has_unfinished:
         engine.step()
     assert len(seq.output_token_ids) == 8 and engine.adapters.slot_of("a") is None
+    # Unloaded while running, then another adapter loaded under the same name at once: the
+    # running request keeps the old weights, the new one gets the new adapter's.
+    engine.adapters.register("a", three_adapters["a"])
+    (old,) = engine.add_request(PROMPTS[1], params, "a")
+    engine.step()
+    engine.adapters.unregister("a")
+    engine.adapters.register("a", three_adapters["b"])
+    (new,) = engine.add_request(PROMPTS[1], params, "a")
+    while engine.has_unfinished:
+        engine.step()
+    want_old = peft_greedy(tiny_checkpoint, three_adapters["a"], PROMPTS[1], 8)
+    want_new = peft_greedy(tiny_checkpoint, three_adapters["b"], PROMPTS[1], 8)
+    assert want_old != want_new
+    assert old.output_token_ids == want_old and new.output_token_ids == want_new
+    engine.adapters.unregister("a")
     engine.adapters.register("a", three_adapters["a"])  # loads again under the same name
     with pytest.raises(AdapterError, match="already loaded"):
         engine.adapters.register("a", three_adapters["a"])

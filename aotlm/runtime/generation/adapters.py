@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import re
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,6 +27,7 @@ from aotlm.runtime.generation.sequence import Sequence
 
 # A name is what a request's `model` says: no path separators, no leading dot.
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+_GONE = object()
 
 
 class AdapterSlots:
@@ -46,8 +47,10 @@ class AdapterSlots:
         self.paths: dict[str, Path] = {}  # registered: what /v1/models lists
         self._salts: dict[str, bytes] = {}
         self._host: OrderedDict[str, Adapter] = OrderedDict()
-        self._slot: list[str | None] = [None] * (lora.max_loras + 1)  # [0] unused: the base
-        self._users: Counter[str] = Counter()
+        # What each slot holds ([0] unused: the base): a name, None (empty), or _GONE (an
+        # adapter unregistered while sequences still run under it: freed when they end).
+        self._slot: list[str | object | None] = [None] * (lora.max_loras + 1)
+        self._users = [0] * (lora.max_loras + 1)  # running sequences per slot
         self._idle_order: OrderedDict[int, None] = OrderedDict()  # idle slots, LRU first
         self._stacks = empty_lora(layer_shapes, lora, dtype)
         self._dirty = False
@@ -77,7 +80,11 @@ class AdapterSlots:
         del self.paths[name], self._salts[name]
         self._host.pop(name, None)
         slot = self._slot_holding(name)
-        if slot is not None and not self._users[name]:
+        if slot is None:
+            return
+        if self._users[slot]:
+            self._slot[slot] = _GONE  # a new load under this name must not find these weights
+        else:
             self._free(slot)
 
     def salt(self, name: str) -> bytes:
@@ -97,23 +104,21 @@ class AdapterSlots:
             if slot is None:
                 return False
             self._put(slot, name)
-        self._users[name] += 1
+        self._users[slot] += 1
         self._idle_order.pop(slot, None)
         seq.lora_slot = slot
         return True
 
     def release(self, seq: Sequence) -> None:
-        name, slot = seq.adapter, seq.lora_slot
-        seq.lora_slot = 0
-        if name is None or slot == 0:
+        slot, seq.lora_slot = seq.lora_slot, 0
+        if slot == 0:
             return
-        self._users[name] -= 1
-        if self._users[name] == 0:
-            del self._users[name]
-            if name in self.paths:
-                self._idle_order[slot] = None
-            else:  # unregistered while it ran: its slot frees now
+        self._users[slot] -= 1
+        if self._users[slot] == 0:
+            if self._slot[slot] is _GONE:  # unregistered while it ran: its slot frees now
                 self._free(slot)
+            else:
+                self._idle_order[slot] = None
 
     def flush(self) -> None:
         """Upload the slots when they changed since the last step (between steps only)."""
