@@ -355,3 +355,31 @@ def test_unloading_an_adapter_while_it_runs_loses_nothing(
     with pytest.raises(AdapterError, match=r"lora_name: '\.\./x'"):
         engine.adapters.register("../x", three_adapters["a"])
     assert engine.compiles_after_ready == 0
+
+
+def test_slots_of_another_rank_and_the_same_width_are_not_taken_from_the_build_cache(
+    lora_bundle, tiny_checkpoint, tmp_path
+):
+    """4 slots of rank 4 have the avals of 2 slots of rank 8 (16 columns): the build cache must
+    still export the graphs again (the rank shapes the slot mask), and the bundle match PEFT."""
+    from bundle_factory import build_from_yaml, write_model_yaml
+
+    from aotlm.runtime.generation.batch import ChunkInput
+    from aotlm.runtime.generation.engine import Engine
+    from aotlm.runtime.generation.sampling_params import SamplingParams
+
+    spec = write_model_yaml(
+        tmp_path, tiny_checkpoint, lora={"max_loras": 4, "max_rank": 4}, decode_steps=4
+    )
+    result = build_from_yaml(spec, tmp_path / "bundle")
+    assert result.exported > 0
+    engine = Engine.from_bundle(tmp_path / "bundle")
+    engine.adapters.register("a", lora_bundle[1])  # rank 4
+    (seq,) = engine.add_request(PROMPTS[0], SamplingParams(max_tokens=1), "a")
+    assert engine.adapters.acquire(seq) and seq.lora_slot == 1
+    table = list(range(1, 1 + engine.runner.pages_per_seq))
+    engine.adapters.flush()
+    chunk = ChunkInput(PROMPTS[0], 0, table, samples=True, adapter=1)
+    (ours,) = engine.runner.compute_logits([chunk])
+    ref = peft_logits(tiny_checkpoint, lora_bundle[1], PROMPTS[0])[-1]
+    np.testing.assert_allclose(ours, ref, atol=2e-4 * np.abs(ref).max())

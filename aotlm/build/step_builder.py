@@ -29,7 +29,12 @@ from aotlm.build.signatures import StepSpec
 from aotlm.build.steps import DONATE_ARGNUMS
 from aotlm.build.targets import COMPILED, Target
 from aotlm.bundle.digest import sha256_bytes
-from aotlm.bundle.executables import compile_exported, memory_stats, serialize_compiled
+from aotlm.bundle.executables import (
+    compile_exported,
+    compiler_options,
+    memory_stats,
+    serialize_compiled,
+)
 from aotlm.kernels.paged_attention_pallas import BlockSizes
 
 # (done, total, spec, seconds) after each function is exported and compiled.
@@ -113,6 +118,8 @@ class StepBuilder:
             "attention_blocks": list(build.attention_blocks),
             "attention_cpu": build.attention_cpu,
         }
+        if build.lora is not None:  # the slots' width is in the avals, the rank is not
+            self.key_base["lora_rank"] = build.lora.max_rank
         self.decode_steps = build.decode_steps
         self.ep = build.ep
 
@@ -146,9 +153,11 @@ class StepBuilder:
                 compiled = compile_exported(exp, donate, plan.devices, ep=self.ep)
                 return serialize_compiled(compiled, exp), {"memory": memory_stats(compiled)}
 
+            device = (plan.devices or jax.devices())[0]
             key = cache_key(
                 kind="compiled", export=sha256_bytes(export), donate=list(donate),
                 fingerprint=plan.fingerprint, jax=jax.__version__, jaxlib=jaxlib.__version__,
+                options=compiler_options(exp, device),
             )  # fmt: skip
             payload, meta, n = self._cached(key, make)
             out.compiled[plan.target.name] = (payload, meta.get("memory"))

@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from aotlm.kernels.quant_matmul import dense_f32
+
 # PEFT's module names -> the params layout's (aotlm/models/llama.py:layer_shapes).
 TARGETS: dict[str, str] = {
     "q_proj": "wq",
@@ -103,9 +105,10 @@ def keep_mask(adapters: jax.Array, width: int, rank: int, dtype) -> jax.Array:
 
 def delta(x: jax.Array, ab: dict[str, jax.Array], keep: jax.Array) -> jax.Array:
     """x [T, in], one layer's ``{"a": [in, N*R], "b": [N*R, out]}``, keep [T, N*R] -> [T, out]
-    in x's dtype: each token's own slot's update (zero for slot 0). f32 accumulation."""
-    low = jnp.dot(x, ab["a"], preferred_element_type=jnp.float32) * keep.astype(jnp.float32)
-    return jnp.dot(low.astype(x.dtype), ab["b"], preferred_element_type=jnp.float32).astype(x.dtype)
+    in x's dtype: each token's own slot's update (zero for slot 0). f32 accumulation, through
+    the base projections' ``dense_f32``."""
+    low = dense_f32(x, ab["a"]) * keep.astype(jnp.float32)
+    return dense_f32(low.astype(x.dtype), ab["b"]).astype(x.dtype)
 
 
 def write_slot(stacks: dict, slot: int, updates: dict, lora: LoraConfig) -> None:
